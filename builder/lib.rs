@@ -1,0 +1,24 @@
+//! kiln turns declarative recipes into immutable, versioned, reproducible VM
+//! images for K3s clusters on Proxmox VE, then validates and publishes them.
+//!
+//! The modules follow the pipeline, one job each:
+//! recipe → lock/fetch → rootfs → compose/hygiene → disk → manifest →
+//! validate → publish.
+
+pub mod build;
+pub mod cli;
+pub mod cloudinit;
+pub mod compose;
+pub mod disk;
+pub mod fetch;
+pub mod hosttools;
+pub mod hygiene;
+pub mod lock;
+pub mod manifest;
+pub mod oci;
+pub mod progress;
+pub mod publish;
+pub mod recipe;
+pub mod rootfs;
+pub mod util;
+pub mod validate;

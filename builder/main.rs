@@ -1,0 +1,52 @@
+//! `kiln`: the command-line front end. It only parses arguments and hands
+//! each verb to the library; every behaviour lives in `kiln::*`.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Recipes in, immutable and reproducible VM images out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and validate a recipe (and its lockfile) without building.
+    Check(kiln::cli::CheckArgs),
+    /// Resolve a recipe's pins (artifact digests, image digests) into RECIPE.lock.
+    Lock(kiln::cli::LockArgs),
+    /// Build a recipe into images/<name>/<version>/.
+    Build(kiln::cli::BuildArgs),
+    /// Boot an image in QEMU and run its checks.
+    Validate(kiln::validate::ValidateArgs),
+    /// Publish an image as a Proxmox VE template.
+    Publish(kiln::publish::PublishArgs),
+    /// List or prune published templates.
+    #[command(subcommand)]
+    Templates(kiln::publish::TemplatesCommand),
+    /// Per-node cloud-init.
+    #[command(subcommand, name = "cloud-init")]
+    CloudInit(kiln::cli::CloudInitCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check(a) => kiln::cli::check(a),
+        Command::Lock(a) => kiln::cli::lock(a),
+        Command::Build(a) => kiln::cli::build(a),
+        Command::Validate(a) => kiln::validate::run(a),
+        Command::Publish(a) => kiln::publish::run(a),
+        Command::Templates(c) => kiln::publish::run_templates(c),
+        Command::CloudInit(c) => kiln::cli::cloud_init(c),
+    };
+    if let Err(err) = result {
+        kiln::cli::report_error(&err);
+        std::process::exit(kiln::cli::exit_code(&err));
+    }
+}
