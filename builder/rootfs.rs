@@ -154,6 +154,33 @@ pub fn ensure_base(r: &Recipe, lock: &Lockfile, cache: &Cache, show: bool) -> Re
     })
 }
 
+/// The exact mmdebstrap arguments for this recipe and lock (after the program
+/// name; SOURCE_DATE_EPOCH goes in the environment). The benchmark runs these
+/// bare to compare against kiln.
+pub fn mmdebstrap_args(r: &Recipe, lock: &Lockfile, out: &std::path::Path) -> Vec<String> {
+    let mut args = vec![
+        "--mode=root".to_string(),
+        "--variant=apt".to_string(),
+        "--format=tar".to_string(),
+        format!("--architectures={}", r.base.architecture),
+        format!("--components={}", r.base.components.join(",")),
+        format!("--include={}", include_list(r, lock).join(",")),
+        // Documentation is not shipped (licences are): smaller images, and no
+        // sample keys from package examples.
+        "--dpkgopt=path-exclude=/usr/share/doc/*".to_string(),
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright".to_string(),
+        "--dpkgopt=path-exclude=/usr/share/man/*".to_string(),
+        "--dpkgopt=path-exclude=/usr/share/info/*".to_string(),
+    ];
+    if r.base.snapshot.is_some() {
+        args.push("--aptopt=Acquire::Check-Valid-Until \"false\"".to_string());
+    }
+    args.push(r.base.suite.clone());
+    args.push(out.display().to_string());
+    args.push(mirror_url(r));
+    args
+}
+
 fn run_mmdebstrap(
     r: &Recipe,
     lock: &Lockfile,
@@ -164,22 +191,7 @@ fn run_mmdebstrap(
     let mut cmd = Command::new(crate::hosttools::path_of(crate::hosttools::MMDEBSTRAP)?);
     cmd.env("SOURCE_DATE_EPOCH", lock.source_date_epoch.to_string())
         .env("LC_ALL", "C.UTF-8")
-        .arg("--mode=root")
-        .arg("--variant=apt")
-        .arg("--format=tar")
-        .arg(format!("--architectures={}", r.base.architecture))
-        .arg(format!("--components={}", r.base.components.join(",")))
-        .arg(format!("--include={}", include_list(r, lock).join(",")))
-        // Documentation is not shipped (licences are): smaller images, and no
-        // sample keys from package examples.
-        .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
-        .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
-        .arg("--dpkgopt=path-exclude=/usr/share/man/*")
-        .arg("--dpkgopt=path-exclude=/usr/share/info/*");
-    if r.base.snapshot.is_some() {
-        cmd.arg("--aptopt=Acquire::Check-Valid-Until \"false\"");
-    }
-    cmd.arg(&r.base.suite).arg(out).arg(mirror_url(r));
+        .args(mmdebstrap_args(r, lock, out));
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -178,3 +178,11 @@ pub fn check_interrupted() -> Result<()> {
     }
     Ok(())
 }
+
+/// This process's peak resident set size (VmHWM), for `--json` summaries.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
