@@ -228,10 +228,18 @@ pub struct State {
 
 impl State {
     fn take_fault(&mut self, op: FaultOp) -> Option<FaultKind> {
+        self.take_fault_if(op, |_| true)
+    }
+
+    fn take_fault_if(
+        &mut self,
+        op: FaultOp,
+        want: impl Fn(FaultKind) -> bool,
+    ) -> Option<FaultKind> {
         let i = self
             .faults
             .iter()
-            .position(|f| f.op == op && f.remaining > 0)?;
+            .position(|f| f.op == op && f.remaining > 0 && want(f.kind))?;
         let f = &mut self.faults[i];
         f.remaining -= 1;
         let kind = f.kind;
@@ -1023,8 +1031,13 @@ fn upload(
             true,
         );
     };
-    let fault = lock(shared).take_fault(FaultOp::Upload);
+    // Faults of the request itself; task faults are taken when the task starts.
+    let fault = lock(shared).take_fault_if(FaultOp::Upload, |k| {
+        matches!(k, FaultKind::Http500 | FaultKind::Drop)
+    });
     if fault == Some(FaultKind::Http500) {
+        // pveproxy reads the whole body into /var/tmp before the handler runs.
+        let _ = std::io::copy(&mut (&mut *r).take(len), &mut std::io::sink());
         return reply(
             r,
             Err(err500("Internal Server Error (fault injected by pve-sim)")),
