@@ -116,35 +116,45 @@ pub fn prune_plan(list: &[TemplateInfo], keep: usize) -> (Vec<TemplateInfo>, Vec
     (kept, gone)
 }
 
-/// VMs whose disks are linked clones of template `vmid`.
-fn linked_clones(pve: &Pve, vms: &[super::VmEntry], vmid: u32) -> Result<Vec<u32>> {
-    let base = format!("base-{vmid}-disk-");
-    let mut users = Vec::new();
-    for vm in vms.iter().filter(|v| v.vmid != vmid) {
+/// For every VM, the templates its disks are linked clones of
+/// (`<storage>:base-<template>-disk-N/vm-<vmid>-disk-N`), read once before any change.
+fn linked_clone_users(pve: &Pve, vms: &[super::VmEntry]) -> Result<BTreeMap<u32, Vec<u32>>> {
+    let mut users: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for vm in vms {
         let cfg = vm_config(pve, &vm.node, vm.vmid)?;
-        let uses = cfg
-            .values()
-            .filter_map(Value::as_str)
-            .any(|v| v.contains(&base) && v.contains('/'));
-        if uses {
-            users.push(vm.vmid);
+        for v in cfg.values().filter_map(Value::as_str) {
+            if let Some(base) = linked_base(v) {
+                if base != vm.vmid {
+                    let e = users.entry(base).or_default();
+                    if !e.contains(&vm.vmid) {
+                        e.push(vm.vmid);
+                    }
+                }
+            }
         }
     }
     Ok(users)
 }
 
+/// The template VMID a disk value is a linked clone of.
+pub fn linked_base(disk: &str) -> Option<u32> {
+    let vol = disk.split(',').next()?;
+    let (_, path) = vol.split_once(':')?;
+    let (base, _clone) = path.split_once('/')?;
+    base.strip_prefix("base-")?.split('-').next()?.parse().ok()
+}
+
 pub fn prune(pve: &Pve, keep: usize, dry_run: bool) -> Result<PruneOutcome> {
     let list = list(pve)?;
     let (kept, candidates) = prune_plan(&list, keep);
-    let vms = list_vms(pve)?;
+    let users = linked_clone_users(pve, &list_vms(pve)?)?;
     let mut out = PruneOutcome {
         kept,
         ..Default::default()
     };
     for t in candidates {
-        let users = linked_clones(pve, &vms, t.vmid)?;
-        if !users.is_empty() {
-            out.kept_linked.push((t, users));
+        if let Some(u) = users.get(&t.vmid) {
+            out.kept_linked.push((t, u.clone()));
             continue;
         }
         if !dry_run {
@@ -207,6 +217,16 @@ mod tests {
         let gone: Vec<u32> = gone.iter().map(|t| t.vmid).collect();
         assert_eq!(gone, vec![9000]);
         assert_eq!(kept.len(), 3);
+    }
+
+    #[test]
+    fn linked_clone_disks_name_their_template() {
+        assert_eq!(
+            linked_base("local-lvm:base-9000-disk-1/vm-120-disk-1,size=4G"),
+            Some(9000)
+        );
+        assert_eq!(linked_base("local-lvm:vm-120-disk-1,size=4G"), None);
+        assert_eq!(linked_base("local-lvm:base-9000-disk-1,size=4G"), None);
     }
 
     #[test]

@@ -27,8 +27,14 @@ pub fn image(root: &Path, name: &str, version: &str, validated: bool, lxc: bool)
     let dir = root.join("images").join(name).join(version);
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("disk.qcow2");
-    // The virtual size differs per version so each image has its own id.
-    let size_mb = 64 + version.bytes().map(|b| b as u64).sum::<u64>() % 512;
+    // The virtual size differs per name and version so each image has its own id.
+    let size_mb = 64
+        + kiln::util::sha256_hex(format!("{name}/{version}").as_bytes())
+            .bytes()
+            .take(4)
+            .map(|b| b as u64)
+            .product::<u64>()
+            % 4096;
     let st = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&disk)
