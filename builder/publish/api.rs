@@ -219,11 +219,13 @@ impl Pve {
             .header(reqwest::header::AUTHORIZATION, auth)
             .send()
             .map_err(|e| {
-                anyhow!(
-                    "{method} {path} on {}: {}",
-                    self.base,
-                    self.token.redact(&describe(&e))
-                )
+                let what = self.token.redact(&describe(&e));
+                let hint = if what.contains("certificate") {
+                    " (for a self-signed Proxmox certificate set ca_file or fingerprint in the target)"
+                } else {
+                    ""
+                };
+                anyhow!("{method} {path} on {}: {what}{hint}", self.base)
             })?;
         self.decode(method.as_str(), path, resp)
     }

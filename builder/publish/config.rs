@@ -233,7 +233,7 @@ pub fn resolve(
                 );
             };
             let file = load_config(path)?;
-            let Some(cfg) = file.targets.get(name).cloned() else {
+            let Some(mut cfg) = file.targets.get(name).cloned() else {
                 let known: Vec<&str> = file.targets.keys().map(String::as_str).collect();
                 bail!(
                     "unknown target `{name}` in {} (known: {})",
@@ -245,6 +245,10 @@ pub fn resolve(
                     }
                 );
             };
+            cfg.ca_file = cfg.ca_file.map(|p| expand_home(&p, env));
+            if let Some(ssh) = cfg.ssh.as_mut() {
+                ssh.key_file = ssh.key_file.take().map(|p| expand_home(&p, env));
+            }
             check_target(name, &cfg)?;
             let token = token_for(name, &cfg, env)?;
             Ok(Target {
@@ -448,6 +452,28 @@ mod tests {
         let t = resolve(Some("lab"), Some(&p), &env_of(&[])).unwrap();
         assert_eq!(t.token.id, "u@pve!t");
         assert_eq!(t.cfg.vmid_range, [9000, 9999]);
+    }
+
+    #[test]
+    fn the_documented_example_config_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("kiln.example.toml");
+        let f = load_config(&p).unwrap();
+        let lab = &f.targets["lab"];
+        assert_eq!(lab.vmid_range, [9000, 9099]);
+        assert_eq!(lab.ssh.as_ref().unwrap().port, 22);
+        let t = resolve(
+            Some("lab"),
+            Some(&p),
+            &env_of(&[
+                ("KILN_LAB_TOKEN", "kiln@pve!publish=s"),
+                ("HOME", "/home/op"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            t.cfg.ssh.unwrap().key_file.unwrap(),
+            PathBuf::from("/home/op/.ssh/id_ed25519")
+        );
     }
 
     #[test]

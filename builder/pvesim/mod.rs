@@ -608,6 +608,22 @@ fn handle(shared: &Arc<Shared>, head: &Head, r: &mut BufReader<Conn>) -> Outcome
         Err(e) => return reply(r, Err(e), true),
     };
     parse_form(head.query.as_bytes(), &mut params);
+    // Clients that wait for `100 Continue` (curl with large bodies) get it
+    // once the request is authenticated and has a length.
+    let expects = head
+        .header("expect")
+        .map(|v| v.eq_ignore_ascii_case("100-continue"))
+        .unwrap_or(false);
+    if expects && content_length.is_some() {
+        use std::io::Write;
+        let w = r.get_mut();
+        if w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .and_then(|_| w.flush())
+            .is_err()
+        {
+            return Outcome::Close;
+        }
+    }
     if tpl == "/nodes/{node}/storage/{storage}/upload" {
         return upload(shared, head, r, params, content_length, &user);
     }
