@@ -342,3 +342,66 @@ fn the_pve_sim_binary_serves_a_publish() {
     let r: kiln::publish::PublishReport = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r.vmid, 9000);
 }
+
+#[test]
+fn an_older_pve_without_ssh_settings_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = kiln::pvesim::SimConfig::new(&token(), &tmp.path().join("sim"));
+    cfg.version = "8.3.2".into();
+    let s = kiln::pvesim::Sim::start(cfg).unwrap();
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no [ssh] settings"),
+        "{}",
+        stderr(&out)
+    );
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap(), "--via", "api"],
+        &env_target(&s.url()),
+    );
+    assert!(stderr(&out).contains("needs 8.4+"), "{}", stderr(&out));
+    assert!(s.state().vms.is_empty());
+    assert_eq!(s.state().upload_bytes, 0);
+}
+
+#[test]
+fn an_interrupted_publish_waits_for_the_running_task_then_removes_the_vm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    s.inject("create:slow=2".parse().unwrap());
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(["publish", img.to_str().unwrap()])
+        .current_dir(tmp.path())
+        .env("KILN_NO_PROGRESS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env_target(&s.url()) {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    // Interrupt while the VM exists and its create task holds the lock.
+    let start = std::time::Instant::now();
+    while !s.state().vms.contains_key(&9000) {
+        assert!(start.elapsed().as_secs() < 30, "VM never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    let st = s.state();
+    assert!(st.vms.is_empty(), "VMs left: {:?}", st.vms.keys());
+    assert!(st.volumes.keys().all(|v| !v.contains(":import/")));
+}

@@ -122,6 +122,8 @@ fn env_lookup(k: &str) -> Option<String> {
 fn cancel_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal ends the process at once.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
         let _ = signal_hook::flag::register(sig, flag.clone());
     }
     flag
