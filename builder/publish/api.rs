@@ -497,21 +497,15 @@ impl Pve {
             .build()
             .context("cannot start the upload runtime")?;
         let chunks = futures_util::stream::unfold(reader, |mut r| async move {
-            let mut buf = vec![0u8; 1 << 20];
-            let mut filled = 0;
-            // Fill whole chunks; a short read is not the end of the body.
-            while filled < buf.len() {
-                match r.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) => return Some((Err(e), r)),
-                }
+            const CHUNK: u64 = 1 << 20;
+            // read_to_end fills the capacity without zeroing it first; a short
+            // read inside it is not the end of the body.
+            let mut buf = Vec::with_capacity(CHUNK as usize);
+            match (&mut r).take(CHUNK).read_to_end(&mut buf) {
+                Ok(0) => None,
+                Ok(_) => Some((Ok(bytes::Bytes::from(buf)), r)),
+                Err(e) => Some((Err(e), r)),
             }
-            if filled == 0 {
-                return None;
-            }
-            buf.truncate(filled);
-            Some((Ok(bytes::Bytes::from(buf)), r))
         });
         let (status, reason, text) = rt.block_on(async {
             let resp = self
