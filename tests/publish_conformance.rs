@@ -86,10 +86,8 @@ fn check_value(prop: &Value, v: &str, unchecked: &mut BTreeSet<String>) -> Resul
             v.parse::<f64>()
                 .map_err(|_| format!("`{v}` is not a number"))?;
         }
-        "boolean" => {
-            if !["0", "1"].contains(&v) {
-                return Err(format!("`{v}` is not a boolean (0/1)"));
-            }
+        "boolean" if !["0", "1"].contains(&v) => {
+            return Err(format!("`{v}` is not a boolean (0/1)"));
         }
         _ => {}
     }

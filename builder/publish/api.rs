@@ -141,7 +141,7 @@ enum TlsSetup {
     /// Extra trusted CA certificates.
     Ca(Vec<reqwest::Certificate>),
     /// Only a certificate with the pinned fingerprint.
-    Pinned(rustls::ClientConfig),
+    Pinned(Box<rustls::ClientConfig>),
 }
 
 impl TlsSetup {
@@ -158,7 +158,7 @@ impl TlsSetup {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(verifier))
                 .with_no_client_auth();
-            return Ok(TlsSetup::Pinned(tls));
+            return Ok(TlsSetup::Pinned(Box::new(tls)));
         }
         if let Some(ca) = &cfg.ca_file {
             let pem = std::fs::read(ca)
@@ -211,8 +211,8 @@ impl Pve {
             .user_agent(agent);
         match &tls {
             TlsSetup::Pinned(c) => {
-                b = b.use_preconfigured_tls(c.clone());
-                ab = ab.use_preconfigured_tls(c.clone());
+                b = b.use_preconfigured_tls((**c).clone());
+                ab = ab.use_preconfigured_tls((**c).clone());
             }
             TlsSetup::Ca(certs) => {
                 for c in certs {

@@ -1524,7 +1524,10 @@ fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, 
     }
     for (k, v) in p {
         if is_indexed(k, "serial", 3) && !(v == "socket" || v.starts_with("/dev/")) {
-            e.insert(k.clone(), format!("value does not match the regex pattern"));
+            e.insert(
+                k.clone(),
+                "value does not match the regex pattern (/dev/.+|socket)".into(),
+            );
         }
         if is_indexed(k, "net", 31) {
             match params::property_string(v, "model") {
@@ -1876,7 +1879,7 @@ fn clone_vm(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: &str) -> A
             }
             if fail {
                 st.vms.remove(&newid);
-                return Err(format!("clone failed (fault injected by pve-sim)"));
+                return Err("clone failed (fault injected by pve-sim)".into());
             }
             if let Some(n) = st.vms.get_mut(&newid) {
                 n.config.remove("lock");
