@@ -350,3 +350,88 @@ fn the_checker_catches_what_pve_would_refuse() {
         );
     }
 }
+
+/// The simulator's own checks follow the schema: for the enumerations it
+/// validates, every schema value is accepted and others are refused.
+#[test]
+fn the_simulator_accepts_exactly_the_schema_enums_it_checks() {
+    let Some(schema) = schema() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let client = reqwest::blocking::Client::new();
+    let create = &schema["/nodes/{node}/qemu"]["POST"]["parameters"]["properties"];
+    let mut vmid = 100;
+    for param in ["bios", "scsihw", "ostype"] {
+        let values = create[param]["enum"].as_array().expect("enum in schema");
+        for v in values
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .chain(["not-a-value"])
+        {
+            vmid += 1;
+            let r = client
+                .post(format!("{}/api2/json/nodes/pve/qemu", s.url()))
+                .header("Authorization", format!("PVEAPIToken={}", token()))
+                .form(&[("vmid", vmid.to_string()), (param, v.to_string())])
+                .send()
+                .unwrap();
+            let accepted = r.status().is_success();
+            let in_schema = v != "not-a-value";
+            assert_eq!(
+                accepted,
+                in_schema,
+                "{param}={v}: sim answered {}",
+                r.status()
+            );
+        }
+    }
+    let upload =
+        &schema["/nodes/{node}/storage/{storage}/upload"]["POST"]["parameters"]["properties"];
+    let algos: Vec<&str> = upload["checksum-algorithm"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let contents: Vec<&str> = upload["content"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for (field, values) in [("checksum-algorithm", algos), ("content", contents)] {
+        for v in values.into_iter().chain(["bogus"]) {
+            let mut body = Vec::new();
+            let mut part = |name: &str, val: &str| {
+                body.extend_from_slice(
+                    format!(
+                        "--B\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{val}\r\n"
+                    )
+                    .as_bytes(),
+                )
+            };
+            if field == "content" {
+                part("content", v);
+            } else {
+                part("content", "import");
+                part("checksum-algorithm", v);
+                part("checksum", "00");
+            }
+            body.extend_from_slice(b"--B\r\nContent-Disposition: form-data; name=\"filename\"; filename=\"x.qcow2\"\r\n\r\nx\r\n--B--\r\n");
+            let r = client
+                .post(format!(
+                    "{}/api2/json/nodes/pve/storage/local/upload",
+                    s.url()
+                ))
+                .header("Authorization", format!("PVEAPIToken={}", token()))
+                .header("Content-Type", "multipart/form-data; boundary=B")
+                .body(body)
+                .send()
+                .unwrap();
+            let code = r.status().as_u16();
+            let errors: Value = r.json().unwrap_or(Value::Null);
+            let param_error = code == 400 && errors["errors"].get(field).is_some();
+            assert_eq!(param_error, v == "bogus", "{field}={v}: {code} {errors}");
+        }
+    }
+}
