@@ -24,6 +24,7 @@ struct Args {
     /// PEM certificate (chain) to serve HTTPS, with --tls-key.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Seconds each task runs.
@@ -34,7 +35,8 @@ struct Args {
     pve_version: String,
     /// Inject a fault, OP:KIND[*COUNT]; OP is upload, create, template, clone,
     /// destroy, volume-delete or status; KIND is 500, drop, fail, slow=SECS,
-    /// lock-timeout, 400 or race. Repeatable.
+    /// lock-timeout, 400 or race. Repeatable. At runtime (simulator-only
+    /// endpoint, not part of PVE): POST /api2/json/_sim/faults with spec=....
     #[arg(long)]
     fault: Vec<String>,
 }
