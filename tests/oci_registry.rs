@@ -4,7 +4,7 @@
 
 mod oci_support;
 
-use kiln::oci::{pull, resolve, Auth, ImageRef, PullOptions};
+use kiln::oci::{pull, resolve, write_archive, Auth, ImageRef, PullOptions};
 use oci_support::*;
 
 /// Registry with one amd64 image `kiln/app:v1`; returns (registry, digest).
@@ -401,4 +401,22 @@ fn blobs_shared_by_concurrently_pulled_images_are_fetched_once() {
         .filter(|l| l.starts_with("GET") && l.ends_with(&l1))
         .count();
     assert_eq!(gets, 1, "{:?}", proxy.requests());
+}
+
+#[test]
+fn archives_of_the_same_pin_are_byte_identical_across_pulls() {
+    let Some((reg, digest)) = registry_with_app("reproducible") else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let img = pinned(&reg.host(), "kiln/app:v1", &digest);
+    let mut sums = Vec::new();
+    for run in ["a", "b"] {
+        let pulled = pull(&[img.clone()], &PullOptions::new(t.path().join(run))).unwrap();
+        let out = t.path().join(run).join("app.tar");
+        let info = write_archive(&pulled[0], &out).unwrap();
+        assert_eq!(info.sha256, kiln::util::sha256_file(&out).unwrap());
+        sums.push(info.sha256);
+    }
+    assert_eq!(sums[0], sums[1]);
 }
