@@ -210,10 +210,11 @@ pub fn pull(images: &[ImageRef], opts: &PullOptions) -> Result<Vec<PulledImage>>
     todo.sort_by(|a, b| b.0.size.cmp(&a.0.size));
     let bytes: u64 = todo.iter().map(|(d, _)| d.size).sum();
     let bar = crate::progress::bytes(opts.progress, Some(bytes), "pulling images");
-    parallel_map(&todo, workers, |(desc, image)| {
+    let fetched = parallel_map(&todo, workers, |(desc, image)| {
         fetch_blob(&reg, &cache, image, desc, &bar).with_context(|| format!("cannot pull {image}"))
-    })?;
+    });
     bar.finish_and_clear();
+    fetched?;
     Ok(pulled)
 }
 
@@ -362,10 +363,9 @@ fn with_retries<T>(mut f: impl FnMut() -> Result<T, Fault>) -> Result<T> {
     loop {
         match f() {
             Ok(v) => return Ok(v),
-            Err(Fault::Retry(e)) if attempt < ATTEMPTS => {
+            Err(Fault::Retry(_)) if attempt < ATTEMPTS => {
                 std::thread::sleep(Duration::from_millis(250 << (attempt - 1)));
                 attempt += 1;
-                let _ = e;
             }
             Err(Fault::Retry(e)) => {
                 return Err(e.context(format!("gave up after {ATTEMPTS} attempts")))
