@@ -5,7 +5,9 @@
 //! nothing but verified bytes is ever renamed to it (pulls with a warm cache
 //! then read nothing and ask the network nothing). Bytes are verified again
 //! where they are read anyway: small manifests on every load, layers while
-//! `write_archive` copies them. A mismatch there deletes the entry.
+//! `write_archive` copies them. A mismatch there deletes the entry, so a
+//! corrupt entry (disk fault, crash before writeback, tampering) is never
+//! served into an image; it costs one re-download.
 
 use super::reference::check_digest;
 use crate::util::sha256_hex;
@@ -107,34 +109,40 @@ impl BlobCache {
             .map_err(StoreError::Io)?;
         let mut hasher = Sha256::new();
         let mut got: u64 = 0;
-        let mut buf = vec![0u8; 256 << 10];
-        {
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-            loop {
-                let n = match reader.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+        // Fill a large buffer from the (small) network chunks, then hash and
+        // write it in one go: one copy, one write call per 1 MiB.
+        let mut buf = vec![0u8; 1 << 20];
+        let out = tmp.as_file_mut();
+        let mut eof = false;
+        while !eof {
+            let mut filled = 0;
+            while filled < buf.len() {
+                match reader.read(&mut buf[filled..]) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        filled += n;
+                        progress(n as u64);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         return Err(StoreError::Read {
-                            got,
+                            got: got + filled as u64,
                             error: super::registry::error_chain(&e),
                         })
                     }
-                };
-                if got + n as u64 > size {
+                }
+                if got + filled as u64 > size {
                     return Err(StoreError::Long { want: size });
                 }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n])
-                    .context("cannot write to the image cache")
-                    .map_err(StoreError::Io)?;
-                got += n as u64;
-                progress(n as u64);
             }
-            out.flush()
+            hasher.update(&buf[..filled]);
+            out.write_all(&buf[..filled])
                 .context("cannot write to the image cache")
                 .map_err(StoreError::Io)?;
+            got += filled as u64;
         }
         if got < size {
             return Err(StoreError::Short { got, want: size });
@@ -143,10 +151,10 @@ impl BlobCache {
         if actual != digest {
             return Err(StoreError::Mismatch { actual });
         }
-        tmp.as_file()
-            .sync_all()
-            .context("cannot sync the image cache")
-            .map_err(StoreError::Io)?;
+        // No fsync: a crash may leave a renamed entry whose bytes never hit the
+        // disk, but every byte is hashed again where it is used (see the module
+        // policy), so that costs a re-download, never a bad image. Skipping it
+        // keeps the pull at network speed instead of disk-flush speed.
         tmp.persist(&path)
             .with_context(|| format!("cannot write {}", path.display()))
             .map_err(StoreError::Io)?;
