@@ -56,7 +56,7 @@ fn pull_caches_every_blob_under_its_verified_digest() {
     let t = tempfile::tempdir().unwrap();
     let cache = cache_in(t.path());
     let img = pinned(&reg.host(), "kiln/app:v1", &digest);
-    let pulled = pull(&[img.clone()], &PullOptions::new(&cache)).unwrap();
+    let pulled = pull(std::slice::from_ref(&img), &PullOptions::new(&cache)).unwrap();
     assert_eq!(pulled.len(), 1);
     let p = &pulled[0];
     assert_eq!(p.target.digest, digest);
@@ -137,7 +137,13 @@ fn index_without_linux_amd64_is_refused_naming_the_image() {
     let index = reg.push_index("kiln/armonly", "v1", &[(&arm, "arm64")]);
     let t = tempfile::tempdir().unwrap();
     let img = pinned(&reg.host(), "kiln/armonly:v1", &index);
-    let err = err_text(pull(&[img.clone()], &PullOptions::new(cache_in(t.path()))).unwrap_err());
+    let err = err_text(
+        pull(
+            std::slice::from_ref(&img),
+            &PullOptions::new(cache_in(t.path())),
+        )
+        .unwrap_err(),
+    );
     assert!(err.contains(&img.to_string()), "{err}");
     assert!(err.contains("no linux/amd64 manifest"), "{err}");
     assert!(err.contains("linux/arm64"), "{err}");
@@ -151,7 +157,13 @@ fn unknown_digest_is_a_404_naming_the_image() {
     let t = tempfile::tempdir().unwrap();
     let missing = format!("sha256:{}", "0".repeat(64));
     let img = pinned(&reg.host(), "kiln/app:v1", &missing);
-    let err = err_text(pull(&[img.clone()], &PullOptions::new(cache_in(t.path()))).unwrap_err());
+    let err = err_text(
+        pull(
+            std::slice::from_ref(&img),
+            &PullOptions::new(cache_in(t.path())),
+        )
+        .unwrap_err(),
+    );
     assert!(err.contains(&img.to_string()), "{err}");
     assert!(err.contains("404"), "{err}");
 }
@@ -164,7 +176,13 @@ fn unpinned_tag_is_refused_before_any_request() {
     let proxy = Proxy::start(reg.port, Faults::default());
     let t = tempfile::tempdir().unwrap();
     let img = ImageRef::parse(&format!("{}/kiln/app:v1", proxy.host())).unwrap();
-    let err = err_text(pull(&[img.clone()], &PullOptions::new(cache_in(t.path()))).unwrap_err());
+    let err = err_text(
+        pull(
+            std::slice::from_ref(&img),
+            &PullOptions::new(cache_in(t.path())),
+        )
+        .unwrap_err(),
+    );
     assert!(
         err.contains(&img.to_string()) && err.contains("kiln lock"),
         "{err}"
@@ -244,7 +262,13 @@ fn refused_credentials_are_a_401_naming_the_image() {
     );
     let t = tempfile::tempdir().unwrap();
     let img = pinned(&proxy.host(), "kiln/app:v1", &digest);
-    let err = err_text(pull(&[img.clone()], &PullOptions::new(cache_in(t.path()))).unwrap_err());
+    let err = err_text(
+        pull(
+            std::slice::from_ref(&img),
+            &PullOptions::new(cache_in(t.path())),
+        )
+        .unwrap_err(),
+    );
     assert!(err.contains(&img.to_string()), "{err}");
     assert!(err.contains("401"), "{err}");
     assert!(err.contains("config.json"), "hint at credentials: {err}");
@@ -266,7 +290,7 @@ fn persistent_5xx_is_reported_naming_the_image_after_retries() {
     let t = tempfile::tempdir().unwrap();
     let cache = cache_in(t.path());
     let img = pinned(&proxy.host(), "kiln/app:v1", &digest);
-    let err = err_text(pull(&[img.clone()], &PullOptions::new(&cache)).unwrap_err());
+    let err = err_text(pull(std::slice::from_ref(&img), &PullOptions::new(&cache)).unwrap_err());
     assert!(err.contains(&img.to_string()), "{err}");
     assert!(err.contains("503"), "{err}");
     assert!(err.contains("3 attempts"), "{err}");
@@ -306,7 +330,7 @@ fn truncated_blob_is_reported_and_never_cached() {
     let t = tempfile::tempdir().unwrap();
     let cache = cache_in(t.path());
     let img = pinned(&proxy.host(), "kiln/app:v1", &digest);
-    let err = err_text(pull(&[img.clone()], &PullOptions::new(&cache)).unwrap_err());
+    let err = err_text(pull(std::slice::from_ref(&img), &PullOptions::new(&cache)).unwrap_err());
     assert!(err.contains(&img.to_string()), "{err}");
     assert!(err.contains("truncated"), "{err}");
     assert_eq!(cache_files(&cache), vec![digest[7..].to_string()]);
@@ -327,7 +351,7 @@ fn corrupt_blob_is_a_digest_mismatch_and_never_cached() {
     let t = tempfile::tempdir().unwrap();
     let cache = cache_in(t.path());
     let img = pinned(&proxy.host(), "kiln/app:v1", &digest);
-    let err = err_text(pull(&[img.clone()], &PullOptions::new(&cache)).unwrap_err());
+    let err = err_text(pull(std::slice::from_ref(&img), &PullOptions::new(&cache)).unwrap_err());
     assert!(err.contains(&img.to_string()), "{err}");
     assert!(err.contains("does not match its digest"), "{err}");
     assert_eq!(cache_files(&cache), vec![digest[7..].to_string()]);
@@ -342,7 +366,7 @@ fn a_second_pull_with_a_warm_cache_makes_no_requests() {
     let t = tempfile::tempdir().unwrap();
     let opts = PullOptions::new(cache_in(t.path()));
     let img = pinned(&proxy.host(), "kiln/app:v1", &digest);
-    let first = pull(&[img.clone()], &opts).unwrap();
+    let first = pull(std::slice::from_ref(&img), &opts).unwrap();
     assert!(!proxy.requests().is_empty());
     proxy.clear_log();
     let second = pull(&[img], &opts).unwrap();
@@ -360,7 +384,7 @@ fn images_over_the_disk_budget_are_refused_before_layers_download() {
     let mut opts = PullOptions::new(cache_in(t.path()));
     opts.max_total_bytes = Some(100);
     let img = pinned(&proxy.host(), "kiln/app:v1", &digest);
-    let err = err_text(pull(&[img.clone()], &opts).unwrap_err());
+    let err = err_text(pull(std::slice::from_ref(&img), &opts).unwrap_err());
     assert!(err.contains(&img.to_string()), "{err}");
     assert!(err.contains("only 100 B is left"), "{err}");
     let blob_gets = proxy
@@ -412,7 +436,11 @@ fn archives_of_the_same_pin_are_byte_identical_across_pulls() {
     let img = pinned(&reg.host(), "kiln/app:v1", &digest);
     let mut sums = Vec::new();
     for run in ["a", "b"] {
-        let pulled = pull(&[img.clone()], &PullOptions::new(t.path().join(run))).unwrap();
+        let pulled = pull(
+            std::slice::from_ref(&img),
+            &PullOptions::new(t.path().join(run)),
+        )
+        .unwrap();
         let out = t.path().join(run).join("app.tar");
         let info = write_archive(&pulled[0], &out).unwrap();
         assert_eq!(info.sha256, kiln::util::sha256_file(&out).unwrap());

@@ -174,7 +174,7 @@ pub fn pull(images: &[ImageRef], opts: &PullOptions) -> Result<Vec<PulledImage>>
     if let Some(max) = opts.max_total_bytes {
         if total > max {
             let mut sizes: Vec<&PulledImage> = pulled.iter().collect();
-            sizes.sort_by(|a, b| b.total_bytes.cmp(&a.total_bytes));
+            sizes.sort_by_key(|p| std::cmp::Reverse(p.total_bytes));
             let list: Vec<String> = sizes
                 .iter()
                 .map(|p| {
@@ -207,7 +207,7 @@ pub fn pull(images: &[ImageRef], opts: &PullOptions) -> Result<Vec<PulledImage>>
     }
     let mut todo: Vec<(&Descriptor, &ImageRef)> = missing.into_values().collect();
     // Biggest first: the long downloads start early and overlap the small ones.
-    todo.sort_by(|a, b| b.0.size.cmp(&a.0.size));
+    todo.sort_by_key(|(d, _)| std::cmp::Reverse(d.size));
     let bytes: u64 = todo.iter().map(|(d, _)| d.size).sum();
     let bar = crate::progress::bytes(opts.progress, Some(bytes), "pulling images");
     let fetched = parallel_map(&todo, workers, |(desc, image)| {
