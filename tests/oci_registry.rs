@@ -448,3 +448,72 @@ fn archives_of_the_same_pin_are_byte_identical_across_pulls() {
     }
     assert_eq!(sums[0], sums[1]);
 }
+
+#[test]
+fn basic_challenge_is_answered_with_config_json_credentials() {
+    let Some((reg, digest)) = registry_with_app("basic auth") else {
+        return;
+    };
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            registry_basic: Some(("ci".into(), "pw".into())),
+            ..Faults::default()
+        },
+    );
+    let t = tempfile::tempdir().unwrap();
+    let img = pinned(&proxy.host(), "kiln/app:v1", &digest);
+    let anonymous = err_text(
+        pull(
+            std::slice::from_ref(&img),
+            &PullOptions::new(cache_in(t.path())),
+        )
+        .unwrap_err(),
+    );
+    assert!(
+        anonymous.contains("requires a login") && anonymous.contains(&img.to_string()),
+        "{anonymous}"
+    );
+    let mut opts = PullOptions::new(cache_in(t.path()));
+    opts.auth = Auth::anonymous()
+        .add_docker_config(&format!(
+            r#"{{"auths":{{"http://{}/":{{"username":"ci","password":"pw"}}}}}}"#,
+            proxy.host()
+        ))
+        .unwrap();
+    assert_eq!(pull(&[img], &opts).unwrap()[0].manifest_digest, digest);
+}
+
+#[test]
+fn docker_manifest_list_and_v2_manifests_pull_like_oci() {
+    if !have_tools("docker media types", REGISTRY_TOOLS) {
+        return;
+    }
+    let reg = Registry::start();
+    let amd = reg.push_image_as("kiln/dock", "amd64", &[("a", b"x86")], None, Some("v2s2"));
+    let arm = reg.push_image_as(
+        "kiln/dock",
+        "arm64",
+        &[("a", b"arm")],
+        Some("arm64"),
+        Some("v2s2"),
+    );
+    let list = reg.push_docker_list("kiln/dock", "v1", &[(&arm, "arm64"), (&amd, "amd64")]);
+    let r = ImageRef::parse(&format!("{}/kiln/dock:v1", reg.host())).unwrap();
+    assert_eq!(resolve(&r, &Auth::anonymous()).unwrap(), list);
+    let t = tempfile::tempdir().unwrap();
+    let p = pull(
+        &[r.with_digest(&list).unwrap()],
+        &PullOptions::new(cache_in(t.path())),
+    )
+    .unwrap();
+    assert_eq!(
+        p[0].target.media_type,
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    assert_eq!(p[0].manifest_digest, amd);
+    assert_eq!(
+        p[0].blobs[1].media_type,
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+}

@@ -100,6 +100,19 @@ impl Registry {
         files: &[(&str, &[u8])],
         arch: Option<&str>,
     ) -> String {
+        self.push_image_as(repo, tag, files, arch, None)
+    }
+
+    /// As `push_image`, converted by `skopeo copy --format` (`v2s2` gives the
+    /// Docker media types many upstream images still use).
+    pub fn push_image_as(
+        &self,
+        repo: &str,
+        tag: &str,
+        files: &[(&str, &[u8])],
+        arch: Option<&str>,
+        format: Option<&str>,
+    ) -> String {
         let work = self
             .dir
             .path()
@@ -134,7 +147,7 @@ impl Registry {
         if let Some(a) = arch {
             run("umoci", &["config", "--image", &img, "--architecture", a]);
         }
-        self.copy_in(&format!("oci:{img}"), repo, tag, &work)
+        self.copy_in_as(&format!("oci:{img}"), repo, tag, &work, format)
     }
 
     /// Push `repo:new_tag`: the image `repo:from_tag` (pushed by
@@ -169,19 +182,32 @@ impl Registry {
     }
 
     fn copy_in(&self, src: &str, repo: &str, tag: &str, work: &Path) -> String {
+        self.copy_in_as(src, repo, tag, work, None)
+    }
+
+    fn copy_in_as(
+        &self,
+        src: &str,
+        repo: &str,
+        tag: &str,
+        work: &Path,
+        format: Option<&str>,
+    ) -> String {
         let digest_file = work.join(format!("{tag}.digest"));
-        run(
-            "skopeo",
-            &[
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                "--digestfile",
-                &digest_file.to_string_lossy(),
-                src,
-                &format!("docker://{}/{repo}:{tag}", self.host()),
-            ],
-        );
+        let digest_arg = digest_file.to_string_lossy().into_owned();
+        let dest = format!("docker://{}/{repo}:{tag}", self.host());
+        let mut args = vec![
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--digestfile",
+            &digest_arg,
+        ];
+        if let Some(f) = format {
+            args.extend(["--format", f]);
+        }
+        args.extend([src, dest.as_str()]);
+        run("skopeo", &args);
         std::fs::read_to_string(digest_file)
             .unwrap()
             .trim()
@@ -198,7 +224,9 @@ impl Registry {
             .get(format!("http://{}{path}", self.host()))
             .header(
                 "Accept",
-                "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+                "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
+                 application/vnd.docker.distribution.manifest.v2+json, \
+                 application/vnd.docker.distribution.manifest.list.v2+json",
             )
             .send()
             .unwrap();
@@ -209,11 +237,39 @@ impl Registry {
     /// PUT an OCI index over `(digest, architecture)` manifests as `repo:tag`;
     /// returns the index digest.
     pub fn push_index(&self, repo: &str, tag: &str, entries: &[(&str, &str)]) -> String {
+        self.push_list(
+            repo,
+            tag,
+            entries,
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.oci.image.manifest.v1+json",
+        )
+    }
+
+    /// A Docker manifest list over Docker v2 manifests (pushed with `v2s2`).
+    pub fn push_docker_list(&self, repo: &str, tag: &str, entries: &[(&str, &str)]) -> String {
+        self.push_list(
+            repo,
+            tag,
+            entries,
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+    }
+
+    fn push_list(
+        &self,
+        repo: &str,
+        tag: &str,
+        entries: &[(&str, &str)],
+        list_type: &str,
+        entry_type: &str,
+    ) -> String {
         let manifests: Vec<serde_json::Value> = entries
             .iter()
             .map(|(digest, arch)| {
                 serde_json::json!({
-                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "mediaType": entry_type,
                     "digest": digest,
                     "size": self.manifest_size(repo, digest),
                     "platform": {"os": "linux", "architecture": arch},
@@ -222,13 +278,13 @@ impl Registry {
             .collect();
         let body = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "mediaType": list_type,
             "manifests": manifests,
         }))
         .unwrap();
         let resp = reqwest::blocking::Client::new()
             .put(format!("http://{}/v2/{repo}/manifests/{tag}", self.host()))
-            .header("Content-Type", "application/vnd.oci.image.index.v1+json")
+            .header("Content-Type", list_type)
             .body(body.clone())
             .send()
             .unwrap();
@@ -282,6 +338,8 @@ pub struct Faults {
     pub bearer_token: Option<String>,
     /// The token service requires these Basic credentials.
     pub token_basic: Option<(String, String)>,
+    /// Require these Basic credentials on /v2/ itself (`WWW-Authenticate: Basic`).
+    pub registry_basic: Option<(String, String)>,
 }
 
 /// A one-request-per-connection HTTP proxy on loopback in front of a registry.
@@ -428,6 +486,21 @@ fn serve(
             &[("Content-Type", "application/json".into())],
             &body,
         );
+    }
+    if let Some((u, p)) = &f.registry_basic {
+        use base64::Engine as _;
+        let want = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        );
+        if header("authorization").as_deref() != Some(want.as_str()) {
+            return respond(
+                &mut conn,
+                "401 Unauthorized",
+                &[("WWW-Authenticate", "Basic realm=\"kiln-test\"".into())],
+                b"{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}",
+            );
+        }
     }
     if let Some(token) = &f.bearer_token {
         if header("authorization") != Some(format!("Bearer {token}")) {
