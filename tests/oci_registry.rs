@@ -517,3 +517,29 @@ fn docker_manifest_list_and_v2_manifests_pull_like_oci() {
         "application/vnd.docker.distribution.manifest.v2+json"
     );
 }
+
+#[test]
+fn an_expired_token_is_renewed_mid_pull() {
+    let Some((reg, digest)) = registry_with_app("token expiry") else {
+        return;
+    };
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            bearer_token: Some("short".into()),
+            token_uses: Some(1),
+            ..Faults::default()
+        },
+    );
+    let t = tempfile::tempdir().unwrap();
+    let img = pinned(&proxy.host(), "kiln/app:v1", &digest);
+    let pulled = pull(&[img], &PullOptions::new(cache_in(t.path()))).unwrap();
+    assert_eq!(pulled[0].manifest_digest, digest);
+    // manifest, config, layer: each met an expired token once and got a new one.
+    let tokens = proxy
+        .requests()
+        .iter()
+        .filter(|l| l.contains("/token"))
+        .count();
+    assert_eq!(tokens, 3, "{:?}", proxy.requests());
+}

@@ -338,6 +338,10 @@ pub struct Faults {
     pub bearer_token: Option<String>,
     /// The token service requires these Basic credentials.
     pub token_basic: Option<(String, String)>,
+    /// Each issued token is good for this many requests, then expires (401).
+    pub token_uses: Option<usize>,
+    /// Tokens issued under `token_uses`, with the requests each has left.
+    pub issued: std::collections::HashMap<String, usize>,
     /// Require these Basic credentials on /v2/ itself (`WWW-Authenticate: Basic`).
     pub registry_basic: Option<(String, String)>,
 }
@@ -478,7 +482,12 @@ fn serve(
         if !ok_query {
             return respond(&mut conn, "400 Bad Request", &[], b"bad token query");
         }
-        let token = f.bearer_token.clone().unwrap_or_default();
+        let mut token = f.bearer_token.clone().unwrap_or_default();
+        if let Some(uses) = f.token_uses {
+            let mut live = faults.lock().unwrap();
+            token = format!("{token}-{}", live.issued.len());
+            live.issued.insert(token.clone(), uses);
+        }
         let body = serde_json::to_vec(&serde_json::json!({"token": token})).unwrap();
         return respond(
             &mut conn,
@@ -503,7 +512,23 @@ fn serve(
         }
     }
     if let Some(token) = &f.bearer_token {
-        if header("authorization") != Some(format!("Bearer {token}")) {
+        let presented = header("authorization").unwrap_or_default();
+        let valid = if f.token_uses.is_some() {
+            let mut live = faults.lock().unwrap();
+            match presented
+                .strip_prefix("Bearer ")
+                .and_then(|t| live.issued.get_mut(t))
+            {
+                Some(left) if *left > 0 => {
+                    *left -= 1;
+                    true
+                }
+                _ => false,
+            }
+        } else {
+            presented == format!("Bearer {token}")
+        };
+        if !valid {
             let repo = path
                 .trim_start_matches("/v2/")
                 .rsplitn(3, '/')
