@@ -155,8 +155,13 @@ pub fn pull(images: &[ImageRef], opts: &PullOptions) -> Result<Vec<PulledImage>>
         .map(|i| i.to_string())
         .collect();
     if !unpinned.is_empty() {
+        let (noun, verb) = if unpinned.len() == 1 {
+            ("image", "has")
+        } else {
+            ("images", "have")
+        };
         bail!(
-            "image {} has no locked digest (run `kiln lock` to pin it)",
+            "{noun} {} {verb} no locked digest (run `kiln lock` to pin them)",
             unpinned.join(", ")
         );
     }
