@@ -37,14 +37,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn wait_for_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A CNCF distribution registry on loopback, killed on drop.
 pub struct Registry {
     child: Child,
@@ -53,7 +45,18 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Start on a free port; if another process takes the port between our
+    /// probe and the registry's bind, the registry exits and we try another.
     pub fn start() -> Self {
+        for _ in 0..5 {
+            if let Some(reg) = Self::try_start() {
+                return reg;
+            }
+        }
+        panic!("docker-registry did not start (see its log in the test temp dir)");
+    }
+
+    fn try_start() -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let cfg = dir.path().join("config.yml");
@@ -73,9 +76,24 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("start docker-registry");
-        let reg = Self { child, port, dir };
-        wait_for_port(port, "docker-registry");
-        reg
+        let mut reg = Self { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(_)) = reg.child.try_wait() {
+                return None; // exited: most likely the port was taken
+            }
+            // The registry answers /v2/ with 200 once it serves.
+            if let Ok(r) = reqwest::blocking::get(format!("http://127.0.0.1:{port}/v2/")) {
+                if r.status().is_success() {
+                    return Some(reg);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not answer on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn host(&self) -> String {
