@@ -21,8 +21,11 @@ fn pinned(host: &str, repo_tag: &str, digest: &str) -> ImageRef {
     ImageRef::parse(&format!("{host}/{repo_tag}@{digest}")).unwrap()
 }
 
+/// The one-line error a user sees (printed for `--nocapture` readers).
 fn err_text(e: anyhow::Error) -> String {
-    format!("{e:#}")
+    let text = format!("{e:#}");
+    eprintln!("error: {text}");
+    text
 }
 
 #[test]

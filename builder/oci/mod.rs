@@ -155,13 +155,13 @@ pub fn pull(images: &[ImageRef], opts: &PullOptions) -> Result<Vec<PulledImage>>
         .map(|i| i.to_string())
         .collect();
     if !unpinned.is_empty() {
-        let (noun, verb) = if unpinned.len() == 1 {
-            ("image", "has")
+        let (noun, verb, it) = if unpinned.len() == 1 {
+            ("image", "has", "it")
         } else {
-            ("images", "have")
+            ("images", "have", "them")
         };
         bail!(
-            "{noun} {} {verb} no locked digest (run `kiln lock` to pin them)",
+            "{noun} {} {verb} no locked digest (run `kiln lock` to pin {it})",
             unpinned.join(", ")
         );
     }

@@ -125,9 +125,9 @@ impl Registry {
 
     fn credential_hint(&self, registry: &str) -> String {
         if self.auth.has_credentials_for(registry) {
-            format!(" with the credentials given for {registry}")
+            format!("; the credentials given for {registry} were used")
         } else {
-            format!(" to anonymous pulls; give credentials for {registry} in a docker config.json")
+            format!("; no credentials were given for {registry} (add them to a docker config.json)")
         }
     }
 
