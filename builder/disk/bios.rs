@@ -383,6 +383,19 @@ mod tests {
     }
 
     #[test]
+    fn rootfs_without_grub_pc_bin_names_the_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = make(&HashMap::new(), dir.path())
+            .err()
+            .expect("no boot.img")
+            .to_string();
+        assert!(
+            err.contains("boot.img") && err.contains("grub-pc-bin"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn only_i386_pc_image_parts_and_modules_are_wanted() {
         assert!(wanted("usr/lib/grub/i386-pc/boot.img"));
         assert!(wanted("usr/lib/grub/i386-pc/ext2.mod"));
