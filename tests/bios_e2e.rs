@@ -284,3 +284,42 @@ fn bios_image_still_boots_under_ovmf_with_secure_boot() {
         "root (partition 3) not mounted:\n{log}"
     );
 }
+
+#[test]
+fn bios_recipe_without_grub_mkimage_names_grub_common() {
+    let dir = scratch("bios-notools");
+    let project = project_copy(&dir.join("project"));
+    let r = project.join("recipes/tiny.toml");
+    let text = std::fs::read_to_string(&r).unwrap() + "\n[boot]\nbios = true\n";
+    std::fs::write(&r, text).unwrap();
+    let cache = dir.join("cache");
+    ok(kiln(&project, &cache, &["lock", "recipes/tiny.toml"]));
+    // Every build tool but grub-mkimage.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for t in kiln::hosttools::BUILD_TOOLS {
+        let real = kiln::hosttools::which(t.program).expect("build tools installed");
+        std::os::unix::fs::symlink(real, bin.join(t.program)).unwrap();
+    }
+    let out = kiln_cmd(
+        &project,
+        &cache,
+        &["build", "recipes/tiny.toml", "--no-validate"],
+    )
+    .env("PATH", &bin)
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("grub-mkimage") && err.contains("grub-common"),
+        "{err}"
+    );
+    assert!(
+        !project.join("images").exists()
+            || std::fs::read_dir(project.join("images"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}
