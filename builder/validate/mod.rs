@@ -567,7 +567,7 @@ fn drive_guest(
     let mut last_attempt: Option<Instant> = None;
     let mut last_ssh_error = String::from("no attempt yet");
     let mut resets = 0usize;
-    let guest = loop {
+    let mut guest = loop {
         bail_if_interrupted()?;
         if let Some(why) = boot_problem(vm, &mut resets)? {
             let failure = format!(
@@ -626,7 +626,7 @@ fn drive_guest(
         stdout: Some("(?m)^status: done$".into()),
         timeout: opts.cloud_init_timeout.as_secs().max(1),
     };
-    let ci = run_check(&guest, vm, &ci_spec, false)?;
+    let ci = run_check(&mut guest, key, vm, &ci_spec, false)?;
     if ci.passed {
         result.cloud_init_seconds = Some(vm.started.elapsed().as_secs_f64());
     }
@@ -646,7 +646,7 @@ fn drive_guest(
         bail_if_interrupted()?;
         pb.set_message(format!("{}: {}", manifest.name, spec.name));
         spec.name = name(&spec.name);
-        let outcome = run_check(&guest, vm, &spec, true)?;
+        let outcome = run_check(&mut guest, key, vm, &spec, true)?;
         result.checks.push(outcome);
     }
 
@@ -707,7 +707,8 @@ fn boot_problem(vm: &mut Vm, resets: &mut usize) -> Result<Option<String>> {
 /// Run one check over SSH. A dropped SSH connection is a failed check (the
 /// guest may have crashed), and a crash shown on the console is named.
 fn run_check(
-    guest: &ssh::Guest,
+    guest: &mut ssh::Guest,
+    key: &keys::ThrowawayKey,
     vm: &mut Vm,
     spec: &CheckSpec,
     as_root: bool,
@@ -725,7 +726,15 @@ fn run_check(
             if as_root && r.exit == Some(124) && r.seconds >= spec.timeout as f64 {
                 r.timed_out = true;
             }
-            Ok(checks::evaluate(spec, &r))
+            let mut outcome = checks::evaluate(spec, &r);
+            if r.exit.is_none() {
+                // The old session may still be busy; later checks get a new one.
+                if let Err(e) = guest.reconnect(key, Duration::from_secs(10)) {
+                    let d = outcome.detail.get_or_insert_with(String::new);
+                    d.push_str(&format!("\nand SSH could not reconnect afterwards: {e:#}"));
+                }
+            }
+            Ok(outcome)
         }
         Err(e) => {
             let mut resets = 0;

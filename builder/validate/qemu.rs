@@ -275,7 +275,19 @@ impl Vm {
             let stderr_path = vm_ref.stderr_path.clone();
             QmpClient::connect(&spec.qmp_socket(), deadline, || {
                 check_child(child, &stderr_path)
-            })?
+            })
+        };
+        let qmp = match qmp {
+            Ok(q) => q,
+            Err(e) => {
+                // QEMU that dies right after opening its socket says why on
+                // stderr; that beats "connection reset".
+                for _ in 0..40 {
+                    vm.alive()?;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                return Err(e);
+            }
         };
         vm.qmp = Some(qmp);
         Ok(vm)

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 pub struct Guest {
     session: Session,
+    port: u16,
+    user: String,
 }
 
 impl Guest {
@@ -28,7 +30,18 @@ impl Guest {
             .handshake()
             .with_context(|| format!("SSH handshake with {addr} failed"))?;
         key.authenticate(&session, user)?;
-        Ok(Self { session })
+        Ok(Self {
+            session,
+            port,
+            user: user.to_string(),
+        })
+    }
+
+    /// Replace the session with a fresh one (after a command timed out, the
+    /// old session may still be busy with it).
+    pub fn reconnect(&mut self, key: &ThrowawayKey, timeout: Duration) -> Result<()> {
+        *self = Self::connect(self.port, &self.user, key, timeout)?;
+        Ok(())
     }
 
     /// Run `command`; give up (and report `timed_out`) after `timeout`, or
@@ -87,14 +100,19 @@ impl Guest {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        self.session.set_blocking(true);
         let exit = if timed_out {
+            // Ask the server to close without waiting for it (the command may
+            // ignore it); the session stays non-blocking so dropping the
+            // channel cannot hang. Callers open a fresh session afterwards.
             let _ = channel.close();
+            drop(channel);
             None
         } else {
+            self.session.set_blocking(true);
             channel.wait_close().ok();
             channel.exit_status().ok()
         };
+        self.session.set_blocking(true);
         Ok(CommandResult {
             exit,
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
