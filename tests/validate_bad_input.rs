@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 /// A blank 64 MiB qcow2 and a manifest that describes it correctly. It boots
 /// (to the firmware's "no bootable device"), but never runs an OS.
 fn blank_image(dir: &Path) -> PathBuf {
-    let img = dir.join("img");
+    blank_image_named(dir, "img")
+}
+
+fn blank_image_named(dir: &Path, name: &str) -> PathBuf {
+    let img = dir.join(name);
     std::fs::create_dir_all(&img).unwrap();
     let disk = img.join("disk.qcow2");
     let st = Command::new("qemu-img")
@@ -296,5 +300,66 @@ fn ctrl_c_stops_qemu_and_removes_temp_files() {
         .read_to_string(&mut err)
         .unwrap();
     assert!(err.contains("interrupted"), "{err}");
+    assert_nothing_left(tmp.path());
+}
+
+#[test]
+fn j2_boots_two_images_at_once_and_reports_both() {
+    let t = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = blank_image_named(t.path(), "a");
+    let b = blank_image_named(t.path(), "b");
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "validate",
+            "--accel",
+            "tcg",
+            "--boot-timeout",
+            "10",
+            "--json",
+            "-j",
+            "2",
+        ])
+        .arg(&a)
+        .arg(&b)
+        .env("TMPDIR", tmp.path())
+        .env("KILN_NO_PROGRESS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut most = 0;
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        most = most.max(qemu_processes_under(tmp.path()).len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    assert_eq!(most, 2, "both guests should run at the same time");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let images = v["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    for (r, dir) in images.iter().zip([&a, &b]) {
+        assert_eq!(r["image"], dir.display().to_string());
+        assert_eq!(r["validated"], false);
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .contains("never answered SSH within 10 s"),
+            "{r}"
+        );
+    }
+    assert!(
+        stderr(&o).contains("2 of 2 images failed validation"),
+        "{}",
+        stderr(&o)
+    );
     assert_nothing_left(tmp.path());
 }

@@ -522,6 +522,8 @@ fn boot_and_check(
         );
     }
     match outcome {
+        // A boot that never came up is stopped at once, not politely.
+        Ok(()) if result.failure.is_some() => vm.stop(),
         Ok(()) => {
             pb.set_message(format!("{}: powering off", manifest.name));
             let t = Instant::now();
