@@ -85,7 +85,7 @@ fn patterns() -> &'static [(FindingKind, Regex)] {
 pub fn strip_escapes(line: &str) -> String {
     static ESC: OnceLock<Regex> = OnceLock::new();
     let esc = ESC.get_or_init(|| {
-        Regex::new(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>c]").unwrap()
+        Regex::new(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>c]").unwrap()
     });
     esc.replace_all(line, "")
         .chars()
@@ -299,6 +299,14 @@ mod tests {
         assert_eq!(
             f[0].line,
             "[FAILED] Failed to start kiln-broken.service - Broken on purpose."
+        );
+    }
+
+    #[test]
+    fn firmware_mode_switches_are_stripped() {
+        assert_eq!(
+            strip_escapes("\x1b[=3h\x1b[=3hBdsDxe: failed"),
+            "BdsDxe: failed"
         );
     }
 

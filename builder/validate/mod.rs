@@ -222,12 +222,9 @@ pub fn validate_image(image_dir: &Path, opts: &ValidateOptions) -> Result<Valida
     if let Some(port) = opts.ssh_port {
         qemu::ensure_port_free(port)?;
     }
-    if opts.verify_digest {
-        let pb = crate::progress::spinner(opts.progress, "checking the disk digest");
-        let r = manifest.verify_disk(image_dir);
-        pb.finish_and_clear();
-        r?;
-    }
+    // The digest is computed while the guest boots (it is read-only work on
+    // the image); a mismatch stops the boot and nothing is recorded.
+    let mut digest = DigestCheck::start(&manifest, image_dir, opts.verify_digest);
     bail_if_interrupted()?;
     let accel = resolve_accel(opts.accel, &manifest, image_dir, &modes[0], opts)?;
 
@@ -242,6 +239,7 @@ pub fn validate_image(image_dir: &Path, opts: &ValidateOptions) -> Result<Valida
             accel.kind,
             opts,
             modes.len() > 1,
+            &mut digest,
         )?;
         first.get_or_insert((b.ssh_seconds, b.cloud_init_seconds));
         if failure.is_none() {
@@ -249,6 +247,7 @@ pub fn validate_image(image_dir: &Path, opts: &ValidateOptions) -> Result<Valida
         }
         all_checks.extend(b.checks);
     }
+    digest.wait()?;
     let (ssh_s, ci_s) = first.unwrap_or((None, None));
     let validated = failure.is_none() && all_checks.iter().all(|c| c.passed);
     let record = ValidationRecord {
@@ -402,6 +401,55 @@ fn workdir() -> Result<tempfile::TempDir> {
         .context("cannot create a temp directory for the validation boot")
 }
 
+/// The disk's sha256 check, running on its own thread.
+struct DigestCheck {
+    handle: Option<std::thread::JoinHandle<Result<()>>>,
+    /// Set once the thread finished: `Err(message)` on a mismatch.
+    done: Option<Result<(), String>>,
+}
+
+impl DigestCheck {
+    fn start(manifest: &ImageManifest, image_dir: &Path, enabled: bool) -> Self {
+        if !enabled {
+            return Self {
+                handle: None,
+                done: Some(Ok(())),
+            };
+        }
+        let (m, dir) = (manifest.clone(), image_dir.to_path_buf());
+        Self {
+            handle: Some(std::thread::spawn(move || m.verify_disk(&dir))),
+            done: None,
+        }
+    }
+
+    fn collect(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.done = Some(match h.join() {
+                Ok(r) => r.map_err(|e| format!("{e:#}")),
+                Err(_) => Err("the disk digest check crashed".into()),
+            });
+        }
+    }
+
+    /// Fail if the check already finished with a mismatch; never blocks.
+    fn poll(&mut self) -> Result<()> {
+        if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
+            self.collect();
+        }
+        match &self.done {
+            Some(Err(e)) => bail!("{e}"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Wait for the check and fail on a mismatch.
+    fn wait(&mut self) -> Result<()> {
+        self.collect();
+        self.poll()
+    }
+}
+
 struct BootResult {
     checks: Vec<CheckOutcome>,
     ssh_seconds: Option<f64>,
@@ -417,6 +465,7 @@ fn random_suffix() -> String {
 
 /// One boot of the image with one firmware: boot, wait for SSH, wait for
 /// cloud-init, run the checks, scan the console, power off.
+#[allow(clippy::too_many_arguments)]
 fn boot_and_check(
     manifest: &ImageManifest,
     image_dir: &Path,
@@ -424,6 +473,7 @@ fn boot_and_check(
     accel: AccelKind,
     opts: &ValidateOptions,
     label_checks: bool,
+    digest: &mut DigestCheck,
 ) -> Result<BootResult> {
     let fw = firmware.label();
     let name = |n: &str| {
@@ -510,6 +560,7 @@ fn boot_and_check(
         &pb,
         &name,
         &mut result,
+        digest,
     );
     if let Some(dir) = &opts.console_dir {
         let _ = std::fs::create_dir_all(dir);
@@ -563,6 +614,7 @@ fn drive_guest(
     pb: &indicatif::ProgressBar,
     name: &dyn Fn(&str) -> String,
     result: &mut BootResult,
+    digest: &mut DigestCheck,
 ) -> Result<()> {
     // 1. Wait for SSH, watching QEMU, QMP events and the console.
     pb.set_message(format!("{}: waiting for SSH", manifest.name));
@@ -571,6 +623,7 @@ fn drive_guest(
     let mut resets = 0usize;
     let mut guest = loop {
         bail_if_interrupted()?;
+        digest.poll()?;
         if let Some(why) = boot_problem(vm, &mut resets)? {
             let failure = format!(
                 "{why}\nlast 50 serial console lines:\n{}",
@@ -628,13 +681,15 @@ fn drive_guest(
         stdout: Some("(?m)^status: done$".into()),
         timeout: opts.cloud_init_timeout.as_secs().max(1),
     };
-    let ci = run_check(&mut guest, key, vm, &ci_spec, false)?;
+    let ci = run_checks(&mut guest, key, vm, std::slice::from_ref(&ci_spec), false)?
+        .pop()
+        .expect("one check");
     if ci.passed {
         result.cloud_init_seconds = Some(vm.started.elapsed().as_secs_f64());
     }
     result.checks.push(ci);
 
-    // 3. Default checks, then the recipe's.
+    // 3. Default checks and the recipe's, all at once (they are independent).
     let facts = BootFacts {
         hostname: hostname.to_string(),
         secure_boot: manifest.boot.secure_boot && matches!(firmware, Firmware::Uefi { .. }),
@@ -644,13 +699,13 @@ fn drive_guest(
         s.name = format!("recipe: {}", s.name);
         specs.push(s);
     }
-    for mut spec in specs {
-        bail_if_interrupted()?;
-        pb.set_message(format!("{}: {}", manifest.name, spec.name));
+    for spec in specs.iter_mut() {
         spec.name = name(&spec.name);
-        let outcome = run_check(&mut guest, key, vm, &spec, true)?;
-        result.checks.push(outcome);
     }
+    pb.set_message(format!("{}: running {} checks", manifest.name, specs.len()));
+    result
+        .checks
+        .extend(run_checks(&mut guest, key, vm, &specs, true)?);
 
     // 4. The console must be free of Oopses, OOM kills and failed units.
     vm.console.poll();
@@ -706,55 +761,70 @@ fn boot_problem(vm: &mut Vm, resets: &mut usize) -> Result<Option<String>> {
     Ok(None)
 }
 
-/// Run one check over SSH. A dropped SSH connection is a failed check (the
-/// guest may have crashed), and a crash shown on the console is named.
-fn run_check(
+/// Run checks over SSH concurrently and judge them. A dropped SSH
+/// connection is a failed check (the guest may have crashed; a crash shown on
+/// the console is named). After a timeout the session is replaced.
+fn run_checks(
     guest: &mut ssh::Guest,
     key: &keys::ThrowawayKey,
     vm: &mut Vm,
-    spec: &CheckSpec,
+    specs: &[CheckSpec],
     as_root: bool,
-) -> Result<CheckOutcome> {
-    let command = if as_root {
-        checks::remote_command(spec)
-    } else {
-        spec.command.clone()
-    };
-    let limit = Duration::from_secs(spec.timeout + 10);
-    match guest.run(&command, limit, &interrupted) {
-        Ok(mut r) => {
-            bail_if_interrupted()?;
-            // `timeout` inside the guest exits 124 when it had to stop the command.
-            if as_root && r.exit == Some(124) && r.seconds >= spec.timeout as f64 {
-                r.timed_out = true;
-            }
-            let mut outcome = checks::evaluate(spec, &r);
-            if r.exit.is_none() {
-                // The old session may still be busy; later checks get a new one.
-                if let Err(e) = guest.reconnect(key, Duration::from_secs(10)) {
-                    let d = outcome.detail.get_or_insert_with(String::new);
-                    d.push_str(&format!("\nand SSH could not reconnect afterwards: {e:#}"));
+) -> Result<Vec<CheckOutcome>> {
+    let commands: Vec<(String, Duration)> = specs
+        .iter()
+        .map(|spec| {
+            let command = if as_root {
+                checks::remote_command(spec)
+            } else {
+                spec.command.clone()
+            };
+            (command, Duration::from_secs(spec.timeout + 10))
+        })
+        .collect();
+    let results = guest.run_many(&commands, &interrupted);
+    bail_if_interrupted()?;
+    let mut reconnect = false;
+    let mut outcomes = Vec::new();
+    for (spec, r) in specs.iter().zip(results) {
+        match r {
+            Ok(mut r) => {
+                // `timeout` inside the guest exits 124 when it had to stop the command.
+                if as_root && r.exit == Some(124) && r.seconds >= spec.timeout as f64 {
+                    r.timed_out = true;
                 }
+                reconnect |= r.exit.is_none();
+                outcomes.push(checks::evaluate(spec, &r));
             }
-            Ok(outcome)
-        }
-        Err(e) => {
-            let mut resets = 0;
-            let crash = boot_problem(vm, &mut resets).ok().flatten();
-            Ok(CheckOutcome {
-                name: spec.name.clone(),
-                passed: false,
-                seconds: 0.0,
-                detail: Some(match crash {
-                    Some(c) => format!(
-                        "{e:#}; {c}\nlast 50 serial console lines:\n{}",
-                        vm.console.tail(50)
-                    ),
-                    None => format!("{e:#}"),
-                }),
-            })
+            Err(e) => {
+                reconnect = true;
+                let mut resets = 0;
+                let crash = boot_problem(vm, &mut resets).ok().flatten();
+                outcomes.push(CheckOutcome {
+                    name: spec.name.clone(),
+                    passed: false,
+                    seconds: 0.0,
+                    detail: Some(match crash {
+                        Some(c) => format!(
+                            "{e:#}; {c}\nlast 50 serial console lines:\n{}",
+                            vm.console.tail(50)
+                        ),
+                        None => format!("{e:#}"),
+                    }),
+                });
+            }
         }
     }
+    if reconnect {
+        // The old session may still be busy; later checks get a new one.
+        if let Err(e) = guest.reconnect(key, Duration::from_secs(10)) {
+            if let Some(last) = outcomes.iter_mut().rev().find(|o| !o.passed) {
+                let d = last.detail.get_or_insert_with(String::new);
+                d.push_str(&format!("\nand SSH could not reconnect afterwards: {e:#}"));
+            }
+        }
+    }
+    Ok(outcomes)
 }
 
 /// `kiln validate IMAGE...`.

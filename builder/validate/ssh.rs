@@ -52,74 +52,175 @@ impl Guest {
         timeout: Duration,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<CommandResult> {
-        let started = Instant::now();
-        let deadline = started + timeout;
+        self.run_many(&[(command.to_string(), timeout)], cancelled)
+            .pop()
+            .expect("one command, one result")
+    }
+
+    /// Run several commands at once, each on its own channel of this session
+    /// and under its own deadline (checks are independent; the guest's CPUs
+    /// work on them together). Results come back in the given order.
+    pub fn run_many(
+        &self,
+        commands: &[(String, Duration)],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Vec<Result<CommandResult>> {
+        let mut results: Vec<Option<Result<CommandResult>>> =
+            (0..commands.len()).map(|_| None).collect();
+        // OpenSSH allows 10 sessions per connection (MaxSessions).
+        let indices: Vec<usize> = (0..commands.len()).collect();
+        for batch in indices.chunks(8) {
+            for (i, r) in batch.iter().zip(self.run_batch(batch, commands, cancelled)) {
+                results[*i] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every command ran"))
+            .collect()
+    }
+
+    fn run_batch(
+        &self,
+        batch: &[usize],
+        commands: &[(String, Duration)],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Vec<Result<CommandResult>> {
+        struct Running {
+            channel: Option<ssh2::Channel>,
+            started: Instant,
+            deadline: Instant,
+            stdout: Vec<u8>,
+            stderr: Vec<u8>,
+            finished: Option<Instant>,
+            timed_out: bool,
+            error: Option<anyhow::Error>,
+        }
         self.session.set_blocking(true);
-        let mut channel = self
-            .session
-            .channel_session()
-            .context("cannot open an SSH channel")?;
-        channel
-            .exec(command)
-            .with_context(|| format!("cannot start `{command}` over SSH"))?;
-        self.session.set_blocking(false);
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
-        let mut buf = [0u8; 16384];
-        let mut timed_out = false;
-        loop {
-            let mut progressed = false;
-            for which in 0..2 {
-                let r = if which == 0 {
-                    channel.read(&mut buf)
-                } else {
-                    channel.stderr().read(&mut buf)
+        let mut running: Vec<Running> = batch
+            .iter()
+            .map(|&i| {
+                let (command, timeout) = &commands[i];
+                let started = Instant::now();
+                let mut r = Running {
+                    channel: None,
+                    started,
+                    deadline: started + *timeout,
+                    stdout: Vec::new(),
+                    stderr: Vec::new(),
+                    finished: None,
+                    timed_out: false,
+                    error: None,
                 };
-                match r {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        progressed = true;
-                        if which == 0 { &mut stdout } else { &mut stderr }
+                let opened = self
+                    .session
+                    .channel_session()
+                    .context("cannot open an SSH channel")
+                    .and_then(|mut ch| {
+                        ch.exec(command)
+                            .with_context(|| format!("cannot start `{command}` over SSH"))?;
+                        Ok(ch)
+                    });
+                match opened {
+                    Ok(ch) => r.channel = Some(ch),
+                    Err(e) => r.error = Some(e),
+                }
+                r
+            })
+            .collect();
+        self.session.set_blocking(false);
+        let mut buf = [0u8; 16384];
+        loop {
+            let mut pending = false;
+            let mut progressed = false;
+            let stop = cancelled();
+            for r in running.iter_mut() {
+                if r.finished.is_some() || r.timed_out || r.error.is_some() {
+                    continue;
+                }
+                let ch = r.channel.as_mut().expect("open channel");
+                let mut this = false;
+                for which in 0..2 {
+                    let res = if which == 0 {
+                        ch.read(&mut buf)
+                    } else {
+                        ch.stderr().read(&mut buf)
+                    };
+                    match res {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            this = true;
+                            if which == 0 {
+                                &mut r.stdout
+                            } else {
+                                &mut r.stderr
+                            }
                             .extend_from_slice(&buf[..n]);
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        self.session.set_blocking(true);
-                        return Err(e).context("reading a command's output over SSH failed");
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            r.error = Some(
+                                anyhow::Error::from(e)
+                                    .context("reading a command's output over SSH failed"),
+                            );
+                            break;
+                        }
                     }
                 }
+                progressed |= this;
+                if r.error.is_some() {
+                    continue;
+                }
+                if ch.eof() && !this {
+                    r.finished = Some(Instant::now());
+                } else if stop || Instant::now() >= r.deadline {
+                    r.timed_out = true;
+                    r.finished = Some(Instant::now());
+                    // Ask the server to close without waiting for it (the
+                    // command may ignore it); callers reconnect afterwards.
+                    let _ = ch.close();
+                } else {
+                    pending = true;
+                }
             }
-            if channel.eof() && !progressed {
-                break;
-            }
-            if Instant::now() >= deadline || cancelled() {
-                timed_out = true;
+            if !pending {
                 break;
             }
             if !progressed {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let exit = if timed_out {
-            // Ask the server to close without waiting for it (the command may
-            // ignore it); the session stays non-blocking so dropping the
-            // channel cannot hang. Callers open a fresh session afterwards.
-            let _ = channel.close();
-            drop(channel);
-            None
-        } else {
-            self.session.set_blocking(true);
-            channel.wait_close().ok();
-            channel.exit_status().ok()
-        };
+        // Drop timed-out channels while non-blocking, so freeing them cannot hang.
+        for r in running.iter_mut().filter(|r| r.timed_out) {
+            drop(r.channel.take());
+        }
         self.session.set_blocking(true);
-        Ok(CommandResult {
-            exit,
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&stderr).into_owned(),
-            timed_out,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        running
+            .into_iter()
+            .map(|mut r| {
+                if let Some(e) = r.error.take() {
+                    return Err(e);
+                }
+                let exit = match r.channel.as_mut() {
+                    Some(ch) => {
+                        ch.wait_close().ok();
+                        ch.exit_status().ok()
+                    }
+                    None => None,
+                };
+                Ok(CommandResult {
+                    exit,
+                    stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
+                    stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
+                    timed_out: r.timed_out,
+                    seconds: r
+                        .finished
+                        .unwrap_or_else(Instant::now)
+                        .duration_since(r.started)
+                        .as_secs_f64(),
+                })
+            })
+            .collect()
     }
 
     /// SHA-256 fingerprint of the host key the guest presented (hex).
