@@ -1,30 +1,249 @@
-//! placeholder
-use anyhow::Result;
+//! The verbs behind `kiln check|lock|build|cloud-init`: argument structs for
+//! clap and the code that prints human summaries or `--json` for CI.
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::path::PathBuf;
+
+use crate::build::{BuildOptions, BuildOutcome};
+use crate::fetch::Cache;
+use crate::lock::Lockfile;
+use crate::recipe::Recipe;
+
 #[derive(clap::Args, Debug)]
-pub struct CheckArgs {}
+pub struct CheckArgs {
+    /// Recipe file (e.g. recipes/lb.toml).
+    pub recipe: PathBuf,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(clap::Args, Debug)]
-pub struct LockArgs {}
+pub struct LockArgs {
+    pub recipe: PathBuf,
+    /// Re-resolve everything: new SOURCE_DATE_EPOCH, package pins dropped
+    /// (the next build pins them again), artifacts and images re-pinned.
+    #[arg(long)]
+    pub update: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(clap::Args, Debug)]
-pub struct BuildArgs {}
+pub struct BuildArgs {
+    pub recipe: PathBuf,
+    /// Output directory.
+    #[arg(long, default_value = "images")]
+    pub out: PathBuf,
+    /// Replace an existing image of the same name and version built from other inputs.
+    #[arg(long)]
+    pub force: bool,
+    /// Never write to the lockfile (CI): fail if it lacks package pins.
+    #[arg(long)]
+    pub locked: bool,
+    /// Skip booting the image in QEMU before publishing it.
+    #[arg(long)]
+    pub no_validate: bool,
+    /// Print a JSON object (manifest path, id, ...) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(clap::Subcommand, Debug)]
 pub enum CloudInitCommand {
-    Render,
+    /// Print a node's user-data rendered from a role's template.
+    Render(RenderArgs),
 }
-pub fn check(_: CheckArgs) -> Result<()> {
+
+#[derive(clap::Args, Debug)]
+pub struct RenderArgs {
+    #[arg(long)]
+    pub recipe: PathBuf,
+    #[arg(long)]
+    pub role: String,
+    /// Per-node values (TOML, or JSON when the name ends in .json).
+    #[arg(long)]
+    pub values: PathBuf,
+    /// Write to this file (atomically) instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn check(a: CheckArgs) -> Result<()> {
+    let recipe = Recipe::load(&a.recipe)?;
+    let lock_path = recipe.lock_path();
+    let lock_state = match Lockfile::load(&lock_path)? {
+        None => "missing".to_string(),
+        Some(l) => {
+            l.check_matches(&recipe, &lock_path)?;
+            if l.packages.is_empty() {
+                "ok (packages pinned at the next build)".into()
+            } else {
+                "ok".into()
+            }
+        }
+    };
+    if a.json {
+        println!(
+            "{}",
+            json!({ "recipe": recipe.path, "name": recipe.name, "version": recipe.version, "digest": recipe.digest(), "lock": lock_state })
+        );
+    } else {
+        println!(
+            "{}: ok ({} {}, {} packages requested, {} artifacts, {} overlays, roles: {})",
+            recipe.path.display(),
+            recipe.name,
+            recipe.version,
+            recipe.requested_packages().len(),
+            recipe.artifacts.len(),
+            recipe.all_overlays().len(),
+            recipe.roles.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        if lock_state == "missing" {
+            println!("lock: missing: run `kiln lock {}`", recipe.path.display());
+        } else {
+            println!("lock: {lock_state}");
+        }
+    }
     Ok(())
 }
-pub fn lock(_: LockArgs) -> Result<()> {
+
+pub fn lock(a: LockArgs) -> Result<()> {
+    crate::util::install_interrupt_handler();
+    let recipe = Recipe::load(&a.recipe)?;
+    let path = recipe.lock_path();
+    let old = Lockfile::load(&path)?;
+    let cache = Cache::from_env()?;
+    let resolve_image = |r: &str| -> Result<String> {
+        anyhow::bail!("cannot resolve `{r}`: this kiln cannot pin container images yet")
+    };
+    let show = crate::progress::enabled(a.json);
+    let new = crate::lock::relock(
+        &recipe,
+        old.as_ref(),
+        &cache,
+        &resolve_image,
+        &crate::lock::LockOptions {
+            update: a.update,
+            show_progress: show,
+        },
+    )?;
+    let changed = old.as_ref() != Some(&new);
+    if changed {
+        new.save(&path)?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            json!({ "lock": path, "changed": changed, "artifacts": new.artifacts.len(), "images": new.images.len(), "packages": new.packages.len() })
+        );
+    } else {
+        println!(
+            "{} {}",
+            path.display(),
+            if changed { "written" } else { "unchanged" }
+        );
+    }
     Ok(())
 }
-pub fn build(_: BuildArgs) -> Result<()> {
+
+pub fn build(a: BuildArgs) -> Result<()> {
+    crate::util::install_interrupt_handler();
+    let show = crate::progress::enabled(a.json);
+    let opts = BuildOptions {
+        out: a.out.clone(),
+        cache: Cache::from_env()?,
+        force: a.force,
+        locked: a.locked,
+        show_progress: show,
+        before_publish: None,
+    };
+    let started = std::time::Instant::now();
+    let outcome = crate::build::build(&a.recipe, &opts)?;
+    print_build(&outcome, a.json, started.elapsed().as_secs_f64());
     Ok(())
 }
-pub fn cloud_init(_: CloudInitCommand) -> Result<()> {
-    Ok(())
+
+fn print_build(o: &BuildOutcome, json_out: bool, seconds: f64) {
+    let m = &o.manifest;
+    let manifest_path = o.dir.join(crate::manifest::MANIFEST_FILE);
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "manifest": manifest_path,
+                "id": m.id,
+                "name": m.name,
+                "version": m.version,
+                "disk": o.dir.join(&m.disk.file),
+                "up_to_date": o.up_to_date,
+                "validated": m.validation.as_ref().map(|v| v.validated),
+                "seconds": (seconds * 100.0).round() / 100.0,
+            })
+        );
+        return;
+    }
+    if o.up_to_date {
+        println!(
+            "{} {} is up to date: {}",
+            m.name,
+            m.version,
+            o.dir.display()
+        );
+        println!("id {}", m.id);
+        return;
+    }
+    println!("built {} {} in {:.1}s", m.name, m.version, seconds);
+    for s in &m.stages {
+        println!(
+            "  {:<9} {:>7.2}s{}",
+            s.stage,
+            s.seconds,
+            if s.cached { " (cached)" } else { "" }
+        );
+    }
+    println!(
+        "  disk      {} ({} qcow2, {} virtual)",
+        o.dir.join(&m.disk.file).display(),
+        crate::util::human_bytes(m.disk.size),
+        crate::util::human_bytes(m.disk.virtual_size)
+    );
+    println!(
+        "  packages  {}; hygiene: {} cleaned, {} violations",
+        m.packages.len(),
+        m.hygiene.cleaned.len(),
+        m.hygiene.violations.len()
+    );
+    println!("  manifest  {}", manifest_path.display());
+    println!("id {}", m.id);
 }
+
+pub fn cloud_init(c: CloudInitCommand) -> Result<()> {
+    match c {
+        CloudInitCommand::Render(a) => {
+            let recipe = Recipe::load(&a.recipe)?;
+            let values = crate::cloudinit::load_values(&a.values)?;
+            let text = crate::cloudinit::render(&recipe, &a.role, &values)?;
+            match a.out {
+                Some(p) => crate::util::write_atomic(&p, text.as_bytes())
+                    .with_context(|| format!("cannot write {}", p.display()))?,
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Print an error as one line: `error: cause: cause: ...`.
 pub fn report_error(e: &anyhow::Error) {
     eprintln!("error: {e:#}");
 }
-pub fn exit_code(_: &anyhow::Error) -> i32 {
-    1
+
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    if e.chain().any(|c| c.to_string() == "interrupted") {
+        130
+    } else {
+        1
+    }
 }

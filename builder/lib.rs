@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cloudinit;
 pub mod compose;
 pub mod disk;
+pub mod fat;
 pub mod fetch;
 pub mod hosttools;
 pub mod hygiene;

@@ -1,1 +1,278 @@
-//! placeholder
+//! Rootfs: build the base root filesystem with mmdebstrap (SOURCE_DATE_EPOCH
+//! set, packages pinned by the lock) and cache it by a digest of its inputs.
+//!
+//! The base is everything that depends on packages only, so a change to an
+//! overlay, a var or a role reuses the cached tarball instead of reinstalling.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use crate::fetch::Cache;
+use crate::lock::Lockfile;
+use crate::recipe::Recipe;
+
+/// Bump when the way kiln calls mmdebstrap changes, to invalidate caches.
+const BASE_FORMAT: u32 = 2;
+
+/// A cached base rootfs tarball and what is known about it.
+#[derive(Debug, Clone)]
+pub struct BaseRootfs {
+    pub tar: PathBuf,
+    pub meta: BaseMeta,
+    /// True when it came from the cache.
+    pub cached: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseMeta {
+    pub key: String,
+    pub sha256: String,
+    pub size: u64,
+    pub packages: BTreeMap<String, String>,
+}
+
+/// The mmdebstrap mirror argument (snapshot URL when the recipe pins one).
+pub fn mirror_url(r: &Recipe) -> String {
+    match (&r.base.snapshot, r.base.distribution) {
+        (Some(ts), crate::recipe::Distribution::Debian) => {
+            format!("http://snapshot.debian.org/archive/debian/{ts}")
+        }
+        (Some(ts), crate::recipe::Distribution::Ubuntu) => {
+            format!("https://snapshot.ubuntu.com/ubuntu/{ts}")
+        }
+        (None, _) => r.base.mirror.clone(),
+    }
+}
+
+/// Package arguments for mmdebstrap: pinned `name=version` for everything the
+/// lock knows, otherwise the requested names.
+fn include_list(r: &Recipe, lock: &Lockfile) -> Vec<String> {
+    if lock.packages.is_empty() {
+        r.requested_packages()
+    } else {
+        lock.packages
+            .iter()
+            .map(|(p, v)| format!("{p}={v}"))
+            .collect()
+    }
+}
+
+/// The cache key: a digest of every input of the base stage.
+pub fn base_key(r: &Recipe, lock: &Lockfile) -> String {
+    let v = serde_json::json!({
+        "format": BASE_FORMAT,
+        "distribution": r.base.distribution,
+        "suite": r.base.suite,
+        "mirror": mirror_url(r),
+        "architecture": r.base.architecture,
+        "components": r.base.components,
+        "include": include_list(r, lock),
+        "source_date_epoch": lock.source_date_epoch,
+    });
+    crate::util::sha256_hex(v.to_string().as_bytes())
+}
+
+fn paths(cache: &Cache, key: &str) -> (PathBuf, PathBuf) {
+    let dir = cache.root.join("rootfs");
+    (
+        dir.join(format!("{key}.tar")),
+        dir.join(format!("{key}.json")),
+    )
+}
+
+/// A cached base under `key`, if complete and intact.
+fn lookup(cache: &Cache, key: &str) -> Option<BaseRootfs> {
+    let (tar, meta_path) = paths(cache, key);
+    let meta: BaseMeta = serde_json::from_slice(&std::fs::read(&meta_path).ok()?).ok()?;
+    let size = std::fs::metadata(&tar).ok()?.len();
+    // Truncated, replaced or rotted: never serve it.
+    if size != meta.size || crate::util::sha256_file(&tar).ok()? != meta.sha256 {
+        let _ = std::fs::remove_file(&tar);
+        let _ = std::fs::remove_file(&meta_path);
+        return None;
+    }
+    Some(BaseRootfs {
+        tar,
+        meta,
+        cached: true,
+    })
+}
+
+/// Return the base rootfs for this recipe and lock, building it when the
+/// cache has none.
+pub fn ensure_base(r: &Recipe, lock: &Lockfile, cache: &Cache, show: bool) -> Result<BaseRootfs> {
+    let key = base_key(r, lock);
+    if let Some(b) = lookup(cache, &key) {
+        return Ok(b);
+    }
+    crate::hosttools::require(&[crate::hosttools::MMDEBSTRAP])?;
+    let scratch = cache.scratch("rootfs-")?;
+    let out = scratch.path().join("base.tar");
+    let log_path = scratch.path().join("mmdebstrap.log");
+    run_mmdebstrap(r, lock, &out, &log_path, show)?;
+
+    let packages = read_packages(&out)?;
+    let sha256 = crate::util::sha256_file(&out)?;
+    let size = std::fs::metadata(&out)?.len();
+    let meta = BaseMeta {
+        key: key.clone(),
+        sha256,
+        size,
+        packages,
+    };
+    let (tar, meta_path) = paths(cache, &key);
+    std::fs::rename(&out, &tar).context("cannot move the base rootfs into the cache")?;
+    crate::util::write_atomic(&meta_path, serde_json::to_string_pretty(&meta)?.as_bytes())?;
+
+    // The next build reads these package pins from the lock; file the same
+    // tarball under the pinned key too so that build is a cache hit.
+    if lock.packages.is_empty() {
+        let pinned = Lockfile {
+            packages: meta.packages.clone(),
+            ..lock.clone()
+        };
+        let pkey = base_key(r, &pinned);
+        let (ptar, pmeta) = paths(cache, &pkey);
+        if !ptar.exists() {
+            std::fs::hard_link(&tar, &ptar).or_else(|_| std::fs::copy(&tar, &ptar).map(|_| ()))?;
+            let m = BaseMeta {
+                key: pkey,
+                ..meta.clone()
+            };
+            crate::util::write_atomic(&pmeta, serde_json::to_string_pretty(&m)?.as_bytes())?;
+        }
+    }
+    Ok(BaseRootfs {
+        tar,
+        meta,
+        cached: false,
+    })
+}
+
+fn run_mmdebstrap(
+    r: &Recipe,
+    lock: &Lockfile,
+    out: &std::path::Path,
+    log_path: &std::path::Path,
+    show: bool,
+) -> Result<()> {
+    let mut cmd = Command::new(crate::hosttools::path_of(crate::hosttools::MMDEBSTRAP)?);
+    cmd.env("SOURCE_DATE_EPOCH", lock.source_date_epoch.to_string())
+        .env("LC_ALL", "C.UTF-8")
+        .arg("--mode=root")
+        .arg("--variant=apt")
+        .arg("--format=tar")
+        .arg(format!("--architectures={}", r.base.architecture))
+        .arg(format!("--components={}", r.base.components.join(",")))
+        .arg(format!("--include={}", include_list(r, lock).join(",")))
+        // Documentation is not shipped (licences are): smaller images, and no
+        // sample keys from package examples.
+        .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
+        .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
+        .arg("--dpkgopt=path-exclude=/usr/share/man/*")
+        .arg("--dpkgopt=path-exclude=/usr/share/info/*");
+    if r.base.snapshot.is_some() {
+        cmd.arg("--aptopt=Acquire::Check-Valid-Until \"false\"");
+    }
+    cmd.arg(&r.base.suite).arg(out).arg(mirror_url(r));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+
+    let total = include_list(r, lock).len() as u64;
+    let pb = crate::progress::items(
+        show,
+        None,
+        format!("mmdebstrap {} ({total} packages)", r.base.suite),
+    );
+    let mut child = cmd.spawn().context("cannot start mmdebstrap")?;
+    let stderr = child.stderr.take().expect("piped");
+    let mut log = std::fs::File::create(log_path)?;
+    let mut tail: std::collections::VecDeque<String> = Default::default();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap_or_default();
+        use std::io::Write;
+        let _ = writeln!(log, "{line}");
+        if line.starts_with("I: ") {
+            pb.set_message(format!("mmdebstrap: {}", line.trim_start_matches("I: ")));
+        }
+        if line.starts_with("Unpacking ") || line.starts_with("Setting up ") {
+            pb.inc(1);
+        }
+        tail.push_back(line);
+        if tail.len() > 15 {
+            tail.pop_front();
+        }
+    }
+    let status = child.wait()?;
+    pb.finish_and_clear();
+    crate::util::check_interrupted()?;
+    if !status.success() {
+        let reason = tail
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("E: "))
+            .cloned()
+            .unwrap_or_else(|| tail.back().cloned().unwrap_or_default());
+        bail!(
+            "mmdebstrap failed ({status}): {}\n{}",
+            reason.trim(),
+            tail.iter()
+                .map(|l| format!("  {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Installed packages and versions, from dpkg's status database in the tar.
+pub fn read_packages(tar_path: &std::path::Path) -> Result<BTreeMap<String, String>> {
+    let info = crate::compose::index_base(tar_path, &|p| p == "var/lib/dpkg/status")?;
+    let status = info
+        .captured
+        .get("var/lib/dpkg/status")
+        .context("the base rootfs has no var/lib/dpkg/status")?;
+    Ok(parse_dpkg_status(&String::from_utf8_lossy(status)))
+}
+
+/// `Package` → `Version` for every installed stanza.
+pub fn parse_dpkg_status(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for stanza in text.split("\n\n") {
+        let mut name = None;
+        let mut version = None;
+        let mut installed = false;
+        for line in stanza.lines() {
+            if let Some(v) = line.strip_prefix("Package: ") {
+                name = Some(v.trim());
+            } else if let Some(v) = line.strip_prefix("Version: ") {
+                version = Some(v.trim());
+            } else if let Some(v) = line.strip_prefix("Status: ") {
+                installed = v.trim().ends_with(" installed");
+            }
+        }
+        if let (Some(n), Some(v), true) = (name, version, installed) {
+            out.insert(n.to_string(), v.to_string());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dpkg_status_lists_only_installed_packages() {
+        let text = "Package: a\nStatus: install ok installed\nVersion: 1.0\n\nPackage: b\nStatus: deinstall ok config-files\nVersion: 2\n\nPackage: c\nStatus: install ok installed\nArchitecture: amd64\nVersion: 3:1.2-1\n";
+        let m = parse_dpkg_status(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["c"], "3:1.2-1");
+    }
+}

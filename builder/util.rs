@@ -151,3 +151,30 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
+
+static INTERRUPTED: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+/// Catch SIGINT/SIGTERM so long work can stop at a safe point and clean up
+/// (temp files, staging directories, child processes) instead of dying mid-write.
+pub fn install_interrupt_handler() {
+    let flag = INTERRUPTED.get_or_init(Default::default).clone();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
+}
+
+/// True once Ctrl-C (or SIGTERM) arrived.
+pub fn interrupted() -> bool {
+    INTERRUPTED
+        .get()
+        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Fail with "interrupted" once Ctrl-C arrived.
+pub fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        anyhow::bail!("interrupted");
+    }
+    Ok(())
+}
