@@ -130,6 +130,19 @@ pub fn default_checks(facts: &BootFacts) -> Vec<CheckSpec> {
     checks
 }
 
+/// The hostname cloud-init should apply: user-data's `hostname:` wins over
+/// the seed's `local-hostname` (as cloud-init's set_hostname module does).
+pub fn expected_hostname(user_data: Option<&str>, seeded: &str) -> String {
+    let re =
+        Regex::new(r#"(?m)^hostname:[ \t]*["']?([A-Za-z0-9][A-Za-z0-9.-]*)["']?[ \t]*(#.*)?$"#)
+            .expect("hostname pattern");
+    user_data
+        .filter(|u| u.starts_with("#cloud-config"))
+        .and_then(|u| re.captures(u))
+        .map(|c| c[1].to_string())
+        .unwrap_or_else(|| seeded.to_string())
+}
+
 /// Check that a recipe's checks are well formed (names unique, regexes valid)
 /// before booting anything.
 pub fn check_specs(specs: &[CheckSpec]) -> Result<()> {
@@ -341,6 +354,27 @@ mod tests {
         assert!(evaluate(c, &ran(0, "kiln-v.1\n")).passed);
         assert!(!evaluate(c, &ran(0, "kiln-vx1\n")).passed);
         assert!(!evaluate(c, &ran(0, "debian\n")).passed);
+    }
+
+    #[test]
+    fn user_data_hostname_wins_over_the_seeded_one() {
+        let ud = "#cloud-config\n# comment\nhostname: tiny-test\nusers:\n  - default\n";
+        assert_eq!(expected_hostname(Some(ud), "kiln-validate-1"), "tiny-test");
+        let quoted = "#cloud-config\nhostname: \"lb-1\" # node\n";
+        assert_eq!(expected_hostname(Some(quoted), "kiln-validate-1"), "lb-1");
+    }
+
+    #[test]
+    fn seeded_hostname_is_expected_without_one_in_user_data() {
+        assert_eq!(
+            expected_hostname(None, "kiln-validate-1"),
+            "kiln-validate-1"
+        );
+        let ud = "#cloud-config\nwrite_files: []\n  hostname: nested\n";
+        assert_eq!(
+            expected_hostname(Some(ud), "kiln-validate-1"),
+            "kiln-validate-1"
+        );
     }
 
     #[test]

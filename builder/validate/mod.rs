@@ -20,7 +20,7 @@ use qemu::{AccelKind, Firmware, Vm, VmSpec};
 use report::ImageResult;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd";
@@ -148,32 +148,10 @@ pub struct ValidationFailed {
     pub record: ValidationRecord,
 }
 
-static INTERRUPTED: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-
-fn interrupt_flag() -> &'static Arc<AtomicBool> {
-    INTERRUPTED.get_or_init(|| Arc::new(AtomicBool::new(false)))
-}
-
-/// True once SIGINT/SIGTERM arrived (after [`install_signal_handlers`]).
-pub fn interrupted() -> bool {
-    interrupt_flag().load(Ordering::Relaxed)
-}
-
-/// Turn SIGINT/SIGTERM into a flag every wait loop checks, so QEMU and temp
-/// files are cleaned up by the normal error path.
-pub fn install_signal_handlers() -> Result<()> {
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, interrupt_flag().clone())
-            .context("cannot install the signal handler")?;
-    }
-    Ok(())
-}
+use crate::util::interrupted;
 
 fn bail_if_interrupted() -> Result<()> {
-    if interrupted() {
-        bail!("interrupted");
-    }
-    Ok(())
+    crate::util::check_interrupted()
 }
 
 /// The accelerator chosen and why.
@@ -691,7 +669,7 @@ fn drive_guest(
 
     // 3. Default checks and the recipe's, all at once (they are independent).
     let facts = BootFacts {
-        hostname: hostname.to_string(),
+        hostname: checks::expected_hostname(manifest.validate.user_data.as_deref(), hostname),
         secure_boot: manifest.boot.secure_boot && matches!(firmware, Firmware::Uefi { .. }),
     };
     let mut specs = checks::default_checks(&facts);
@@ -829,7 +807,9 @@ fn run_checks(
 
 /// `kiln validate IMAGE...`.
 pub fn run(args: ValidateArgs) -> Result<()> {
-    install_signal_handlers()?;
+    // SIGINT/SIGTERM become a flag every wait loop checks, so QEMU and temp
+    // files are cleaned up by the normal error path.
+    crate::util::install_interrupt_handler();
     if args.ssh_port.is_some() && args.image.len() > 1 {
         bail!("--ssh-port works with one image only (parallel boots need their own ports)");
     }
