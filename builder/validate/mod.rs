@@ -245,11 +245,16 @@ pub fn validate_image(image_dir: &Path, opts: &ValidateOptions) -> Result<Valida
     }
     if !validated {
         let reason = failure.unwrap_or_else(|| {
-            let failed: Vec<&str> = record
+            let failed: Vec<String> = record
                 .checks
                 .iter()
                 .filter(|c| !c.passed)
-                .map(|c| c.name.as_str())
+                .map(
+                    |c| match c.detail.as_deref().and_then(|d| d.lines().next()) {
+                        Some(why) => format!("{} ({why})", c.name),
+                        None => c.name.clone(),
+                    },
+                )
                 .collect();
             format!("failed checks: {}", failed.join(", "))
         });
@@ -631,7 +636,7 @@ fn drive_guest(
             result.failure = Some(failure);
             return Ok(());
         }
-        if last_attempt.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+        if last_attempt.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_attempt = Some(Instant::now());
             match ssh::Guest::connect(port, &opts.ssh_user, key, Duration::from_secs(5)) {
                 Ok(g) => break g,
