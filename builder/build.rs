@@ -27,6 +27,7 @@ pub enum BuildStage {
     Compose,
     Disk,
     Compress,
+    Lxc,
     Validate,
     Publish,
 }
@@ -40,6 +41,7 @@ impl BuildStage {
             BuildStage::Compose => "compose",
             BuildStage::Disk => "disk",
             BuildStage::Compress => "compress",
+            BuildStage::Lxc => "lxc",
             BuildStage::Validate => "validate",
             BuildStage::Publish => "publish",
         }
@@ -365,14 +367,17 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     drop(std::fs::remove_file(&raw));
 
     let lxc = if recipe.lxc {
-        let name = format!("{}-{}-lxc.tar.zst", recipe.name, recipe.version);
-        let path = staging.path().join(&name);
-        zstd_compress(&final_tar, &path)?;
-        Some(FileInfo {
-            file: name,
-            sha256: crate::util::sha256_file(&path)?,
-            size: std::fs::metadata(&path)?.len(),
-        })
+        timer.run(BuildStage::Lxc, || {
+            let name = format!("{}-{}-lxc.tar.zst", recipe.name, recipe.version);
+            let path = staging.path().join(&name);
+            zstd_compress(&final_tar, &path)?;
+            let info = FileInfo {
+                file: name,
+                sha256: crate::util::sha256_file(&path)?,
+                size: std::fs::metadata(&path)?.len(),
+            };
+            Ok((Some(info), false))
+        })?
     } else {
         None
     };
@@ -531,7 +536,7 @@ fn write_sums(dir: &Path, m: &ImageManifest) -> Result<()> {
 
 fn zstd_compress(src: &Path, dst: &Path) -> Result<()> {
     let status = std::process::Command::new(crate::hosttools::path_of(crate::hosttools::ZSTD)?)
-        .args(["-q", "-T0", "-19", "--long=27", "-f", "-o"])
+        .args(["-q", "-T0", "-6", "-f", "-o"])
         .arg(dst)
         .arg(src)
         .status()
@@ -624,6 +629,7 @@ fn kiln_defaults(
         file("/etc/machine-id", String::new(), origin),
         file("/etc/fstab", format!("# Written by kiln.\nUUID={} / ext4 errors=remount-ro 0 1\n", ids.root_fs_uuid), origin),
         file(crate::cloudinit::IMAGE_CONFIG_PATH, crate::cloudinit::image_config(), origin),
+        file("/etc/default/locale", "LANG=C.UTF-8\n".into(), origin),
         file(
             "/etc/apt/apt.conf.d/20auto-upgrades",
             "// Written by kiln: nodes are replaced, never upgraded in place.\nAPT::Periodic::Update-Package-Lists \"0\";\nAPT::Periodic::Unattended-Upgrade \"0\";\n".into(),

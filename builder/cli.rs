@@ -73,7 +73,8 @@ pub struct RenderArgs {
 pub fn check(a: CheckArgs) -> Result<()> {
     let recipe = Recipe::load(&a.recipe)?;
     let lock_path = recipe.lock_path();
-    let lock_state = match Lockfile::load(&lock_path)? {
+    let lock = Lockfile::load(&lock_path)?;
+    let lock_state = match &lock {
         None => "missing".to_string(),
         Some(l) => {
             l.check_matches(&recipe, &lock_path)?;
@@ -87,7 +88,16 @@ pub fn check(a: CheckArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            json!({ "recipe": recipe.path, "name": recipe.name, "version": recipe.version, "digest": recipe.digest(), "lock": lock_state })
+            json!({
+                "recipe": recipe.path,
+                "name": recipe.name,
+                "version": recipe.version,
+                "digest": recipe.digest(),
+                "lock": lock_state,
+                // What the base stage runs, for benchmarks and debugging.
+                "mmdebstrap": lock.as_ref().map(|l| crate::rootfs::mmdebstrap_args(&recipe, l, std::path::Path::new("OUT.tar"))),
+                "source_date_epoch": lock.as_ref().map(|l| l.source_date_epoch),
+            })
         );
     } else {
         println!(
@@ -180,6 +190,7 @@ fn print_build(o: &BuildOutcome, json_out: bool, seconds: f64) {
                 "up_to_date": o.up_to_date,
                 "validated": m.validation.as_ref().map(|v| v.validated),
                 "seconds": (seconds * 100.0).round() / 100.0,
+                "peak_rss_bytes": crate::util::peak_rss_bytes(),
             })
         );
         return;

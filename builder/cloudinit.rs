@@ -25,6 +25,8 @@ pub fn image_config() -> String {
      ssh_deletekeys: true\n\
      ssh_genkeytypes: [ed25519, ecdsa, rsa]\n\
      ssh_pwauth: false\n\
+     # The image sets C.UTF-8 itself; generating locales needs packages nodes lack.\n\
+     locale: false\n\
      disable_root: true\n"
         .to_string()
 }

@@ -343,6 +343,9 @@ pub fn compose(plan: ComposePlan<'_>, out: &Path) -> Result<Composed> {
     let mut buf = vec![0u8; 1 << 20];
     for entry in archive.entries_with_seek()? {
         let entry = entry?;
+        if entries % 1024 == 0 {
+            crate::util::check_interrupted()?;
+        }
         let name = norm(&String::from_utf8_lossy(&entry.path_bytes()));
         let size = entry.size();
         let end = entry.raw_file_position() + size.div_ceil(512) * 512;

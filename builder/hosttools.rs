@@ -19,18 +19,6 @@ pub const MKFS_EXT4: Tool = Tool {
     program: "mkfs.ext4",
     package: "e2fsprogs (>= 1.47.1, bookworm-backports)",
 };
-pub const MKFS_VFAT: Tool = Tool {
-    program: "mkfs.vfat",
-    package: "dosfstools",
-};
-pub const MCOPY: Tool = Tool {
-    program: "mcopy",
-    package: "mtools",
-};
-pub const MMD: Tool = Tool {
-    program: "mmd",
-    package: "mtools",
-};
 pub const SFDISK: Tool = Tool {
     program: "sfdisk",
     package: "fdisk",
@@ -49,9 +37,7 @@ pub const ZSTD: Tool = Tool {
 };
 
 /// Tools `kiln build` needs.
-pub const BUILD_TOOLS: &[Tool] = &[
-    MMDEBSTRAP, MKFS_EXT4, MKFS_VFAT, MCOPY, MMD, SFDISK, QEMU_IMG,
-];
+pub const BUILD_TOOLS: &[Tool] = &[MMDEBSTRAP, MKFS_EXT4, SFDISK, QEMU_IMG];
 
 /// Find a program on PATH (plus the sbin directories, which a non-root PATH may lack).
 pub fn which(program: &str) -> Option<PathBuf> {

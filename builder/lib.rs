@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod oci;
 pub mod progress;
 pub mod publish;
+pub mod pvesim;
 pub mod recipe;
 pub mod rootfs;
 pub mod util;

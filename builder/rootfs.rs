@@ -16,7 +16,7 @@ use crate::lock::Lockfile;
 use crate::recipe::Recipe;
 
 /// Bump when the way kiln calls mmdebstrap changes, to invalidate caches.
-const BASE_FORMAT: u32 = 2;
+const BASE_FORMAT: u32 = 3;
 
 /// A cached base rootfs tarball and what is known about it.
 #[derive(Debug, Clone)]
@@ -73,6 +73,7 @@ pub fn base_key(r: &Recipe, lock: &Lockfile) -> String {
         "components": r.base.components,
         "include": include_list(r, lock),
         "source_date_epoch": lock.source_date_epoch,
+        "initrd_modules": r.boot.initrd_modules,
     });
     crate::util::sha256_hex(v.to_string().as_bytes())
 }
@@ -154,6 +155,53 @@ pub fn ensure_base(r: &Recipe, lock: &Lockfile, cache: &Cache, show: bool) -> Re
     })
 }
 
+/// The exact mmdebstrap arguments for this recipe and lock (after the program
+/// name; SOURCE_DATE_EPOCH goes in the environment). The benchmark runs these
+/// bare to compare against kiln.
+pub fn mmdebstrap_args(r: &Recipe, lock: &Lockfile, out: &std::path::Path) -> Vec<String> {
+    let mut args = vec![
+        "--mode=root".to_string(),
+        "--variant=apt".to_string(),
+        "--format=tar".to_string(),
+        format!("--architectures={}", r.base.architecture),
+        format!("--components={}", r.base.components.join(",")),
+        format!("--include={}", include_list(r, lock).join(",")),
+        // Documentation is not shipped (licences are): smaller images, and no
+        // sample keys from package examples.
+        "--dpkgopt=path-exclude=/usr/share/doc/*".to_string(),
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright".to_string(),
+        "--dpkgopt=path-exclude=/usr/share/man/*".to_string(),
+        "--dpkgopt=path-exclude=/usr/share/info/*".to_string(),
+    ];
+    if r.boot.initrd_modules == crate::recipe::InitrdModules::Virtual {
+        args.push(format!("--essential-hook={}", initramfs_hook()));
+    }
+    if r.base.snapshot.is_some() {
+        args.push("--aptopt=Acquire::Check-Valid-Until \"false\"".to_string());
+    }
+    args.push(r.base.suite.clone());
+    args.push(out.display().to_string());
+    args.push(mirror_url(r));
+    args
+}
+
+/// Kernel modules a VM's initramfs needs to find its root disk on the
+/// controllers Proxmox and QEMU offer (dependencies are added by mkinitramfs).
+pub const VIRTUAL_INITRD_MODULES: &[&str] = &[
+    "virtio_pci", "virtio_scsi", "virtio_blk", "scsi_mod", "sd_mod", "sr_mod", "ahci", "nvme", "ext4", "crc32c_generic",
+];
+
+/// Written before the kernel is installed, so its initramfs is built small:
+/// MODULES=list with the virtual-hardware drivers (not a dpkg conffile).
+fn initramfs_hook() -> String {
+    format!(
+        "mkdir -p \"$1/etc/initramfs-tools/conf.d\" \"$1/usr/share/initramfs-tools/modules.d\" && \
+         printf 'MODULES=list\\n' > \"$1/etc/initramfs-tools/conf.d/kiln.conf\" && \
+         printf '%s\\n' {} > \"$1/usr/share/initramfs-tools/modules.d/kiln.conf\"",
+        VIRTUAL_INITRD_MODULES.join(" ")
+    )
+}
+
 fn run_mmdebstrap(
     r: &Recipe,
     lock: &Lockfile,
@@ -164,22 +212,7 @@ fn run_mmdebstrap(
     let mut cmd = Command::new(crate::hosttools::path_of(crate::hosttools::MMDEBSTRAP)?);
     cmd.env("SOURCE_DATE_EPOCH", lock.source_date_epoch.to_string())
         .env("LC_ALL", "C.UTF-8")
-        .arg("--mode=root")
-        .arg("--variant=apt")
-        .arg("--format=tar")
-        .arg(format!("--architectures={}", r.base.architecture))
-        .arg(format!("--components={}", r.base.components.join(",")))
-        .arg(format!("--include={}", include_list(r, lock).join(",")))
-        // Documentation is not shipped (licences are): smaller images, and no
-        // sample keys from package examples.
-        .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
-        .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
-        .arg("--dpkgopt=path-exclude=/usr/share/man/*")
-        .arg("--dpkgopt=path-exclude=/usr/share/info/*");
-    if r.base.snapshot.is_some() {
-        cmd.arg("--aptopt=Acquire::Check-Valid-Until \"false\"");
-    }
-    cmd.arg(&r.base.suite).arg(out).arg(mirror_url(r));
+        .args(mmdebstrap_args(r, lock, out));
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -191,6 +224,7 @@ fn run_mmdebstrap(
         format!("mmdebstrap {} ({total} packages)", r.base.suite),
     );
     let mut child = cmd.spawn().context("cannot start mmdebstrap")?;
+    let forward = crate::util::forward_interrupt(child.id());
     let stderr = child.stderr.take().expect("piped");
     let mut log = std::fs::File::create(log_path)?;
     let mut tail: std::collections::VecDeque<String> = Default::default();
@@ -210,6 +244,7 @@ fn run_mmdebstrap(
         }
     }
     let status = child.wait()?;
+    drop(forward);
     pb.finish_and_clear();
     crate::util::check_interrupted()?;
     if !status.success() {

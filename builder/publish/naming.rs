@@ -1,0 +1,268 @@
+//! What a published template is called and carries: DNS-safe VM name, PVE
+//! tags, upload file names, the description, and the VM create parameters.
+
+use super::config::Target;
+use crate::manifest::ImageManifest;
+
+/// Tag every kiln template carries.
+pub const KILN_TAG: &str = "kiln";
+/// Prefix of the tag holding the short image id.
+pub const ID_TAG_PREFIX: &str = "id-";
+
+/// `<name>-<version>` as a DNS label: lowercase letters, digits and inner
+/// hyphens, at most 63 characters.
+pub fn vm_name(name: &str, version: &str) -> String {
+    let raw = format!("{name}-{version}").to_ascii_lowercase();
+    let mut out = String::new();
+    for c in raw.chars() {
+        let c = if c.is_ascii_alphanumeric() { c } else { '-' };
+        if c == '-' && (out.is_empty() || out.ends_with('-')) {
+            continue;
+        }
+        out.push(c);
+    }
+    out.truncate(63);
+    let out = out.trim_end_matches('-').to_string();
+    if out.is_empty() {
+        "kiln-image".into()
+    } else {
+        out
+    }
+}
+
+/// Make a string fit PVE's tag pattern `[a-z0-9_][a-z0-9_\-+.]*`.
+pub fn tag(s: &str) -> String {
+    let mut out: String = s
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_-+.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() || !out.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+        out.insert(0, '_');
+    }
+    out
+}
+
+/// The id tag for an image.
+pub fn id_tag(m: &ImageManifest) -> String {
+    format!("{ID_TAG_PREFIX}{}", tag(m.short_id()))
+}
+
+/// Tags of a template: kiln, the image name, the version, the short id.
+pub fn tags(m: &ImageManifest) -> Vec<String> {
+    let mut t = vec![
+        KILN_TAG.to_string(),
+        tag(&m.name),
+        tag(&m.version),
+        id_tag(m),
+    ];
+    t.dedup();
+    t
+}
+
+fn safe_file_part(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-.+=_".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Upload name of the disk: only PVE's safe characters, `.qcow2`/`.raw`.
+pub fn import_file_name(m: &ImageManifest) -> String {
+    let ext = if m.disk.format == "raw" {
+        "raw"
+    } else {
+        "qcow2"
+    };
+    format!(
+        "kiln-{}-{}-{}.{ext}",
+        safe_file_part(&m.name),
+        safe_file_part(&m.version),
+        m.short_id()
+    )
+}
+
+/// Upload name of the LXC rootfs archive.
+pub fn lxc_file_name(m: &ImageManifest) -> String {
+    format!(
+        "kiln-{}-{}-{}.tar.zst",
+        safe_file_part(&m.name),
+        safe_file_part(&m.version),
+        m.short_id()
+    )
+}
+
+/// Machine-readable lines kiln reads back from a template's description.
+pub mod keys {
+    pub const IMAGE: &str = "kiln-image";
+    pub const VERSION: &str = "kiln-version";
+    pub const ID: &str = "kiln-id";
+    pub const CREATED: &str = "kiln-created";
+}
+
+/// Description with the manifest summary (PVE allows 8 KiB).
+pub fn description(m: &ImageManifest, created: &str) -> String {
+    let validated = match &m.validation {
+        Some(v) if v.validated => {
+            format!("yes ({}, {} checks, {})", v.when, v.checks.len(), v.accel)
+        }
+        _ => "no (published with --allow-unvalidated)".into(),
+    };
+    let mut d =
+        format!(
+        "Published by kiln {kv}. Lines starting with kiln- are read by kiln; do not edit them.\n\n\
+         {}: {}\n{}: {}\n{}: {}\n{}: {created}\n\n\
+         built by kiln {}; disk {} ({}), virtual size {}\n\
+         kernel {}; UEFI {}, Secure Boot {}\n\
+         roles: {}\npackages: {}\nvalidated: {validated}\n",
+        keys::IMAGE,
+        m.name,
+        keys::VERSION,
+        m.version,
+        keys::ID,
+        m.id,
+        keys::CREATED,
+        m.kiln_version,
+        m.disk.file,
+        m.disk.format,
+        crate::util::human_bytes(m.disk.virtual_size),
+        m.boot.kernel,
+        m.boot.uefi,
+        m.boot.secure_boot,
+        if m.roles.is_empty() { "-".into() } else { m.roles.join(", ") },
+        m.packages.len(),
+        kv = env!("CARGO_PKG_VERSION"),
+    );
+    if d.len() > 8000 {
+        d.truncate(8000);
+    }
+    d
+}
+
+/// Parse the `kiln-*: value` lines of a description.
+pub fn parse_description(d: &str) -> std::collections::BTreeMap<String, String> {
+    d.lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(k, _)| k.starts_with("kiln-"))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Parameters of `POST /nodes/{node}/qemu` for a template from an imported disk.
+pub fn create_params(
+    t: &Target,
+    m: &ImageManifest,
+    vmid: u32,
+    import_volid: &str,
+    created: &str,
+) -> Vec<(String, String)> {
+    let s = &t.cfg.storage;
+    let vm = &t.cfg.vm;
+    let mut p: Vec<(String, String)> = vec![
+        ("vmid".into(), vmid.to_string()),
+        ("name".into(), vm_name(&m.name, &m.version)),
+        ("machine".into(), "q35".into()),
+        ("bios".into(), "ovmf".into()),
+        (
+            "efidisk0".into(),
+            format!("{s}:1,efitype=4m,pre-enrolled-keys=1"),
+        ),
+        ("scsihw".into(), "virtio-scsi-single".into()),
+        (
+            "scsi0".into(),
+            format!("{s}:0,import-from={import_volid},discard=on,iothread=1"),
+        ),
+        ("ide2".into(), format!("{s}:cloudinit")),
+        ("boot".into(), "order=scsi0".into()),
+        ("agent".into(), "1".into()),
+        ("serial0".into(), "socket".into()),
+        ("ostype".into(), "l26".into()),
+        ("cores".into(), vm.cores.to_string()),
+        ("memory".into(), vm.memory.to_string()),
+        ("cpu".into(), vm.cpu.clone()),
+        ("net0".into(), format!("virtio,bridge={}", vm.bridge)),
+        ("tags".into(), tags(m).join(";")),
+        ("description".into(), description(m, created)),
+    ];
+    p.retain(|(_, v)| !v.is_empty());
+    p
+}
+
+/// Current UTC time, RFC 3339 (seconds).
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_names_are_dns_labels() {
+        assert_eq!(vm_name("k3s-server", "1.2.0"), "k3s-server-1-2-0");
+        assert_eq!(
+            vm_name("LB Appliance", "2026.11+b1"),
+            "lb-appliance-2026-11-b1"
+        );
+        assert!(vm_name(&"x".repeat(100), "1").len() <= 63);
+    }
+
+    #[test]
+    fn tags_fit_the_pve_pattern() {
+        assert_eq!(tag("K3s Server"), "k3s_server");
+        assert_eq!(tag("1.2.0+build"), "1.2.0+build");
+        assert_eq!(tag("-x"), "_-x");
+    }
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_651_200), "2026-11-26T00:00:00Z");
+    }
+
+    #[test]
+    fn description_lines_round_trip() {
+        let d = "intro\n\nkiln-image: lb\nkiln-id: abc\nother: x\n";
+        let m = parse_description(d);
+        assert_eq!(m["kiln-image"], "lb");
+        assert_eq!(m["kiln-id"], "abc");
+        assert!(!m.contains_key("other"));
+    }
+}

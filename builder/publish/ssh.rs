@@ -1,0 +1,329 @@
+//! Fallback for Proxmox VE older than 8.4 (no `import` upload content): copy
+//! the disk over SSH (ssh2) and run `qm create` / `qm disk import` / `qm template`.
+//!
+//! NOT TESTED AGAINST PROXMOX: no PVE host exists here. Unit tests cover the
+//! command lines built; the SSH session itself is untested code.
+
+use super::api::Pve;
+use super::config::{SshConfig, Target};
+use super::{naming, PublishReport, VmEntry};
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+
+use crate::manifest::ImageManifest;
+
+/// Quote for a POSIX shell.
+pub fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@+%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// `qm create` with the API create parameters minus the imported disk.
+pub fn qm_create(vmid: u32, params: &[(String, String)]) -> String {
+    let mut cmd = format!("qm create {vmid}");
+    for (k, v) in params {
+        if k == "vmid" || k == "scsi0" {
+            continue;
+        }
+        cmd.push_str(&format!(" --{k} {}", sh_quote(v)));
+    }
+    cmd
+}
+
+pub fn qm_disk_import(vmid: u32, remote_file: &str, storage: &str, format: &str) -> String {
+    format!(
+        "qm disk import {vmid} {} {} --format {}",
+        sh_quote(remote_file),
+        sh_quote(storage),
+        if format == "raw" { "raw" } else { "qcow2" }
+    )
+}
+
+/// The volume `qm disk import` created, from its last output line
+/// (`Successfully imported disk as 'unused0:local-lvm:vm-9000-disk-1'`).
+pub fn imported_volume(output: &str) -> Option<String> {
+    let line = output
+        .lines()
+        .rev()
+        .find(|l| l.contains("imported disk as"))?;
+    let quoted = line.split('\'').nth(1)?;
+    let (_slot, vol) = quoted.split_once(':')?;
+    Some(vol.to_string())
+}
+
+pub fn qm_attach(vmid: u32, volume: &str) -> String {
+    format!(
+        "qm set {vmid} --scsi0 {} --boot order=scsi0",
+        sh_quote(&format!("{volume},discard=on,iothread=1"))
+    )
+}
+
+pub fn qm_template(vmid: u32) -> String {
+    format!("qm template {vmid}")
+}
+
+pub fn qm_destroy(vmid: u32) -> String {
+    format!("qm destroy {vmid} --purge 1 --destroy-unreferenced-disks 1")
+}
+
+struct Remote {
+    sess: ssh2::Session,
+}
+
+impl Remote {
+    fn connect(c: &SshConfig) -> Result<Remote> {
+        let tcp = TcpStream::connect((c.host.as_str(), c.port))
+            .with_context(|| format!("cannot connect to {}:{} over SSH", c.host, c.port))?;
+        let mut sess = ssh2::Session::new()?;
+        sess.set_tcp_stream(tcp);
+        sess.handshake().context("SSH handshake failed")?;
+        verify_host_key(&sess, c)?;
+        match &c.key_file {
+            Some(k) => sess
+                .userauth_pubkey_file(&c.user, None, k, None)
+                .with_context(|| {
+                    format!("SSH key {} was not accepted for {}", k.display(), c.user)
+                })?,
+            None => sess
+                .userauth_agent(&c.user)
+                .with_context(|| format!("the SSH agent has no key accepted for {}", c.user))?,
+        }
+        Ok(Remote { sess })
+    }
+
+    /// Run a command; Ok(stdout) on exit 0, Err(stderr) otherwise.
+    fn run(&self, cmd: &str) -> Result<std::result::Result<String, String>> {
+        let mut ch = self.sess.channel_session()?;
+        ch.exec(cmd)?;
+        let mut out = String::new();
+        ch.read_to_string(&mut out)?;
+        let mut err = String::new();
+        ch.stderr().read_to_string(&mut err)?;
+        ch.wait_close()?;
+        Ok(if ch.exit_status()? == 0 {
+            Ok(out)
+        } else {
+            Err(format!("{}{}", err.trim(), out.trim()))
+        })
+    }
+
+    fn must(&self, cmd: &str) -> Result<String> {
+        let verb: String = cmd.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+        self.run(cmd)?
+            .map_err(|e| anyhow::anyhow!("`{verb} ...` failed on the PVE host: {e}"))
+    }
+
+    fn copy(&self, local: &Path, remote: &str, pb: &indicatif::ProgressBar) -> Result<u64> {
+        let mut f = std::fs::File::open(local)
+            .with_context(|| format!("cannot open {}", local.display()))?;
+        let len = f.metadata()?.len();
+        let mut ch = self
+            .sess
+            .scp_send(Path::new(remote), 0o600, len, None)
+            .with_context(|| format!("cannot start copying to {remote}"))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut sent = 0u64;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            ch.write_all(&buf[..n])?;
+            sent += n as u64;
+            pb.set_position(sent);
+        }
+        ch.send_eof()?;
+        ch.wait_eof()?;
+        ch.close()?;
+        ch.wait_close()?;
+        Ok(sent)
+    }
+}
+
+fn verify_host_key(sess: &ssh2::Session, c: &SshConfig) -> Result<()> {
+    let (key, _) = sess.host_key().context("the SSH server sent no host key")?;
+    if let Some(want) = &c.host_key_sha256 {
+        use base64_engine::encode;
+        use sha2::Digest;
+        let got = encode(&sha2::Sha256::digest(key));
+        if got.trim_end_matches('=') != want.trim_start_matches("SHA256:").trim_end_matches('=') {
+            bail!(
+                "SSH host key of {} is SHA256:{got}, not the configured {want}",
+                c.host
+            );
+        }
+        return Ok(());
+    }
+    let mut kh = sess.known_hosts()?;
+    let home =
+        std::env::var_os("HOME").context("HOME is not set (needed for ~/.ssh/known_hosts)")?;
+    let file = Path::new(&home).join(".ssh/known_hosts");
+    kh.read_file(&file, ssh2::KnownHostFileKind::OpenSSH)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    match kh.check_port(&c.host, c.port, key) {
+        ssh2::CheckResult::Match => Ok(()),
+        ssh2::CheckResult::Mismatch => bail!(
+            "SSH host key of {} does not match {}",
+            c.host,
+            file.display()
+        ),
+        _ => bail!(
+            "{} is not in {}; add it or set host_key_sha256",
+            c.host,
+            file.display()
+        ),
+    }
+}
+
+/// Minimal standard base64 (no padding) for host key fingerprints.
+mod base64_engine {
+    pub fn encode(data: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut s = String::new();
+        for ch in data.chunks(3) {
+            let b = [ch[0], *ch.get(1).unwrap_or(&0), *ch.get(2).unwrap_or(&0)];
+            let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+            for i in 0..=ch.len() {
+                s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        s
+    }
+}
+
+/// Publish over SSH: copy, create, import, attach, template. The API is
+/// still used for discovery and idempotency (older PVE has those endpoints).
+pub fn publish(
+    pve: &Pve,
+    target: &Target,
+    dir: &Path,
+    m: &ImageManifest,
+    vms: &[VmEntry],
+    report: &mut PublishReport,
+) -> Result<()> {
+    let c = target.cfg.ssh.as_ref().with_context(|| {
+        format!(
+            "target `{}` has no [ssh] settings, needed for Proxmox VE older than 8.4",
+            target.name
+        )
+    })?;
+    let remote = Remote::connect(c)?;
+    let remote_file = format!("/var/tmp/{}", naming::import_file_name(m));
+    let pb = crate::progress::bytes(
+        crate::progress::enabled(false),
+        Some(m.disk.size),
+        "copying disk over SSH",
+    );
+    let start = std::time::Instant::now();
+    let sent = remote.copy(&m.disk_path(dir), &remote_file, &pb)?;
+    pb.finish_and_clear();
+    report.uploaded_bytes += sent;
+    report.upload_seconds = start.elapsed().as_secs_f64();
+    let check = remote.must(&format!("sha256sum {}", sh_quote(&remote_file)))?;
+    if !check.starts_with(&m.id) {
+        let _ = remote.run(&format!("rm -f {}", sh_quote(&remote_file)));
+        bail!("the copy of the disk on {} has a different sha256", c.host);
+    }
+    let used: std::collections::BTreeSet<u32> = vms.iter().map(|v| v.vmid).collect();
+    let [lo, hi] = target.cfg.vmid_range;
+    let when = naming::now_rfc3339();
+    let mut vmid = None;
+    for id in (lo..=hi).filter(|v| !used.contains(v)) {
+        let params = naming::create_params(target, m, id, "", &when);
+        match remote.run(&qm_create(id, &params))? {
+            Ok(_) => {
+                vmid = Some(id);
+                break;
+            }
+            Err(e) if e.contains("already exists") => continue,
+            Err(e) => bail!("qm create {id} failed: {e}"),
+        }
+    }
+    let vmid = vmid.with_context(|| format!("no free VMID in {lo}-{hi}"))?;
+    let steps = || -> Result<()> {
+        let out = remote.must(&qm_disk_import(
+            vmid,
+            &remote_file,
+            &target.cfg.storage,
+            &m.disk.format,
+        ))?;
+        let vol =
+            imported_volume(&out).context("qm disk import did not say which volume it created")?;
+        remote.must(&qm_attach(vmid, &vol))?;
+        remote.must(&qm_template(vmid))?;
+        Ok(())
+    };
+    let res = steps();
+    let _ = remote.run(&format!("rm -f {}", sh_quote(&remote_file)));
+    if let Err(e) = res {
+        let _ = remote.run(&qm_destroy(vmid));
+        return Err(e);
+    }
+    let _ = pve;
+    report.vmid = vmid;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Command construction only: these commands have not run on real Proxmox VE.
+    use super::*;
+
+    #[test]
+    fn shell_quoting_survives_spaces_and_quotes() {
+        assert_eq!(sh_quote("local-lvm"), "local-lvm");
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+    }
+
+    #[test]
+    fn qm_create_leaves_out_the_import_disk_and_quotes_values() {
+        let p = vec![
+            ("vmid".to_string(), "9000".to_string()),
+            ("name".into(), "k3s-1-0".into()),
+            ("scsi0".into(), "local-lvm:0,import-from=x".into()),
+            ("tags".into(), "kiln;k3s".into()),
+            ("description".into(), "two\nlines".into()),
+        ];
+        let c = qm_create(9000, &p);
+        assert_eq!(
+            c,
+            "qm create 9000 --name k3s-1-0 --tags 'kiln;k3s' --description 'two\nlines'"
+        );
+    }
+
+    #[test]
+    fn disk_import_and_attach_commands() {
+        assert_eq!(
+            qm_disk_import(9000, "/var/tmp/kiln-a.qcow2", "local-lvm", "qcow2"),
+            "qm disk import 9000 /var/tmp/kiln-a.qcow2 local-lvm --format qcow2"
+        );
+        assert_eq!(
+            qm_attach(9000, "local-lvm:vm-9000-disk-1"),
+            "qm set 9000 --scsi0 local-lvm:vm-9000-disk-1,discard=on,iothread=1 --boot order=scsi0"
+        );
+    }
+
+    #[test]
+    fn imported_volume_is_read_from_qm_output() {
+        let out = "importing disk ...\ntransferred 4.0 GiB\nSuccessfully imported disk as 'unused0:local-lvm:vm-9000-disk-1'\n";
+        assert_eq!(
+            imported_volume(out).as_deref(),
+            Some("local-lvm:vm-9000-disk-1")
+        );
+        assert_eq!(imported_volume("nothing"), None);
+    }
+
+    #[test]
+    fn base64_matches_openssh_style() {
+        assert_eq!(base64_engine::encode(b"hello"), "aGVsbG8");
+    }
+}

@@ -1,0 +1,226 @@
+//! `kiln` on bad input: each mistake ends with one clear line naming the
+//! culprit, before any expensive work, and leaves nothing behind.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+
+fn project(name: &str) -> (PathBuf, PathBuf) {
+    let d = scratch(&format!("cli-{name}"));
+    let p = project_copy(&d.join("project"));
+    (p, d.join("cache"))
+}
+
+fn fails_with(out: std::process::Output, needles: &[&str]) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure, got success:\n{}",
+        stdout(&out)
+    );
+    let err = stderr(&out);
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "error should be one line:\n{err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "error lacks {n:?}:\n{err}");
+    }
+    err
+}
+
+fn edit(path: &Path, from: &str, to: &str) {
+    let t = std::fs::read_to_string(path).unwrap();
+    assert!(t.contains(from), "{from:?} not in {}", path.display());
+    std::fs::write(path, t.replacen(from, to, 1)).unwrap();
+}
+
+#[test]
+fn misspelt_key_is_reported_with_file_line_and_suggestion() {
+    let (p, cache) = project("misspelt");
+    edit(&p.join("recipes/tiny.toml"), "[disk]\nsize", "[disk]\nsise");
+    let out = kiln(&p, &cache, &["check", "recipes/tiny.toml"]);
+    fails_with(
+        out,
+        &[
+            "recipes/tiny.toml:",
+            "unknown key `sise`",
+            "did you mean `size`?",
+        ],
+    );
+}
+
+#[test]
+fn malformed_recipe_names_the_line() {
+    let (p, cache) = project("malformed");
+    std::fs::write(
+        p.join("recipes/broken.toml"),
+        "name = \"broken\"\nversion = [\n",
+    )
+    .unwrap();
+    fails_with(
+        kiln(&p, &cache, &["check", "recipes/broken.toml"]),
+        &["recipes/broken.toml:"],
+    );
+}
+
+#[test]
+fn check_accepts_the_shipped_recipes() {
+    for r in ["recipes/tiny.toml", "recipes/lb.toml"] {
+        let out = ok(kiln(
+            &repo(),
+            &scratch("cli-check-cache"),
+            &["check", r, "--json"],
+        ));
+        assert_eq!(json(&out)["lock"], "ok", "{r}");
+    }
+}
+
+#[test]
+fn build_without_lockfile_names_the_fix() {
+    let (p, cache) = project("nolock");
+    fails_with(
+        kiln(&p, &cache, &["build", "recipes/tiny.toml", "--no-validate"]),
+        &["has no lockfile", "kiln lock recipes/tiny.toml"],
+    );
+    assert!(!p.join("images").exists());
+}
+
+#[test]
+fn lock_that_no_longer_matches_is_refused() {
+    let (p, cache) = project("stale");
+    ok(kiln(&p, &cache, &["lock", "recipes/tiny.toml"]));
+    edit(
+        &p.join("recipes/tiny.toml"),
+        "packages = [\"iputils-ping\"]",
+        "packages = [\"iputils-ping\", \"curl\"]",
+    );
+    fails_with(
+        kiln(&p, &cache, &["build", "recipes/tiny.toml", "--no-validate"]),
+        &["does not match", "kiln lock recipes/tiny.toml"],
+    );
+}
+
+fn with_artifact(p: &Path, url: &str, sha: Option<&str>) {
+    let sha = sha
+        .map(|s| format!("sha256 = \"{s}\"\n"))
+        .unwrap_or_default();
+    let t = std::fs::read_to_string(p.join("recipes/tiny.toml")).unwrap();
+    std::fs::write(p.join("recipes/tiny.toml"), format!("{t}\n[[artifacts]]\nname = \"tool\"\nurl = \"{url}\"\n{sha}dest = \"/usr/local/bin/tool\"\nmode = \"0755\"\n")).unwrap();
+}
+
+#[test]
+fn wrong_artifact_sha256_is_refused_and_not_cached() {
+    let (p, cache) = project("badsha");
+    let file = p.join("tool.bin");
+    std::fs::write(&file, b"not the pinned bytes").unwrap();
+    with_artifact(
+        &p,
+        &format!("file://{}", file.display()),
+        Some(&"0".repeat(64)),
+    );
+    ok(kiln(&p, &cache, &["lock", "recipes/tiny.toml"]));
+    fails_with(
+        kiln(&p, &cache, &["build", "recipes/tiny.toml", "--no-validate"]),
+        &["artifact `tool`", "sha256 mismatch"],
+    );
+    assert_eq!(
+        std::fs::read_dir(cache.join("blobs/sha256"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(std::fs::read_dir(cache.join("tmp")).unwrap().count(), 0);
+}
+
+#[test]
+fn unreachable_artifact_url_names_the_artifact() {
+    let (p, cache) = project("unreachable");
+    with_artifact(&p, "http://127.0.0.1:9/tool", Some(&"1".repeat(64)));
+    ok(kiln(&p, &cache, &["lock", "recipes/tiny.toml"]));
+    fails_with(
+        kiln(&p, &cache, &["build", "recipes/tiny.toml", "--no-validate"]),
+        &["artifact `tool`", "http://127.0.0.1:9/tool"],
+    );
+}
+
+#[test]
+fn lock_pins_an_artifact_that_has_no_digest() {
+    let (p, cache) = project("pin");
+    let file = p.join("tool.bin");
+    std::fs::write(&file, b"tool v1").unwrap();
+    with_artifact(&p, &format!("file://{}", file.display()), None);
+    ok(kiln(&p, &cache, &["lock", "recipes/tiny.toml"]));
+    let lock = std::fs::read_to_string(p.join("recipes/tiny.toml.lock")).unwrap();
+    assert!(lock.contains(&kiln::util::sha256_hex(b"tool v1")), "{lock}");
+}
+
+#[test]
+fn missing_host_tool_is_named_with_its_package() {
+    let (p, cache) = project("notools");
+    ok(kiln(&p, &cache, &["lock", "recipes/tiny.toml"]));
+    let out = kiln_cmd(&p, &cache, &["build", "recipes/tiny.toml", "--no-validate"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    fails_with(
+        out,
+        &["missing host tools", "mmdebstrap (apt install mmdebstrap)"],
+    );
+}
+
+#[test]
+fn cloud_init_render_prints_per_node_user_data() {
+    let (p, cache) = project("render");
+    std::fs::write(
+        p.join("node.toml"),
+        "hostname = \"lb-2\"\nnode_ip = \"192.0.2.12\"\nvip = \"192.0.2.210\"\npriority = 100\npeers = [\"192.0.2.11\", \"192.0.2.13\"]\nbackends = [{ name = \"s1\", address = \"192.0.2.21\" }]\n",
+    )
+    .unwrap();
+    let out = ok(kiln(
+        &p,
+        &cache,
+        &[
+            "cloud-init",
+            "render",
+            "--recipe",
+            "recipes/lb.toml",
+            "--role",
+            "lb",
+            "--values",
+            "node.toml",
+        ],
+    ));
+    let ud = stdout(&out);
+    assert!(ud.starts_with("#cloud-config"), "{ud}");
+    assert!(ud.contains("server s1 192.0.2.21:6443 check"), "{ud}");
+    assert!(
+        ud.contains("unicast_peer {\n          192.0.2.11\n          192.0.2.13\n        }"),
+        "{ud}"
+    );
+    assert!(ud.contains("192.0.2.210/24 dev eth0"), "{ud}");
+}
+
+#[test]
+fn cloud_init_render_names_a_missing_value() {
+    let (p, cache) = project("render-missing");
+    std::fs::write(p.join("node.toml"), "hostname = \"lb-2\"\n").unwrap();
+    fails_with(
+        kiln(
+            &p,
+            &cache,
+            &[
+                "cloud-init",
+                "render",
+                "--recipe",
+                "recipes/lb.toml",
+                "--role",
+                "lb",
+                "--values",
+                "node.toml",
+            ],
+        ),
+        &["lb.yaml.tera"],
+    );
+}

@@ -1,0 +1,407 @@
+//! `kiln publish` end to end against the PVE simulator (a stand-in for
+//! Proxmox VE): the template it makes, idempotency, VMIDs, LXC, bad input.
+
+mod publish_support;
+use publish_support::*;
+
+#[test]
+fn publish_creates_a_secure_boot_template_and_prints_json_for_terraform() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "k3s-server", "1.2.0", true, false);
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert!(r.created);
+    assert_eq!(r.vmid, 9000);
+    assert_eq!(r.name, "k3s-server-1-2-0");
+    assert_eq!(r.node, "pve");
+    let m = kiln::manifest::ImageManifest::load(&img).unwrap();
+    assert_eq!(r.image_id, m.id);
+    assert_eq!(r.uploaded_bytes, m.disk.size);
+    let id_tag = format!("id-{}", m.short_id());
+    assert_eq!(r.tags, vec!["kiln", "k3s-server", "1.2.0", id_tag.as_str()]);
+
+    let st = s.state();
+    let vm = &st.vms[&9000];
+    assert!(vm.template);
+    let c = &vm.config;
+    assert_eq!(c["bios"], "ovmf");
+    assert_eq!(c["machine"], "q35");
+    assert_eq!(c["scsihw"], "virtio-scsi-single");
+    assert!(c["efidisk0"].contains("efitype=4m") && c["efidisk0"].contains("pre-enrolled-keys=1"));
+    assert!(
+        c["scsi0"].starts_with("local-lvm:base-9000-disk-"),
+        "{}",
+        c["scsi0"]
+    );
+    assert!(c["ide2"].starts_with("local-lvm:vm-9000-cloudinit"));
+    assert_eq!(c["agent"], "1");
+    assert_eq!(c["serial0"], "socket");
+    assert!(c["description"].contains(&format!("kiln-id: {}", m.id)));
+    assert!(!c.contains_key("lock"));
+    // The import file is removed once the template exists.
+    assert!(
+        st.volumes.keys().all(|v| !v.contains(":import/")),
+        "{:?}",
+        st.volumes.keys()
+    );
+}
+
+#[test]
+fn republishing_the_same_image_uploads_nothing_and_reports_the_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "k3s-agent", "1.0.0", true, false);
+    let env = env_target(&s.url());
+    let first = publish_json(tmp.path(), &img, &env);
+    let bytes_after_first = s.state().upload_bytes;
+    let second = publish_json(tmp.path(), &img, &env);
+    assert!(!second.created);
+    assert_eq!(second.vmid, first.vmid);
+    assert_eq!(second.uploaded_bytes, 0);
+    assert_eq!(s.state().upload_bytes, bytes_after_first);
+    assert_eq!(s.state().vms.len(), 1);
+}
+
+#[test]
+fn vmids_already_in_use_are_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    s.state().add_vm(9000, "someone", "", false);
+    s.state().add_vm(9001, "someone-else", "", true);
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert_eq!(r.vmid, 9002);
+    assert_eq!(s.state().vms[&9000].config["name"], "someone");
+}
+
+#[test]
+fn a_vmid_taken_between_listing_and_create_is_retried_with_the_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    s.inject("create:race".parse().unwrap());
+    let img = image(tmp.path(), "k3s-server", "1.0.1", true, false);
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert_eq!(r.vmid, 9001);
+    assert_eq!(s.state().vms[&9000].config["name"], "someone-else");
+}
+
+#[test]
+fn a_half_made_vm_of_an_earlier_run_is_removed_by_the_next_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "2.0.0", true, false);
+    let m = kiln::manifest::ImageManifest::load(&img).unwrap();
+    s.state().add_vm(
+        9000,
+        "lb-2-0-0",
+        &format!("kiln;lb;2.0.0;id-{}", m.short_id()),
+        false,
+    );
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert_eq!(r.removed_leftovers, vec![9000]);
+    assert!(r.created);
+    let st = s.state();
+    assert_eq!(st.vms.len(), 1);
+    assert!(st.vms[&r.vmid].template);
+}
+
+#[test]
+fn lxc_rootfs_is_uploaded_as_a_vztmpl_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "1.0.0", true, true);
+    let env = env_target(&s.url());
+    let r = publish_json(tmp.path(), &img, &env);
+    let m = kiln::manifest::ImageManifest::load(&img).unwrap();
+    let vol = format!("local:vztmpl/kiln-lb-1.0.0-{}.tar.zst", m.short_id());
+    assert_eq!(r.lxc_volume.as_deref(), Some(vol.as_str()));
+    let lxc = m.lxc.unwrap();
+    {
+        let st = s.state();
+        let v = &st.volumes[&vol];
+        assert_eq!(v.content, "vztmpl");
+        assert_eq!(v.size, lxc.size);
+        assert_eq!(
+            kiln::util::sha256_file(v.path.as_ref().unwrap()).unwrap(),
+            lxc.sha256
+        );
+    }
+    // Idempotent for the archive too.
+    let again = publish_json(tmp.path(), &img, &env);
+    assert_eq!(again.uploaded_bytes, 0);
+}
+
+#[test]
+fn unvalidated_image_is_refused_and_nothing_reaches_proxmox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "k3s-server", "0.9.0", false, false);
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("has not passed `kiln validate`"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(s.state().requests.is_empty());
+    // --allow-unvalidated publishes it.
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap(), "--allow-unvalidated"],
+        &env_target(&s.url()),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_directory_without_a_manifest_is_not_a_kiln_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let out = kiln(
+        tmp.path(),
+        &["publish", tmp.path().to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not a kiln image"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(s.state().requests.is_empty());
+}
+
+#[test]
+fn a_disk_that_does_not_match_its_manifest_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(img.join("disk.qcow2"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"tampered"))
+        .unwrap();
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(
+        stderr(&out).contains("does not match its manifest"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(s.state().vms.is_empty());
+}
+
+#[test]
+fn a_wrong_token_is_refused_clearly_and_never_printed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    let mut env = env_target(&s.url());
+    // The runner checks SECRET never appears; this wrong secret must not either.
+    env.retain(|(k, _)| k != "KILN_PVE_TOKEN");
+    env.push((
+        "KILN_PVE_TOKEN".into(),
+        format!("{TOKEN_ID}=wrong-{SECRET}"),
+    ));
+    let out = kiln(tmp.path(), &["publish", img.to_str().unwrap()], &env);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("401") && err.contains("authentication failure"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-"), "{err}");
+    assert!(s.state().vms.is_empty());
+}
+
+#[test]
+fn a_missing_token_names_the_variable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    let mut env = env_target("http://127.0.0.1:9");
+    env.retain(|(k, _)| k != "KILN_PVE_TOKEN");
+    let out = kiln(tmp.path(), &["publish", img.to_str().unwrap()], &env);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("KILN_PVE_TOKEN"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_unknown_target_is_named_with_the_known_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    std::fs::write(
+        tmp.path().join("kiln.toml"),
+        "[targets.lab]\nurl = \"https://127.0.0.1:8006\"\nnode = \"pve\"\nstorage = \"local-lvm\"\nimport_storage = \"local\"\n",
+    )
+    .unwrap();
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap(), "--target", "prod"],
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("unknown target `prod`") && err.contains("lab"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_target_from_kiln_toml_with_a_token_file_publishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    let tok = tmp.path().join("lab.token");
+    std::fs::write(&tok, token()).unwrap();
+    std::fs::write(
+        tmp.path().join("kiln.toml"),
+        format!(
+            "[targets.lab]\nurl = \"{}\"\nnode = \"pve\"\nstorage = \"local-lvm\"\nimport_storage = \"local\"\nvmid_range = [8100, 8199]\ntoken_file = \"{}\"\nremove_import = false\n[targets.lab.vm]\ncores = 4\nmemory = 4096\nbridge = \"vmbr1\"\n",
+            s.url(),
+            tok.display()
+        ),
+    )
+    .unwrap();
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap(), "--target", "lab"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("vmid 8100"), "{}", stdout(&out));
+    let st = s.state();
+    let c = &st.vms[&8100].config;
+    assert_eq!(c["cores"], "4");
+    assert_eq!(c["memory"], "4096");
+    assert_eq!(c["net0"], "virtio,bridge=vmbr1");
+    // remove_import = false keeps the uploaded file.
+    assert!(st
+        .volumes
+        .keys()
+        .any(|v| v.starts_with("local:import/kiln-k3s-server-1.0.0-")));
+}
+
+#[test]
+fn a_storage_without_import_content_is_refused_before_any_upload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    let mut env = env_target(&s.url());
+    env.retain(|(k, _)| k != "KILN_PVE_IMPORT_STORAGE");
+    env.push(("KILN_PVE_IMPORT_STORAGE".into(), "local-lvm".into()));
+    let out = kiln(tmp.path(), &["publish", img.to_str().unwrap()], &env);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("storage `local-lvm`") && err.contains("`import`"),
+        "{err}"
+    );
+    assert_eq!(s.state().upload_bytes, 0);
+    assert!(s.state().vms.is_empty());
+}
+
+#[test]
+fn the_pve_sim_binary_serves_a_publish() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pve-sim"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--task-seconds",
+            "0.05",
+            "--data-dir",
+        ])
+        .arg(tmp.path().join("sim"))
+        .env("PVE_SIM_TOKEN", token())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap(), "--json"],
+        &env_target(&url),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: kiln::publish::PublishReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r.vmid, 9000);
+}
+
+#[test]
+fn an_older_pve_without_ssh_settings_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = kiln::pvesim::SimConfig::new(&token(), &tmp.path().join("sim"));
+    cfg.version = "8.3.2".into();
+    let s = kiln::pvesim::Sim::start(cfg).unwrap();
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no [ssh] settings"),
+        "{}",
+        stderr(&out)
+    );
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap(), "--via", "api"],
+        &env_target(&s.url()),
+    );
+    assert!(stderr(&out).contains("needs 8.4+"), "{}", stderr(&out));
+    assert!(s.state().vms.is_empty());
+    assert_eq!(s.state().upload_bytes, 0);
+}
+
+#[test]
+fn an_interrupted_publish_waits_for_the_running_task_then_removes_the_vm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    s.inject("create:slow=2".parse().unwrap());
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(["publish", img.to_str().unwrap()])
+        .current_dir(tmp.path())
+        .env("KILN_NO_PROGRESS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env_target(&s.url()) {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    // Interrupt while the VM exists and its create task holds the lock.
+    let start = std::time::Instant::now();
+    while !s.state().vms.contains_key(&9000) {
+        assert!(start.elapsed().as_secs() < 30, "VM never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    let st = s.state();
+    assert!(st.vms.is_empty(), "VMs left: {:?}", st.vms.keys());
+    assert!(st.volumes.keys().all(|v| !v.contains(":import/")));
+}

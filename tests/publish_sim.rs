@@ -1,0 +1,296 @@
+//! The PVE simulator's own rules (a stand-in for Proxmox VE): auth, upload
+//! framing and field order, file names, task locks and template rules.
+
+mod publish_support;
+use publish_support::*;
+use serde_json::Value;
+use std::io::{Read, Write};
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::new()
+}
+
+fn auth() -> String {
+    format!("PVEAPIToken={}", token())
+}
+
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (name, file, data) in parts {
+        b.extend_from_slice(b"--BND\r\n");
+        match file {
+            Some(f) => b.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => b.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        b.extend_from_slice(data);
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(b"--BND--\r\n");
+    b
+}
+
+fn upload(s: &kiln::pvesim::Sim, body: Vec<u8>) -> (u16, Value) {
+    let r = client()
+        .post(format!(
+            "{}/api2/json/nodes/pve/storage/local/upload",
+            s.url()
+        ))
+        .header("Authorization", auth())
+        .header("Content-Type", "multipart/form-data; boundary=BND")
+        .body(body)
+        .send()
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().unwrap_or(Value::Null))
+}
+
+fn wait(s: &kiln::pvesim::Sim, upid: &str) -> String {
+    for _ in 0..200 {
+        if let Some(x) = s.state().tasks.get(upid).and_then(|t| t.exitstatus.clone()) {
+            return x;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("task {upid} did not end");
+}
+
+#[test]
+fn requests_without_a_valid_token_get_401() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let url = format!("{}/api2/json/version", s.url());
+    assert_eq!(client().get(&url).send().unwrap().status().as_u16(), 401);
+    let r = client()
+        .get(&url)
+        .header("Authorization", format!("PVEAPIToken={TOKEN_ID}=nope"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = client()
+        .get(&url)
+        .header("Authorization", auth())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[test]
+fn chunked_upload_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let body = multipart(&[
+        ("content", None, b"import"),
+        ("filename", Some("a.qcow2"), b"x"),
+    ]);
+    // A body of unknown size makes reqwest use chunked transfer encoding.
+    let r = client()
+        .post(format!(
+            "{}/api2/json/nodes/pve/storage/local/upload",
+            s.url()
+        ))
+        .header("Authorization", auth())
+        .header("Content-Type", "multipart/form-data; boundary=BND")
+        .body(reqwest::blocking::Body::new(std::io::Cursor::new(body)))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 501);
+    assert!(s.state().volumes.is_empty());
+}
+
+#[test]
+fn upload_without_content_length_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let mut c = std::net::TcpStream::connect(s.addr()).unwrap();
+    write!(
+        c,
+        "POST /api2/json/nodes/pve/storage/local/upload HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: multipart/form-data; boundary=BND\r\n\r\n",
+        auth()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 411"), "{resp}");
+}
+
+#[test]
+fn upload_with_fields_after_the_file_misses_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let (code, v) = upload(
+        &s,
+        multipart(&[
+            ("filename", Some("a.qcow2"), b"x"),
+            ("content", None, b"import"),
+        ]),
+    );
+    assert_eq!(code, 400);
+    assert!(
+        v["errors"]["content"].as_str().unwrap().contains("missing"),
+        "{v}"
+    );
+}
+
+#[test]
+fn import_upload_named_img_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let (code, v) = upload(
+        &s,
+        multipart(&[
+            ("content", None, b"import"),
+            ("filename", Some("disk.img"), b"x"),
+        ]),
+    );
+    assert_eq!(code, 400);
+    assert!(v["errors"]["filename"].is_string(), "{v}");
+    assert!(std::fs::read_dir(tmp.path().join("var-tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+#[test]
+fn checksum_mismatch_fails_the_upload_task() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let (code, v) = upload(
+        &s,
+        multipart(&[
+            ("content", None, b"import"),
+            ("checksum-algorithm", None, b"sha256"),
+            ("checksum", None, &[b'0'; 64]),
+            ("filename", Some("a.qcow2"), b"data"),
+        ]),
+    );
+    assert_eq!(code, 200);
+    let exit = wait(&s, v["data"].as_str().unwrap());
+    assert!(exit.contains("checksum mismatch"), "{exit}");
+    assert!(s.state().volumes.is_empty());
+}
+
+#[test]
+fn checksum_without_algorithm_is_a_parameter_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let (code, v) = upload(
+        &s,
+        multipart(&[
+            ("content", None, b"import"),
+            ("checksum", None, b"abc"),
+            ("filename", Some("a.qcow2"), b"data"),
+        ]),
+    );
+    assert_eq!(code, 400);
+    assert!(v["errors"]["checksum-algorithm"].is_string(), "{v}");
+}
+
+fn post(s: &kiln::pvesim::Sim, path: &str, form: &[(&str, &str)]) -> (u16, Value) {
+    let r = client()
+        .post(format!("{}/api2/json{path}", s.url()))
+        .header("Authorization", auth())
+        .form(form)
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn create_with_bad_parameters_answers_400_per_parameter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let (code, v) = post(
+        &s,
+        "/nodes/pve/qemu",
+        &[
+            ("vmid", "99"),
+            ("name", "not_dns"),
+            ("bios", "uefi"),
+            ("bogus", "1"),
+        ],
+    );
+    assert_eq!(code, 400);
+    for k in ["vmid", "name", "bios", "bogus"] {
+        assert!(v["errors"][k].is_string(), "{k} missing in {v}");
+    }
+    assert!(s.state().vms.is_empty());
+}
+
+#[test]
+fn an_import_volume_used_as_a_disk_directly_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let (code, v) = post(
+        &s,
+        "/nodes/pve/qemu",
+        &[("vmid", "100"), ("scsi0", "local:import/a.qcow2")],
+    );
+    assert_eq!(code, 400, "{v}");
+    let (code, _) = post(
+        &s,
+        "/nodes/pve/qemu",
+        &[
+            ("vmid", "100"),
+            ("scsi0", "local-lvm:0,import-from=/var/tmp/a.qcow2"),
+        ],
+    );
+    assert_eq!(code, 403);
+}
+
+#[test]
+fn a_vm_is_locked_while_its_create_task_runs_and_cannot_become_a_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    s.inject("create:slow=1".parse().unwrap());
+    let (code, v) = post(&s, "/nodes/pve/qemu", &[("vmid", "100"), ("name", "a")]);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(s.state().vms[&100].config["lock"], "create");
+    let (code, _) = post(&s, "/nodes/pve/qemu/100/template", &[]);
+    assert_eq!(code, 500);
+    assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
+    assert!(!s.state().vms[&100].config.contains_key("lock"));
+    let (code, _) = post(&s, "/nodes/pve/qemu/100/template", &[]);
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn a_running_vm_cannot_become_a_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    s.state().add_vm(100, "a", "", false);
+    s.state().vms.get_mut(&100).unwrap().running = true;
+    let (code, _) = post(&s, "/nodes/pve/qemu/100/template", &[]);
+    assert_eq!(code, 500);
+    assert!(!s.state().vms[&100].template);
+}
+
+#[test]
+fn a_template_with_a_linked_clone_cannot_be_destroyed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    s.state().add_vm(100, "t", "kiln", true);
+    let (code, v) = post(
+        &s,
+        "/nodes/pve/qemu/100/clone",
+        &[("newid", "101"), ("name", "c")],
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(s.state().vms[&101].config["lock"], "clone");
+    assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
+    let r = client()
+        .delete(format!("{}/api2/json/nodes/pve/qemu/100", s.url()))
+        .header("Authorization", auth())
+        .send()
+        .unwrap();
+    let v: Value = r.json().unwrap();
+    let exit = wait(&s, v["data"].as_str().unwrap());
+    assert!(exit.contains("still in use by linked clone"), "{exit}");
+    assert!(s.state().vms.contains_key(&100));
+}

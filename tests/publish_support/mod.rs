@@ -1,0 +1,182 @@
+//! Shared fixtures for the publish tests: fabricated kiln image directories,
+//! an in-process PVE simulator, and a `kiln` runner that checks for token leaks.
+#![allow(dead_code)]
+
+use kiln::manifest::*;
+use kiln::pvesim::{Sim, SimConfig};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+pub const TOKEN_ID: &str = "ci@pve!kiln";
+pub const SECRET: &str = "5f0c1e2a-kiln-test-secret-9d8e";
+
+pub fn token() -> String {
+    format!("{TOKEN_ID}={SECRET}")
+}
+
+/// A simulator with quick tasks.
+pub fn sim(data: &Path) -> Sim {
+    let mut cfg = SimConfig::new(&token(), data);
+    cfg.task_delay = Duration::from_millis(30);
+    Sim::start(cfg).expect("simulator starts")
+}
+
+/// Fabricate images/<name>/<version>/ with a real (small) qcow2.
+pub fn image(root: &Path, name: &str, version: &str, validated: bool, lxc: bool) -> PathBuf {
+    let dir = root.join("images").join(name).join(version);
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.qcow2");
+    // The virtual size differs per name and version so each image has its own id.
+    let size_mb = 64
+        + kiln::util::sha256_hex(format!("{name}/{version}").as_bytes())
+            .bytes()
+            .take(4)
+            .map(|b| b as u64)
+            .product::<u64>()
+            % 4096;
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg(format!("{size_mb}M"))
+        .status()
+        .expect("qemu-img runs (apt install qemu-utils)");
+    assert!(st.success());
+    let id = kiln::util::sha256_file(&disk).unwrap();
+    let len = std::fs::metadata(&disk).unwrap().len();
+    let lxc_info = lxc.then(|| {
+        let tar_path = dir.join("rootfs.tar");
+        {
+            let f = std::fs::File::create(&tar_path).unwrap();
+            let mut b = tar::Builder::new(f);
+            let data = b"nameserver 127.0.0.1\n";
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, "etc/resolv.conf", &data[..]).unwrap();
+            b.finish().unwrap();
+        }
+        let st = Command::new("zstd")
+            .args(["-q", "--rm", "-f"])
+            .arg(&tar_path)
+            .status()
+            .expect("zstd runs (apt install zstd)");
+        assert!(st.success());
+        let p = dir.join("rootfs.tar.zst");
+        FileInfo {
+            file: "rootfs.tar.zst".into(),
+            sha256: kiln::util::sha256_file(&p).unwrap(),
+            size: std::fs::metadata(&p).unwrap().len(),
+        }
+    });
+    let m = ImageManifest {
+        name: name.into(),
+        version: version.into(),
+        id: id.clone(),
+        kiln_version: "0.1.0".into(),
+        disk: DiskInfo {
+            file: "disk.qcow2".into(),
+            format: "qcow2".into(),
+            sha256: id.clone(),
+            size: len,
+            virtual_size: size_mb << 20,
+            root_fs_uuid: "5d1c2b1e-0000-4000-8000-000000000001".into(),
+        },
+        inputs: InputDigests::default(),
+        source_date_epoch: 1_700_000_000,
+        boot: BootInfo {
+            uefi: true,
+            secure_boot: true,
+            bios: false,
+            kernel: "6.12.0-test".into(),
+            cmdline: "root=UUID=x ro".into(),
+        },
+        packages: [("k3s".to_string(), "1.33.0".to_string())].into(),
+        hygiene: Default::default(),
+        stages: vec![],
+        roles: vec!["server".into()],
+        validate: ValidateSpec::default(),
+        lxc: lxc_info,
+        validation: validated.then(|| ValidationRecord {
+            validated: true,
+            when: "2026-11-25T12:00:00Z".into(),
+            kiln_version: "0.1.0".into(),
+            accel: "tcg".into(),
+            boot_to_ssh_seconds: Some(40.0),
+            boot_to_cloud_init_seconds: Some(70.0),
+            checks: vec![],
+        }),
+    };
+    m.save(&dir).unwrap();
+    std::fs::write(dir.join(SUMS_FILE), format!("{id}  disk.qcow2\n")).unwrap();
+    dir
+}
+
+/// Environment variables that make a target for `sim`.
+pub fn env_target(url: &str) -> Vec<(String, String)> {
+    vec![
+        ("KILN_PVE_URL".into(), url.into()),
+        ("KILN_PVE_NODE".into(), "pve".into()),
+        ("KILN_PVE_STORAGE".into(), "local-lvm".into()),
+        ("KILN_PVE_IMPORT_STORAGE".into(), "local".into()),
+        ("KILN_PVE_TOKEN".into(), token()),
+        ("KILN_PVE_VMID_RANGE".into(), "9000-9099".into()),
+    ]
+}
+
+/// Run the kiln binary with exactly these KILN_* variables, in `cwd`, and
+/// check the token's secret appears in none of its output.
+pub fn kiln(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.current_dir(cwd).args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KILN_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("KILN_NO_PROGRESS", "1").env("HOME", cwd);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("kiln runs");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !all.contains(SECRET),
+        "the token secret leaked into output:\n{all}"
+    );
+    out
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Publish with `--json` and return the report.
+pub fn publish_json(
+    cwd: &Path,
+    image: &Path,
+    env: &[(String, String)],
+) -> kiln::publish::PublishReport {
+    let out = kiln(cwd, &["publish", image.to_str().unwrap(), "--json"], env);
+    assert!(out.status.success(), "publish failed: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("publish --json prints a report")
+}
+
+/// VMIDs of VMs in the simulator that are not templates.
+pub fn plain_vms(s: &Sim) -> Vec<u32> {
+    s.state()
+        .vms
+        .values()
+        .filter(|v| !v.template)
+        .map(|v| v.vmid)
+        .collect()
+}

@@ -1,0 +1,105 @@
+//! `kiln templates list|prune` against the PVE simulator (a stand-in for
+//! Proxmox VE): what is listed, and what prune must keep.
+
+mod publish_support;
+use publish_support::*;
+use serde_json::Value;
+
+/// Publish versions 1.0.0..=n of `name`; returns their VMIDs, oldest first.
+fn publish_versions(
+    root: &std::path::Path,
+    env: &[(String, String)],
+    name: &str,
+    n: u32,
+) -> Vec<u32> {
+    (0..n)
+        .map(|i| {
+            let img = image(root, name, &format!("1.{i}.0"), true, false);
+            publish_json(root, &img, env).vmid
+        })
+        .collect()
+}
+
+#[test]
+fn list_shows_image_version_id_vmid_node_and_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let env = env_target(&s.url());
+    let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
+    let r = publish_json(tmp.path(), &img, &env);
+    // A template someone else made is not listed.
+    s.state().add_vm(500, "other", "", true);
+    let out = kiln(tmp.path(), &["templates", "list", "--json"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    let t = &list[0];
+    assert_eq!(t["image"], "k3s-server");
+    assert_eq!(t["version"], "1.0.0");
+    assert_eq!(t["image_id"], r.image_id.as_str());
+    assert_eq!(t["vmid"], r.vmid);
+    assert_eq!(t["node"], "pve");
+    assert!(t["created"].as_str().unwrap().ends_with('Z'));
+    let table = kiln(tmp.path(), &["templates", "list"], &env);
+    let text = stdout(&table);
+    assert!(
+        text.starts_with("IMAGE") && text.contains("k3s-server"),
+        "{text}"
+    );
+}
+
+#[test]
+fn prune_keeps_the_newest_n_per_image_and_deletes_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let env = env_target(&s.url());
+    let a = publish_versions(tmp.path(), &env, "k3s-server", 3);
+    let b = publish_versions(tmp.path(), &env, "lb", 1);
+    let out = kiln(tmp.path(), &["templates", "prune", "--keep", "1"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st = s.state();
+    assert!(!st.vms.contains_key(&a[0]) && !st.vms.contains_key(&a[1]));
+    assert!(
+        st.vms.contains_key(&a[2]),
+        "the newest k3s-server template must stay"
+    );
+    assert!(st.vms.contains_key(&b[0]), "the only lb template must stay");
+}
+
+#[test]
+fn prune_never_deletes_a_template_with_linked_clones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let env = env_target(&s.url());
+    let a = publish_versions(tmp.path(), &env, "k3s-server", 2);
+    s.state().add_linked_clone(a[0], 120, "node-a-g1");
+    let out = kiln(tmp.path(), &["templates", "prune", "--keep", "1"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("linked clones [120]"),
+        "{}",
+        stdout(&out)
+    );
+    let st = s.state();
+    assert!(st.vms.contains_key(&a[0]) && st.vms.contains_key(&a[1]) && st.vms.contains_key(&120));
+}
+
+#[test]
+fn prune_dry_run_deletes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let env = env_target(&s.url());
+    let a = publish_versions(tmp.path(), &env, "k3s-server", 2);
+    let out = kiln(
+        tmp.path(),
+        &["templates", "prune", "--keep", "1", "--dry-run"],
+        &env,
+    );
+    assert!(
+        stdout(&out).contains(&format!("would delete k3s-server 1.0.0 (vmid {})", a[0])),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(s.state().vms.len(), 2);
+}
