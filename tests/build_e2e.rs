@@ -297,7 +297,7 @@ fn content_larger_than_disk_size_is_refused_cleanly() {
 #[test]
 fn ctrl_c_mid_build_leaves_nothing_behind() {
     let (p, cache) = sibling("interrupt");
-    let mut child = kiln_cmd(
+    let child = kiln_cmd(
         &p,
         &cache,
         &[
