@@ -1,14 +1,14 @@
 //! End-to-end BIOS boot: build a copy of recipes/tiny.toml with `[boot] bios = true`
-//! and boot the same hybrid disk under SeaBIOS and under OVMF with Secure Boot.
+//! and let `kiln validate` boot the same hybrid disk under OVMF with Secure
+//! Boot and under SeaBIOS (two TCG boots in all).
 //! Needs root, Debian's mirror, grub-common, qemu-system-x86 and ovmf, as CI has.
 
 mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 struct Built {
     disk: PathBuf,
@@ -156,132 +156,59 @@ fn bios_boot_bytes_are_a_pure_function_of_the_image_grub() {
     assert_eq!(read_at(raw(), lba * 512, core.len()), core);
 }
 
-/// A QEMU guest killed when dropped (the disk is opened with -snapshot, so the
-/// image is never written).
-struct Guest {
-    child: Child,
-    serial: PathBuf,
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn boot(name: &str, firmware: &[String]) -> Guest {
-    let b = built();
-    let serial = b.dir.join(format!("{name}-serial.log"));
-    let _ = std::fs::remove_file(&serial);
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-m", "1024", "-smp", "1"])
-        .args(firmware)
-        .args(["-display", "none", "-monitor", "none", "-nic", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .args(["-device", "virtio-scsi-pci,id=scsi0"])
-        .arg("-drive")
-        .arg(format!(
-            "file={},if=none,id=d0,format=qcow2,snapshot=on",
-            b.disk.display()
-        ))
-        .args(["-device", "scsi-hd,drive=d0,bus=scsi0.0,bootindex=1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    Guest {
-        child: cmd.spawn().expect("qemu-system-x86_64 runs"),
-        serial,
-    }
-}
-
-/// Wait for the guest to reach multi-user (or a login prompt); fail on a
-/// panic, an emergency shell or a timeout, showing the console's tail.
-fn wait_up(g: &mut Guest) -> String {
-    let start = Instant::now();
-    let bad = [
-        "Kernel panic",
-        "emergency mode",
-        "Give root password",
-        "rescue mode",
-    ];
-    loop {
-        let log = std::fs::read_to_string(&g.serial).unwrap_or_default();
-        let tail = || log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
-        if log.contains("Multi-User System") || log.contains(" login: ") {
-            return log;
-        }
-        if let Some(b) = bad.iter().find(|b| log.contains(*b)) {
-            panic!(
-                "guest failed ({b}); console tail (newest first):\n{}",
-                tail()
-            );
-        }
-        if let Ok(Some(st)) = g.child.try_wait() {
-            panic!(
-                "qemu exited ({st}); console tail (newest first):\n{}",
-                tail()
-            );
-        }
-        if start.elapsed() > Duration::from_secs(900) {
-            panic!(
-                "guest not up in 900 s; console tail (newest first):\n{}",
-                tail()
-            );
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    }
-}
-
 #[test]
-fn bios_image_boots_under_seabios() {
-    // q35 without pflash firmware is SeaBIOS.
-    let mut g = boot("seabios", &["-machine".into(), "q35".into()]);
-    let log = wait_up(&mut g);
-    assert!(log.contains("Linux version"), "{log}");
-    assert!(
-        !log.contains("efi: EFI v"),
-        "the kernel was started by UEFI firmware, not SeaBIOS:\n{log}"
-    );
-    let cmdline = built().manifest["boot"]["cmdline"].as_str().unwrap();
-    assert!(
-        log.contains("Command line: BOOT_IMAGE=/boot/vmlinuz-") && log.contains(cmdline),
-        "the kernel command line is not the manifest's `{cmdline}`:\n{log}"
-    );
-    assert!(
-        log.contains("EXT4-fs (sda3): mounted filesystem"),
-        "root (partition 3) not mounted:\n{log}"
-    );
-}
-
-#[test]
-fn bios_image_still_boots_under_ovmf_with_secure_boot() {
+fn kiln_validate_boots_the_hybrid_image_under_ovmf_secure_boot_and_seabios() {
+    // The same disk, booted twice by `kiln validate`: OVMF with Secure Boot
+    // enforced, then SeaBIOS (no pflash); the Secure Boot check only under UEFI.
     let b = built();
-    let vars = b.dir.join("OVMF_VARS_4M.ms.fd");
-    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.ms.fd", &vars).unwrap();
-    let fw: Vec<String> = [
-        "-machine",
-        "q35,smm=on",
-        "-global",
-        "driver=cfi.pflash01,property=secure,value=on",
-        "-drive",
-        "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.ms.fd",
-        "-drive",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!(
-        "if=pflash,format=raw,unit=1,file={}",
-        vars.display()
-    )])
-    .collect();
-    let mut g = boot("ovmf-sb", &fw);
-    let log = wait_up(&mut g);
-    assert!(log.contains("Secure boot enabled"), "{log}");
+    let image = b.disk.parent().unwrap();
+    let out = kiln(
+        &b.dir,
+        &b.cache,
+        &[
+            "validate",
+            image.to_str().unwrap(),
+            "--accel",
+            "tcg",
+            "--json",
+        ],
+    );
+    let j = json(&out);
+    let result = &j["images"][0];
+    let checks = result["record"]["checks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let passed = |name: &str| {
+        checks
+            .iter()
+            .any(|c| c["name"] == name && c["passed"] == true)
+    };
+    let summary: Vec<String> = checks
+        .iter()
+        .map(|c| format!("{} {}", c["passed"], c["name"]))
+        .collect();
     assert!(
-        log.contains("EXT4-fs (sda3): mounted filesystem"),
-        "root (partition 3) not mounted:\n{log}"
+        out.status.success() && result["validated"] == true,
+        "validate failed: {}\n{summary:#?}\n{}",
+        result["error"],
+        stderr(&out)
+    );
+    for name in [
+        "uefi: Secure Boot enabled",
+        "uefi: root filesystem grown to the disk",
+        "bios: boot to SSH",
+        "bios: system running, no failed units",
+        "bios: root filesystem grown to the disk",
+        "bios: serial console clean",
+    ] {
+        assert!(passed(name), "`{name}` did not pass: {summary:#?}");
+    }
+    assert!(
+        !checks
+            .iter()
+            .any(|c| c["name"] == "bios: Secure Boot enabled"),
+        "Secure Boot is not checked under SeaBIOS: {summary:#?}"
     );
 }
 
