@@ -348,6 +348,18 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         Ok(((composed, boot_files, cmdline), false))
     })?;
 
+    // The LXC archive is made from the same tar while the disk is assembled
+    // and compressed (zstd in its own process overlaps mkfs and qemu-img).
+    let lxc_name = format!("{}-{}-lxc.tar.zst", recipe.name, recipe.version);
+    let lxc_job = if recipe.lxc {
+        Some(ChildGuard(Some(zstd_start(
+            &final_tar,
+            &staging.path().join(&lxc_name),
+        )?)))
+    } else {
+        None
+    };
+
     // Disk.
     let layout =
         crate::disk::Layout::new(recipe.disk.size, recipe.disk.esp_size, recipe.boot.bios)?;
@@ -381,20 +393,18 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     })?;
     drop(std::fs::remove_file(&raw));
 
-    let lxc = if recipe.lxc {
-        timer.run(BuildStage::Lxc, || {
-            let name = format!("{}-{}-lxc.tar.zst", recipe.name, recipe.version);
-            let path = staging.path().join(&name);
-            zstd_compress(&final_tar, &path)?;
+    let lxc = match lxc_job {
+        Some(child) => timer.run(BuildStage::Lxc, || {
+            zstd_finish(child)?;
+            let path = staging.path().join(&lxc_name);
             let info = FileInfo {
-                file: name,
+                file: lxc_name.clone(),
                 sha256: crate::util::sha256_file(&path)?,
                 size: std::fs::metadata(&path)?.len(),
             };
             Ok((Some(info), false))
-        })?
-    } else {
-        None
+        })?,
+        None => None,
     };
 
     let id = crate::util::sha256_file(&qcow2)?;
@@ -543,15 +553,38 @@ fn write_sums(dir: &Path, m: &ImageManifest) -> Result<()> {
     crate::util::write_atomic(&dir.join(crate::manifest::SUMS_FILE), text.as_bytes())
 }
 
-fn zstd_compress(src: &Path, dst: &Path) -> Result<()> {
-    let status = std::process::Command::new(crate::hosttools::path_of(crate::hosttools::ZSTD)?)
+/// Start compressing `src` into `dst` (deterministic for any thread count).
+fn zstd_start(src: &Path, dst: &Path) -> Result<std::process::Child> {
+    std::process::Command::new(crate::hosttools::path_of(crate::hosttools::ZSTD)?)
         .args(["-q", "-T0", "-6", "-f", "-o"])
         .arg(dst)
         .arg(src)
-        .status()
-        .context("cannot run zstd")?;
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("cannot run zstd")
+}
+
+/// A child process that is killed if the build fails before waiting for it.
+struct ChildGuard(Option<std::process::Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Wait for the LXC compression.
+fn zstd_finish(mut guard: ChildGuard) -> Result<()> {
+    let status = guard
+        .0
+        .take()
+        .expect("child present until waited for")
+        .wait()?;
     if !status.success() {
-        bail!("zstd failed compressing the LXC rootfs");
+        bail!("zstd failed compressing the LXC rootfs ({status})");
     }
     Ok(())
 }
