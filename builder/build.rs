@@ -24,6 +24,7 @@ pub enum BuildStage {
     Resolve,
     Fetch,
     Rootfs,
+    Images,
     Compose,
     Disk,
     Compress,
@@ -38,6 +39,7 @@ impl BuildStage {
             BuildStage::Resolve => "resolve",
             BuildStage::Fetch => "fetch",
             BuildStage::Rootfs => "rootfs",
+            BuildStage::Images => "images",
             BuildStage::Compose => "compose",
             BuildStage::Disk => "disk",
             BuildStage::Compress => "compress",
@@ -61,6 +63,8 @@ pub struct BuildOptions<'a> {
     /// Refuse to write package pins into the lockfile.
     pub locked: bool,
     pub show_progress: bool,
+    /// Registry credentials for the recipe's container images.
+    pub registry_auth: crate::oci::Auth,
     pub before_publish: Option<BeforePublish<'a>>,
 }
 
@@ -206,9 +210,6 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
                     .fetch(&format!("artifact `{}`", a.name), &a.url, Some(sha), show)?;
             out.insert(a.name.clone(), p);
         }
-        if !recipe.images.is_empty() {
-            bail!("recipe lists container images, which this kiln cannot bake yet");
-        }
         Ok((out, all_cached))
     })?;
 
@@ -249,6 +250,33 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
                 opts.out.display()
             )
         })?;
+
+    // Container images: pulled at their locked digests, one archive each.
+    let layout = crate::disk::Layout::new(recipe.disk.size, recipe.disk.esp_size)?;
+    let baked = if recipe.images.is_empty() {
+        crate::images::Baked::default()
+    } else {
+        timer.run(BuildStage::Images, || {
+            let used = base.meta.size
+                + artifact_paths
+                    .values()
+                    .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+                    .sum::<u64>();
+            let baked = crate::images::bake(
+                &recipe,
+                &lock,
+                &crate::images::BakeOptions {
+                    cache_root: &opts.cache.root,
+                    auth: opts.registry_auth.clone(),
+                    max_total_bytes: Some(crate::images::space_left(layout.root_size, used)),
+                    scratch: scratch.path(),
+                    show_progress: show,
+                },
+            )?;
+            let cached = baked.all_cached;
+            Ok((baked, cached))
+        })?
+    };
 
     let seed = crate::util::sha256_hex(serde_json::to_string(&inputs)?.as_bytes());
     let ids = crate::disk::Identities::derive(&seed);
@@ -308,6 +336,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
                 });
             }
         }
+        additions.extend(baked.additions.iter().cloned());
         let ctx = crate::cloudinit::context(&recipe, "", &toml::Table::new())?;
         for o in recipe.all_overlays() {
             additions.extend(crate::compose::overlay_additions(
@@ -342,7 +371,6 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     })?;
 
     // Disk.
-    let layout = crate::disk::Layout::new(recipe.disk.size, recipe.disk.esp_size)?;
     let raw = scratch.path().join("disk.raw");
     timer.run(BuildStage::Disk, || {
         let pb = crate::progress::spinner(show, "writing disk (GPT, ESP, ext4)");
