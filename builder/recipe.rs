@@ -108,6 +108,18 @@ pub struct Boot {
     pub bios: bool,
     /// Extra kernel command-line arguments.
     pub cmdline: String,
+    /// Which kernel modules the initramfs carries: `virtual` (the virtio, SCSI,
+    /// SATA and NVMe drivers VMs boot from: small and fast) or `most` (Debian's
+    /// default, for hardware kiln does not know).
+    pub initrd_modules: InitrdModules,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InitrdModules {
+    #[default]
+    Virtual,
+    Most,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -232,6 +244,7 @@ struct BootFile {
     secure_boot: Option<bool>,
     bios: Option<Spanned<bool>>,
     cmdline: Option<String>,
+    initrd_modules: Option<InitrdModules>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -520,6 +533,7 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
     let mut secure_boot = None;
     let mut bios = None;
     let mut cmdline = None;
+    let mut initrd_modules = None;
     let mut hygiene = Hygiene::default();
     let mut checks: Vec<CheckSpec> = Vec::new();
     let mut lxc = None;
@@ -722,6 +736,7 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
                 bios = Some((*bb.get_ref(), idx, bb.span()));
             }
             cmdline = b.cmdline.clone().or(cmdline);
+            initrd_modules = b.initrd_modules.or(initrd_modules);
         }
         if let Some(h) = &file.hygiene {
             extend_unique(&mut hygiene.allow_private_keys, &h.allow_private_keys);
@@ -812,12 +827,7 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
             filesystem: filesystem.unwrap_or_else(|| "ext4".to_string()),
             esp_size: esp_size.unwrap_or(64 << 20),
         },
-        boot: Boot {
-            uefi,
-            secure_boot,
-            bios: false,
-            cmdline: cmdline.unwrap_or_default(),
-        },
+        boot: Boot { uefi, secure_boot, bios: false, cmdline: cmdline.unwrap_or_default(), initrd_modules: initrd_modules.unwrap_or_default() },
         hygiene,
         checks,
         lxc: lxc.unwrap_or(false),

@@ -16,7 +16,7 @@ use crate::lock::Lockfile;
 use crate::recipe::Recipe;
 
 /// Bump when the way kiln calls mmdebstrap changes, to invalidate caches.
-const BASE_FORMAT: u32 = 2;
+const BASE_FORMAT: u32 = 3;
 
 /// A cached base rootfs tarball and what is known about it.
 #[derive(Debug, Clone)]
@@ -73,6 +73,7 @@ pub fn base_key(r: &Recipe, lock: &Lockfile) -> String {
         "components": r.base.components,
         "include": include_list(r, lock),
         "source_date_epoch": lock.source_date_epoch,
+        "initrd_modules": r.boot.initrd_modules,
     });
     crate::util::sha256_hex(v.to_string().as_bytes())
 }
@@ -172,6 +173,9 @@ pub fn mmdebstrap_args(r: &Recipe, lock: &Lockfile, out: &std::path::Path) -> Ve
         "--dpkgopt=path-exclude=/usr/share/man/*".to_string(),
         "--dpkgopt=path-exclude=/usr/share/info/*".to_string(),
     ];
+    if r.boot.initrd_modules == crate::recipe::InitrdModules::Virtual {
+        args.push(format!("--essential-hook={}", initramfs_hook()));
+    }
     if r.base.snapshot.is_some() {
         args.push("--aptopt=Acquire::Check-Valid-Until \"false\"".to_string());
     }
@@ -179,6 +183,23 @@ pub fn mmdebstrap_args(r: &Recipe, lock: &Lockfile, out: &std::path::Path) -> Ve
     args.push(out.display().to_string());
     args.push(mirror_url(r));
     args
+}
+
+/// Kernel modules a VM's initramfs needs to find its root disk on the
+/// controllers Proxmox and QEMU offer (dependencies are added by mkinitramfs).
+pub const VIRTUAL_INITRD_MODULES: &[&str] = &[
+    "virtio_pci", "virtio_scsi", "virtio_blk", "scsi_mod", "sd_mod", "sr_mod", "ahci", "nvme", "ext4", "crc32c_generic",
+];
+
+/// Written before the kernel is installed, so its initramfs is built small:
+/// MODULES=list with the virtual-hardware drivers (not a dpkg conffile).
+fn initramfs_hook() -> String {
+    format!(
+        "mkdir -p \"$1/etc/initramfs-tools/conf.d\" \"$1/usr/share/initramfs-tools/modules.d\" && \
+         printf 'MODULES=list\\n' > \"$1/etc/initramfs-tools/conf.d/kiln.conf\" && \
+         printf '%s\\n' {} > \"$1/usr/share/initramfs-tools/modules.d/kiln.conf\"",
+        VIRTUAL_INITRD_MODULES.join(" ")
+    )
 }
 
 fn run_mmdebstrap(
@@ -203,6 +224,7 @@ fn run_mmdebstrap(
         format!("mmdebstrap {} ({total} packages)", r.base.suite),
     );
     let mut child = cmd.spawn().context("cannot start mmdebstrap")?;
+    let forward = crate::util::forward_interrupt(child.id());
     let stderr = child.stderr.take().expect("piped");
     let mut log = std::fs::File::create(log_path)?;
     let mut tail: std::collections::VecDeque<String> = Default::default();
@@ -222,6 +244,7 @@ fn run_mmdebstrap(
         }
     }
     let status = child.wait()?;
+    drop(forward);
     pb.finish_and_clear();
     crate::util::check_interrupted()?;
     if !status.success() {

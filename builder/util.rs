@@ -186,3 +186,31 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// While the returned guard lives, pass Ctrl-C/SIGTERM on to child `pid` as
+/// SIGINT, so a long child (mmdebstrap) stops and cleans up after itself.
+pub fn forward_interrupt(pid: u32) -> InterruptForwarder {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    std::thread::spawn(move || {
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            if interrupted() {
+                // SAFETY: kill(2) on a child pid we spawned and have not reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGINT) };
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    });
+    InterruptForwarder { done }
+}
+
+pub struct InterruptForwarder {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for InterruptForwarder {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
