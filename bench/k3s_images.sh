@@ -30,6 +30,9 @@ for t in docker-registry umoci skopeo curl python3; do
     command -v "$t" >/dev/null || { echo "missing $t (apt install $t)" >&2; exit 2; }
 done
 KILN=${KILN:-$ROOT/target/release/kiln}
+# mkfs.ext4 (libarchive) needs a UTF-8 locale to read non-ASCII paths in the
+# rootfs tar; this script itself runs under LC_ALL=C for its number formats.
+kiln() { LC_ALL=C.UTF-8 "$KILN" "$@"; }
 if [ ! -x "$KILN" ]; then
     echo "== building kiln (release)" >&2
     cargo build --release --quiet
@@ -90,7 +93,7 @@ size = "4G"
 EOF
 [ -f recipes/tiny.toml.lock ] && cp recipes/tiny.toml.lock "$WORK/project/recipes/bench-images.toml.lock"
 cd "$WORK/project"
-"$KILN" lock recipes/bench-images.toml >/dev/null
+kiln lock recipes/bench-images.toml >/dev/null
 
 requests() { grep -c '"\(GET\|HEAD\) /v2/' "$WORK/registry.log" || true; }
 images_stage() { python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(next(s["seconds"] for s in m["stages"] if s["stage"]=="images"))' "$1"; }
@@ -101,7 +104,7 @@ rm -rf "$KILN_CACHE/oci"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 r0=$(requests)
 t0=$(date +%s.%N)
-"$KILN" build recipes/bench-images.toml --no-validate --out "$WORK/out-cold" --json > "$WORK/cold.json"
+kiln build recipes/bench-images.toml --no-validate --out "$WORK/out-cold" --json > "$WORK/cold.json"
 t1=$(date +%s.%N)
 sleep 0.2
 cold_reqs=$(( $(requests) - r0 ))
@@ -111,7 +114,7 @@ cold_images=$(images_stage "$(python3 -c 'import json,sys; print(json.load(open(
 # Warm: the same inputs, another output directory so it really builds.
 r0=$(requests)
 t0=$(date +%s.%N)
-"$KILN" build recipes/bench-images.toml --no-validate --out "$WORK/out-warm" --json > "$WORK/warm.json"
+kiln build recipes/bench-images.toml --no-validate --out "$WORK/out-warm" --json > "$WORK/warm.json"
 t1=$(date +%s.%N)
 sleep 0.2
 warm_reqs=$(( $(requests) - r0 ))
