@@ -351,7 +351,7 @@ fn lock_pins_each_image_tag_to_the_digest_the_registry_serves() {
     assert!(
         b.registry_requests
             .iter()
-            .any(|r| r == &format!("GET /v2/cilium/cilium/manifests/v1.18-standin")),
+            .any(|r| r == "GET /v2/cilium/cilium/manifests/v1.18-standin"),
         "{:?}",
         b.registry_requests
     );
