@@ -228,7 +228,6 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     }
     let lock_bytes = std::fs::read(&lock_path)?;
     let mut inputs = input_digests(&recipe, &lock, &lock_bytes)?;
-    inputs.base_rootfs = base.meta.sha256.clone();
     if let Some(existing) = existing_image(&dest, &inputs, opts.force)? {
         return Ok(BuildOutcome {
             dir: dest,
@@ -278,7 +277,10 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         })?
     };
 
+    // Everything the image's identities derive from: its inputs (not the base
+    // tarball's digest, which is informational; see existing_image).
     let seed = crate::util::sha256_hex(serde_json::to_string(&inputs)?.as_bytes());
+    inputs.base_rootfs = base.meta.sha256.clone();
     let ids = crate::disk::Identities::derive(&seed);
     let epoch = lock.source_date_epoch;
 
@@ -488,17 +490,11 @@ fn existing_image(
         return Ok(None);
     }
     let m = ImageManifest::load(dest)?;
+    // The base tarball's own digest is informational: the same inputs can
+    // give a base that differs only in what compose cleans away.
     let mut a = m.inputs.clone();
-    let mut b = inputs.clone();
-    if b.base_rootfs.is_empty() {
-        a.base_rootfs.clear();
-    }
-    b.base_rootfs = if b.base_rootfs.is_empty() {
-        a.base_rootfs.clone()
-    } else {
-        b.base_rootfs
-    };
-    let same = a == b && m.kiln_version == env!("CARGO_PKG_VERSION");
+    a.base_rootfs.clear();
+    let same = a == *inputs && m.kiln_version == env!("CARGO_PKG_VERSION");
     let disk_ok = std::fs::metadata(m.disk_path(dest))
         .map(|md| md.len() == m.disk.size)
         .unwrap_or(false);

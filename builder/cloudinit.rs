@@ -25,9 +25,17 @@ pub fn image_config() -> String {
      ssh_deletekeys: true\n\
      ssh_genkeytypes: [ed25519, ecdsa, rsa]\n\
      ssh_pwauth: false\n\
-     # The image sets C.UTF-8 itself; generating locales needs packages nodes lack.\n\
-     locale: false\n\
-     disable_root: true\n"
+     disable_root: true\n\
+     # Only the modules an immutable node uses: no package installs, snaps,\n\
+     # configuration-management agents or keyboard/locale generation at boot.\n\
+     # (Each module is Python work on every first boot.)\n\
+     cloud_init_modules: [migrator, seed_random, bootcmd, write-files, growpart, resizefs,\n\
+       disk_setup, mounts, set_hostname, update_hostname, update_etc_hosts, ca-certs,\n\
+       users-groups, ssh]\n\
+     cloud_config_modules: [set-passwords, ntp, timezone, runcmd]\n\
+     cloud_final_modules: [write-files-deferred, scripts-vendor, scripts-per-once,\n\
+       scripts-per-boot, scripts-per-instance, scripts-user, ssh-authkey-fingerprints,\n\
+       keys-to-console, final-message, power-state-change]\n"
         .to_string()
 }
 

@@ -192,12 +192,7 @@ pub fn assemble(
 ) -> Result<()> {
     // A quick, certain refusal before mkfs tries: file data alone exceeds the root.
     if data_bytes > layout.root_size {
-        bail!(
-            "the rootfs holds {} of file data, more than the {} root partition of disk.size {}: raise [disk] size in the recipe",
-            crate::util::human_bytes(data_bytes),
-            crate::util::human_bytes(layout.root_size),
-            crate::util::human_bytes(layout.size)
-        );
+        return Err(too_big(data_bytes, layout));
     }
     let mut f = File::options()
         .create(true)
@@ -270,12 +265,7 @@ pub fn assemble(
             || err.contains("No space left")
             || err.contains("Could not allocate inode")
         {
-            bail!(
-                "the rootfs ({} of file data) does not fit the {} root partition of disk.size {}: raise [disk] size in the recipe",
-                crate::util::human_bytes(data_bytes),
-                crate::util::human_bytes(layout.root_size),
-                crate::util::human_bytes(layout.size)
-            );
+            return Err(too_big(data_bytes, layout));
         }
         if err.contains("libarchive") || err.contains("tarball") {
             bail!("mkfs.ext4 cannot read the rootfs tarball: {err} (install e2fsprogs >= 1.47.1 and libarchive13)");
@@ -283,6 +273,15 @@ pub fn assemble(
         bail!("mkfs.ext4 failed: {err}");
     }
     Ok(())
+}
+
+fn too_big(data_bytes: u64, layout: &Layout) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the rootfs ({} of file data) does not fit the {} root partition of disk.size {}: raise [disk] size in the recipe",
+        crate::util::human_bytes(data_bytes),
+        crate::util::human_bytes(layout.root_size),
+        crate::util::human_bytes(layout.size)
+    )
 }
 
 /// Convert the raw disk to compressed qcow2 (zstd clusters; deterministic).

@@ -83,27 +83,19 @@ impl fatfs::TimeProvider for FixedTime {
     }
 }
 
-/// Civil date and time (UTC) of a Unix timestamp, clamped to FAT's range.
+/// FAT's date and time (UTC) of a Unix timestamp, clamped to FAT's range.
 fn fat_time(epoch: u64) -> fatfs::DateTime {
-    let epoch = epoch.max(315_532_800); // 1980-01-01, FAT's first day
-    let days = (epoch / 86_400) as i64;
-    let secs = epoch % 86_400;
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u16;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u16;
-    let year = (yoe + era * 400 + i64::from(month <= 2)).min(2107) as u16;
+    let c = crate::util::civil(epoch.max(315_532_800)); // 1980-01-01, FAT's first day
     fatfs::DateTime {
-        date: fatfs::Date { year, month, day },
+        date: fatfs::Date {
+            year: c.year.min(2107) as u16,
+            month: c.month as u16,
+            day: c.day as u16,
+        },
         time: fatfs::Time {
-            hour: (secs / 3600) as u16,
-            min: (secs % 3600 / 60) as u16,
-            sec: (secs % 60) as u16,
+            hour: c.hour as u16,
+            min: c.minute as u16,
+            sec: c.second as u16,
             millis: 0,
         },
     }

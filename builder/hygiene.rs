@@ -54,6 +54,14 @@ pub fn clean_reason(path: &str, node: &Node) -> Option<&'static str> {
     if path.starts_with("var/cache/apt/") && path.ends_with(".bin") {
         return Some("apt cache");
     }
+    if path == "var/lib/apt/extended_states" {
+        // Auto-install marks differ between a first (unpinned) install and a
+        // pinned one; nodes never autoremove, so they are not kept.
+        return Some("apt auto-install marks");
+    }
+    if path == "etc/resolv.conf" && *node != Node::File {
+        return None; // systemd-resolved's symlink is part of the image
+    }
     if matches!(
         path,
         "etc/resolv.conf" | "var/lib/dbus/machine-id" | "etc/machine-id" | "etc/hostname"

@@ -188,7 +188,16 @@ pub fn mmdebstrap_args(r: &Recipe, lock: &Lockfile, out: &std::path::Path) -> Ve
 /// Kernel modules a VM's initramfs needs to find its root disk on the
 /// controllers Proxmox and QEMU offer (dependencies are added by mkinitramfs).
 pub const VIRTUAL_INITRD_MODULES: &[&str] = &[
-    "virtio_pci", "virtio_scsi", "virtio_blk", "scsi_mod", "sd_mod", "sr_mod", "ahci", "nvme", "ext4", "crc32c_generic",
+    "virtio_pci",
+    "virtio_scsi",
+    "virtio_blk",
+    "scsi_mod",
+    "sd_mod",
+    "sr_mod",
+    "ahci",
+    "nvme",
+    "ext4",
+    "crc32c_generic",
 ];
 
 /// Written before the kernel is installed, so its initramfs is built small:

@@ -25,18 +25,7 @@ fn built() -> &'static Built {
         let project = project_copy(&dir.join("project"));
         let cache = dir.join("cache-a");
         ok(kiln(&project, &cache, &["lock", "recipes/tiny.toml"]));
-        let out = ok(kiln(
-            &project,
-            &cache,
-            &[
-                "build",
-                "recipes/tiny.toml",
-                "--out",
-                "images",
-                "--no-validate",
-                "--json",
-            ],
-        ));
+        let out = ok(build_tiny(&project, &cache, &["--json"]));
         let j = json(&out);
         let manifest_path = PathBuf::from(j["manifest"].as_str().unwrap());
         let manifest_path = if manifest_path.is_absolute() {
@@ -82,6 +71,19 @@ fn sibling(name: &str) -> (PathBuf, PathBuf) {
         std::fs::hard_link(e.path(), cache.join("rootfs").join(e.file_name())).unwrap();
     }
     (p, cache)
+}
+
+/// `kiln build recipes/tiny.toml --out images --no-validate EXTRA...` in `project`.
+fn build_tiny(project: &Path, cache: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "build",
+        "recipes/tiny.toml",
+        "--out",
+        "images",
+        "--no-validate",
+    ];
+    args.extend_from_slice(extra);
+    kiln(project, cache, &args)
 }
 
 fn nothing_published(out: &Path) {
@@ -138,18 +140,7 @@ fn clean_cache_rebuild_is_byte_identical() {
     let b = built();
     let p = sibling("repro").0;
     let cache = b.dir.join("cache-b");
-    let out = ok(kiln(
-        &p,
-        &cache,
-        &[
-            "build",
-            "recipes/tiny.toml",
-            "--out",
-            "images",
-            "--no-validate",
-            "--json",
-        ],
-    ));
+    let out = ok(build_tiny(&p, &cache, &["--json"]));
     assert_eq!(
         json(&out)["id"],
         b.manifest["id"],
@@ -160,18 +151,7 @@ fn clean_cache_rebuild_is_byte_identical() {
 #[test]
 fn noop_rebuild_is_up_to_date() {
     let b = built();
-    let out = ok(kiln(
-        &b.project,
-        &b.cache,
-        &[
-            "build",
-            "recipes/tiny.toml",
-            "--out",
-            "images",
-            "--no-validate",
-            "--json",
-        ],
-    ));
+    let out = ok(build_tiny(&b.project, &b.cache, &["--json"]));
     let j = json(&out);
     assert_eq!(j["up_to_date"], true);
     assert_eq!(j["id"], b.manifest["id"]);
@@ -185,18 +165,7 @@ fn changed_overlay_reuses_the_cached_base_rootfs() {
         "fs.inotify.max_user_watches = 1048576\n",
     )
     .unwrap();
-    let out = ok(kiln(
-        &p,
-        &cache,
-        &[
-            "build",
-            "recipes/tiny.toml",
-            "--out",
-            "images",
-            "--no-validate",
-            "--json",
-        ],
-    ));
+    let out = ok(build_tiny(&p, &cache, &["--json"]));
     let j = json(&out);
     assert_ne!(j["id"], built().manifest["id"]);
     let m: serde_json::Value =
@@ -280,17 +249,7 @@ fn overlay_writing_through_an_escaping_symlink_is_refused() {
     let (p, cache) = sibling("escape");
     let o = p.join("overlays/base");
     std::os::unix::fs::symlink("../../../../../tmp", o.join("etc/evil")).unwrap();
-    let out = kiln(
-        &p,
-        &cache,
-        &[
-            "build",
-            "recipes/tiny.toml",
-            "--out",
-            "images",
-            "--no-validate",
-        ],
-    );
+    let out = build_tiny(&p, &cache, &[]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
@@ -306,17 +265,7 @@ fn private_key_in_an_overlay_fails_the_build() {
     let (p, cache) = sibling("leaky");
     let key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\nQyNTUxOQAAACBvbGQga2V5IG5vdCBhIHJlYWwgb25lIGJ1dCBsb29rcyBzbwAAAJgAAAAA\n-----END OPENSSH PRIVATE KEY-----\n";
     std::fs::write(p.join("overlays/base/etc/leaked_key"), key).unwrap();
-    let out = kiln(
-        &p,
-        &cache,
-        &[
-            "build",
-            "recipes/tiny.toml",
-            "--out",
-            "images",
-            "--no-validate",
-        ],
-    );
+    let out = build_tiny(&p, &cache, &[]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
@@ -334,17 +283,7 @@ fn content_larger_than_disk_size_is_refused_cleanly() {
         .unwrap()
         .replace("size = \"2G\"", "size = \"400M\"");
     std::fs::write(&r, text).unwrap();
-    let out = kiln(
-        &p,
-        &cache,
-        &[
-            "build",
-            "recipes/tiny.toml",
-            "--out",
-            "images",
-            "--no-validate",
-        ],
-    );
+    let out = build_tiny(&p, &cache, &[]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
@@ -358,7 +297,7 @@ fn content_larger_than_disk_size_is_refused_cleanly() {
 #[test]
 fn ctrl_c_mid_build_leaves_nothing_behind() {
     let (p, cache) = sibling("interrupt");
-    let mut child = kiln_cmd(
+    let child = kiln_cmd(
         &p,
         &cache,
         &[
