@@ -1126,3 +1126,22 @@ fn shipped_k3s_roles_render_valid_user_data_with_generation_suffixed_names() {
         assert_eq!(parsed["token"].as_str(), Some(TOKEN), "{role}");
     }
 }
+
+#[test]
+fn an_image_added_without_relocking_is_refused_naming_it() {
+    let Some(b) = built() else { return };
+    let (p, cache) = sibling("added-image");
+    let mut refs: Vec<String> = b.pushed.keys().cloned().collect();
+    let added = "quay.io/cilium/hubble-ui:v0.13.3".to_string();
+    refs.push(added.clone());
+    std::fs::write(p.join(RECIPE), test_recipe(&refs, "3G")).unwrap();
+    let out = build(&p, &cache);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    eprintln!("{err}");
+    assert!(
+        err.contains(&added) && err.contains("no locked digest") && err.contains("kiln lock"),
+        "{err}"
+    );
+    nothing_published(&p);
+}
