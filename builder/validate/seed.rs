@@ -1,0 +1,169 @@
+//! NoCloud seed: a small VFAT volume labelled `CIDATA` holding `user-data` and
+//! `meta-data`, built in-process with `fatfs` (no mkfs, no mounts).
+
+use anyhow::{Context, Result};
+use std::io::Write;
+use std::path::Path;
+
+/// What the seed carries to cloud-init.
+#[derive(Debug, Clone)]
+pub struct Seed {
+    pub instance_id: String,
+    pub hostname: String,
+    /// `ssh-ed25519 AAAA…` keys for cloud-init's default user.
+    pub public_keys: Vec<String>,
+    /// The role's user-data, untouched (or a minimal `#cloud-config`).
+    pub user_data: String,
+}
+
+/// User-data used when an image declares none.
+pub const MINIMAL_USER_DATA: &str = "#cloud-config\n{}\n";
+
+/// Size of the seed volume: small, but large enough for FAT12 and big
+/// user-data documents.
+const SEED_BYTES: u64 = 4 << 20;
+
+impl Seed {
+    /// NoCloud meta-data (YAML): the instance id, hostname and SSH keys. Keys
+    /// go here, not into user-data, so the role's user-data stays as written.
+    pub fn meta_data(&self) -> String {
+        let mut s = format!(
+            "instance-id: {}\nlocal-hostname: {}\n",
+            yaml_str(&self.instance_id),
+            yaml_str(&self.hostname)
+        );
+        if !self.public_keys.is_empty() {
+            s.push_str("public-keys:\n");
+            for k in &self.public_keys {
+                s.push_str(&format!("  - {}\n", yaml_str(k)));
+            }
+        }
+        s
+    }
+
+    /// Write the seed volume to `path` (atomically).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".kiln-seed-")
+            .tempfile_in(dir)
+            .with_context(|| format!("cannot create a temp file in {}", dir.display()))?;
+        self.write_volume(tmp.as_file_mut())
+            .with_context(|| format!("cannot build the NoCloud seed {}", path.display()))?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    fn write_volume(&self, file: &mut std::fs::File) -> Result<()> {
+        file.set_len(SEED_BYTES)?;
+        fatfs::format_volume(
+            &mut *file,
+            fatfs::FormatVolumeOptions::new()
+                .volume_label(*b"CIDATA     ")
+                .fat_type(fatfs::FatType::Fat12),
+        )?;
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        let fs = fatfs::FileSystem::new(&mut *file, fatfs::FsOptions::new())?;
+        {
+            let root = fs.root_dir();
+            for (name, contents) in [
+                ("user-data", self.user_data.as_str()),
+                ("meta-data", self.meta_data().as_str()),
+            ] {
+                let mut f = root.create_file(name)?;
+                f.truncate()?;
+                f.write_all(contents.as_bytes())?;
+                f.flush()?;
+            }
+        }
+        fs.unmount()?;
+        Ok(())
+    }
+}
+
+/// A YAML double-quoted scalar (JSON strings are valid YAML).
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn seed() -> Seed {
+        Seed {
+            instance_id: "kiln-validate-0123".into(),
+            hostname: "kiln-validate-0123".into(),
+            public_keys: vec!["ssh-ed25519 AAAAC3Nza kiln".into()],
+            user_data: "#cloud-config\nwrite_files: []\n".into(),
+        }
+    }
+
+    #[test]
+    fn meta_data_carries_id_hostname_and_keys() {
+        assert_eq!(
+            seed().meta_data(),
+            "instance-id: \"kiln-validate-0123\"\nlocal-hostname: \"kiln-validate-0123\"\npublic-keys:\n  - \"ssh-ed25519 AAAAC3Nza kiln\"\n"
+        );
+    }
+
+    #[test]
+    fn seed_volume_is_labelled_cidata_and_holds_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seed.img");
+        seed().write(&path).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let fs = fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new()).unwrap();
+        assert_eq!(fs.volume_label(), "CIDATA");
+        let mut ud = String::new();
+        fs.root_dir()
+            .open_file("user-data")
+            .unwrap()
+            .read_to_string(&mut ud)
+            .unwrap();
+        assert_eq!(ud, "#cloud-config\nwrite_files: []\n");
+        let mut md = String::new();
+        fs.root_dir()
+            .open_file("meta-data")
+            .unwrap()
+            .read_to_string(&mut md)
+            .unwrap();
+        assert!(md.contains("ssh-ed25519 AAAAC3Nza kiln"));
+    }
+
+    #[test]
+    fn blkid_sees_the_cidata_label_as_cloud_init_does() {
+        // cloud-init finds the seed with blkid; the label must be visible to it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seed.img");
+        seed().write(&path).unwrap();
+        let out = std::process::Command::new("blkid")
+            .args(["-o", "export"])
+            .arg(&path)
+            .output()
+            .expect("blkid (util-linux) is installed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("LABEL=CIDATA"), "{text}");
+        assert!(text.contains("TYPE=vfat"), "{text}");
+    }
+
+    #[test]
+    fn mtools_reads_the_files_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seed.img");
+        seed().write(&path).unwrap();
+        let out = std::process::Command::new("mtype")
+            .arg("-i")
+            .arg(&path)
+            .arg("::meta-data")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .output()
+            .expect("mtype (mtools) is installed");
+        assert!(out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("instance-id:"));
+    }
+}
