@@ -2,7 +2,8 @@
 //! a test recipe extending the real `base.toml` with the real `k3s` overlay
 //! and role templates, images built with umoci and served by Debian's
 //! `docker-registry` on loopback, `kiln lock` + `kiln build` for real
-//! (mmdebstrap, mkfs.ext4), and Debian's containerd importing the baked archives.
+//! (mmdebstrap, mkfs.ext4), Debian's containerd importing the baked archives,
+//! on the host and inside the image booted once by `kiln validate` (TCG).
 //!
 //! STAND-INS: K3s cannot be downloaded here, so the recipe's `k3s` artifact
 //! is a tiny shell script (served by a loopback HTTP server, sha256 pinned in
@@ -405,9 +406,10 @@ fn image_bakes_one_archive_per_image_in_the_airgap_directory() {
     }
 }
 
-/// The containerd proof, on the host: kiln validate (QEMU) was not on main
-/// when this was written, so the archives are dumped from the built image's
-/// root filesystem and imported by Debian's containerd here.
+/// The containerd proof on the host (fast, no QEMU): the archives dumped
+/// from the built image's root filesystem import into Debian's containerd
+/// under their locked digests, complete. The same proof inside the booted
+/// image is `booted_image_imports_every_baked_archive_into_containerd`.
 #[test]
 fn containerd_imports_every_baked_archive_under_its_locked_digest() {
     let Some(b) = built() else { return };
@@ -1144,4 +1146,47 @@ fn an_image_added_without_relocking_is_refused_naming_it() {
         "{err}"
     );
     nothing_published(&p);
+}
+
+/// The containerd proof inside the booted image: `kiln validate` boots the
+/// built image once under QEMU (TCG, Secure Boot) as an agent and runs the
+/// test recipe's checks: Debian's containerd imports each baked archive and
+/// lists it under its locked digest, and the role's K3s unit (the stand-in)
+/// runs while the server's does not. Validated in place, nothing recorded
+/// (the disk is never written).
+#[test]
+fn booted_image_imports_every_baked_archive_into_containerd() {
+    use kiln::validate::{validate_image, Accel, ValidateOptions, ValidationFailed};
+    let Some(b) = built() else { return };
+    if !have_tools("k3s boot", &[("qemu-system-x86_64", "qemu-system-x86")]) {
+        return;
+    }
+    let opts = ValidateOptions {
+        accel: Accel::Tcg,
+        console_dir: Some(b.dir.join("console")),
+        record: false,
+        ..ValidateOptions::default()
+    };
+    let record = validate_image(&b.image_dir, &opts).unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\n{:#?}",
+            e.downcast_ref::<ValidationFailed>().map(|f| &f.record)
+        )
+    });
+    assert!(record.validated);
+    for reference in b.pushed.keys() {
+        let name = format!("recipe: containerd imports {reference}");
+        let check = record
+            .checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no check `{name}` in {:#?}", record.checks));
+        assert!(check.passed, "{check:#?}");
+    }
+    let agent = record
+        .checks
+        .iter()
+        .find(|c| c.name == "recipe: the agent role starts k3s-agent, not the server")
+        .unwrap();
+    assert!(agent.passed, "{agent:#?}");
 }
