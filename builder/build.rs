@@ -181,7 +181,11 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     let show = opts.show_progress;
     let (recipe, mut lock) = timer.run(BuildStage::Resolve, || {
         crate::hosttools::require(crate::hosttools::BUILD_TOOLS)?;
-        Ok((resolve(recipe_path)?, false))
+        let (recipe, lock) = resolve(recipe_path)?;
+        if recipe.boot.bios {
+            crate::hosttools::require(&[crate::hosttools::GRUB_MKIMAGE])?;
+        }
+        Ok(((recipe, lock), false))
     })?;
     let lock_path = recipe.lock_path();
     let dest = opts.out.join(&recipe.name).join(&recipe.version);
@@ -251,7 +255,8 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         })?;
 
     // Container images: pulled at their locked digests, one archive each.
-    let layout = crate::disk::Layout::new(recipe.disk.size, recipe.disk.esp_size)?;
+    let layout =
+        crate::disk::Layout::new(recipe.disk.size, recipe.disk.esp_size, recipe.boot.bios)?;
     let baked = if recipe.images.is_empty() {
         crate::images::Baked::default()
     } else {
@@ -305,10 +310,11 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
                 || p == crate::disk::SHIM
                 || p == crate::disk::GRUB_SIGNED
                 || p == crate::disk::MOK_MANAGER
+                || (recipe.boot.bios && crate::disk::bios::wanted(p))
                 || unit_paths.iter().any(|u| u == p)
         };
         let info = crate::compose::index_base(&base.tar, &want)?;
-        let boot_files = boot_files(&info, &recipe)?;
+        let boot_files = boot_files(&info, &recipe, scratch.path())?;
         let cmdline = crate::disk::cmdline(&ids, &recipe.boot.cmdline);
 
         let mut additions = Vec::new();
@@ -375,7 +381,14 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     // Disk.
     let raw = scratch.path().join("disk.raw");
     timer.run(BuildStage::Disk, || {
-        let pb = crate::progress::spinner(show, "writing disk (GPT, ESP, ext4)");
+        let pb = crate::progress::spinner(
+            show,
+            if recipe.boot.bios {
+                "writing disk (GPT, ESP, BIOS boot, ext4)"
+            } else {
+                "writing disk (GPT, ESP, ext4)"
+            },
+        );
         let r = crate::disk::assemble(
             &raw,
             &layout,
@@ -571,8 +584,13 @@ fn zstd_compress(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Shim, signed grub and the kernel version, from the base rootfs.
-fn boot_files(info: &crate::compose::BaseInfo, recipe: &Recipe) -> Result<crate::disk::BootFiles> {
+/// Shim, signed grub, the kernel version and (for BIOS boot) GRUB's i386-pc
+/// images made from the base rootfs's grub-pc-bin, in `scratch`.
+fn boot_files(
+    info: &crate::compose::BaseInfo,
+    recipe: &Recipe,
+    scratch: &Path,
+) -> Result<crate::disk::BootFiles> {
     let need = |p: &str, pkg: &str| {
         info.captured.get(p).cloned().with_context(|| {
             format!("the rootfs has no /{p} (package {pkg}); it is needed to boot with Secure Boot")
@@ -606,6 +624,11 @@ fn boot_files(info: &crate::compose::BaseInfo, recipe: &Recipe) -> Result<crate:
         shim: need(crate::disk::SHIM, "shim-signed")?,
         grub: need(crate::disk::GRUB_SIGNED, "grub-efi-amd64-signed")?,
         mok_manager: info.captured.get(crate::disk::MOK_MANAGER).cloned(),
+        bios: if recipe.boot.bios {
+            Some(crate::disk::bios::make(&info.captured, scratch)?)
+        } else {
+            None
+        },
         kernel_version: kv,
     })
 }

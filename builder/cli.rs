@@ -53,6 +53,9 @@ pub struct BuildArgs {
     /// Skip booting the image in QEMU before publishing it.
     #[arg(long)]
     pub no_validate: bool,
+    /// Accelerator for the validation boot (auto probes KVM, falls back to TCG).
+    #[arg(long, value_enum, default_value_t = crate::validate::Accel::Auto)]
+    pub accel: crate::validate::Accel,
     /// Print a JSON object (manifest path, id, ...) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -168,6 +171,13 @@ pub fn lock(a: LockArgs) -> Result<()> {
 pub fn build(a: BuildArgs) -> Result<()> {
     crate::util::install_interrupt_handler();
     let show = crate::progress::enabled(a.json);
+    // Validation boots the staged image, so only a validated image is published.
+    let vopts = crate::validate::ValidateOptions {
+        accel: a.accel,
+        progress: show,
+        ..Default::default()
+    };
+    let validate = |dir: &std::path::Path| crate::validate::validate_image(dir, &vopts).map(drop);
     let opts = BuildOptions {
         out: a.out.clone(),
         cache: Cache::from_env()?,
@@ -175,7 +185,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
         locked: a.locked,
         show_progress: show,
         registry_auth: crate::images::registry_auth(a.docker_config.as_deref())?,
-        before_publish: None,
+        before_publish: (!a.no_validate).then_some(&validate as crate::build::BeforePublish<'_>),
     };
     let started = std::time::Instant::now();
     let outcome = crate::build::build(&a.recipe, &opts)?;
@@ -234,6 +244,20 @@ fn print_build(o: &BuildOutcome, json_out: bool, seconds: f64) {
         m.hygiene.cleaned.len(),
         m.hygiene.violations.len()
     );
+    if let Some(v) = &m.validation {
+        let passed = v.checks.iter().filter(|c| c.passed).count();
+        println!(
+            "  validated {} ({passed}/{} checks passed, {}, cloud-init done after {})",
+            if v.validated { "yes" } else { "NO" },
+            v.checks.len(),
+            v.accel,
+            v.boot_to_cloud_init_seconds
+                .map(|s| format!("{s:.0}s"))
+                .unwrap_or_else(|| "-".into())
+        );
+    } else {
+        println!("  validated no (--no-validate)");
+    }
     println!("  manifest  {}", manifest_path.display());
     println!("id {}", m.id);
 }

@@ -5,6 +5,11 @@
 //! grub and a `grub.cfg` that finds the root by filesystem UUID and boots the
 //! signed kernel from it, so the disk boots with Secure Boot enforced on OVMF
 //! with Microsoft keys enrolled (Proxmox's `pre-enrolled-keys=1`).
+//! With `[boot] bios = true` the disk is hybrid, as cloud images are: a BIOS
+//! boot partition after the ESP holds GRUB's core.img (see [`bios`]) and the
+//! protective MBR its boot.img, so SeaBIOS boots it too; the root stays last.
+
+pub mod bios;
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -19,6 +24,10 @@ const GPT_TAIL: u64 = MIB;
 pub const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 /// Linux root (x86-64), as the Discoverable Partitions Specification names it.
 pub const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+/// GRUB's BIOS boot partition ("Hah!IdontNeedEFI").
+pub const BIOS_BOOT_TYPE: &str = "21686148-6449-6E6F-744E-656564454649";
+/// Size of the BIOS boot partition: room for any core.img diskboot can load.
+pub const BIOS_BOOT_SIZE: u64 = MIB;
 
 /// Where the partitions go.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,16 +35,21 @@ pub struct Layout {
     pub size: u64,
     pub esp_start: u64,
     pub esp_size: u64,
+    /// The BIOS boot partition (start, size) of a hybrid disk, right after the ESP.
+    pub bios_boot: Option<(u64, u64)>,
     pub root_start: u64,
     pub root_size: u64,
 }
 
 impl Layout {
-    pub fn new(size: u64, esp_size: u64) -> Result<Layout> {
+    /// Partitions in disk order: ESP, the BIOS boot partition when `bios`, root
+    /// (last, so it can grow into the VM's disk at first boot).
+    pub fn new(size: u64, esp_size: u64, bios: bool) -> Result<Layout> {
         let esp_size = esp_size.div_ceil(MIB) * MIB;
         let size = size.div_ceil(MIB) * MIB;
         let esp_start = MIB;
-        let root_start = esp_start + esp_size;
+        let bios_boot = bios.then_some((esp_start + esp_size, BIOS_BOOT_SIZE));
+        let root_start = esp_start + esp_size + bios_boot.map_or(0, |(_, s)| s);
         if size < root_start + GPT_TAIL + 64 * MIB {
             bail!(
                 "disk.size {} is too small for a {} ESP and a root filesystem",
@@ -47,6 +61,7 @@ impl Layout {
             size,
             esp_start,
             esp_size,
+            bios_boot,
             root_start,
             root_size: size - root_start - GPT_TAIL,
         })
@@ -60,6 +75,7 @@ pub struct Identities {
     pub disk_guid: String,
     pub esp_guid: String,
     pub root_guid: String,
+    pub bios_guid: String,
     pub root_fs_uuid: String,
     pub esp_volume_id: u32,
 }
@@ -87,6 +103,7 @@ impl Identities {
             disk_guid: uuid_from(seed, "disk"),
             esp_guid: uuid_from(seed, "esp"),
             root_guid: uuid_from(seed, "root-part"),
+            bios_guid: uuid_from(seed, "bios-part"),
             root_fs_uuid: uuid_from(seed, "root-fs"),
             esp_volume_id: u32::from_str_radix(&vol[..8], 16).expect("hex"),
         }
@@ -98,6 +115,8 @@ pub struct BootFiles {
     pub shim: Vec<u8>,
     pub grub: Vec<u8>,
     pub mok_manager: Option<Vec<u8>>,
+    /// GRUB's boot.img and core.img for hybrid disks (`[boot] bios = true`).
+    pub bios: Option<bios::BiosBoot>,
     /// e.g. `6.1.0-50-amd64`
     pub kernel_version: String,
 }
@@ -135,20 +154,37 @@ pub fn grub_cfg(ids: &Identities, kernel_version: &str, cmdline: &str) -> String
     )
 }
 
-/// Write the partition table with sfdisk (works on a plain file).
-fn write_gpt(raw: &Path, layout: &Layout, ids: &Identities) -> Result<()> {
-    let script = format!(
+/// The sfdisk script for `layout`. Without a BIOS boot partition it is exactly
+/// the UEFI-only table kiln has always written (same bytes for those images).
+fn gpt_script(layout: &Layout, ids: &Identities) -> String {
+    let mut script = format!(
         "label: gpt\nlabel-id: {}\nunit: sectors\nfirst-lba: 2048\n\
-         start={}, size={}, type={ESP_TYPE}, uuid={}, name=\"esp\"\n\
-         start={}, size={}, type={ROOT_TYPE}, uuid={}, name=\"root\"\n",
+         start={}, size={}, type={ESP_TYPE}, uuid={}, name=\"esp\"\n",
         ids.disk_guid,
         layout.esp_start / 512,
         layout.esp_size / 512,
         ids.esp_guid,
+    );
+    if let Some((start, size)) = layout.bios_boot {
+        script.push_str(&format!(
+            "start={}, size={}, type={BIOS_BOOT_TYPE}, uuid={}, name=\"bios\"\n",
+            start / 512,
+            size / 512,
+            ids.bios_guid,
+        ));
+    }
+    script.push_str(&format!(
+        "start={}, size={}, type={ROOT_TYPE}, uuid={}, name=\"root\"\n",
         layout.root_start / 512,
         layout.root_size / 512,
         ids.root_guid,
-    );
+    ));
+    script
+}
+
+/// Write the partition table with sfdisk (works on a plain file).
+fn write_gpt(raw: &Path, layout: &Layout, ids: &Identities) -> Result<()> {
+    let script = gpt_script(layout, ids);
     let mut child = Command::new(crate::hosttools::path_of(crate::hosttools::SFDISK)?)
         .args([
             "--quiet",
@@ -225,6 +261,13 @@ pub fn assemble(
         &files,
     )
     .context("cannot write the EFI system partition")?;
+    match (&boot.bios, layout.bios_boot) {
+        (Some(b), Some((start, size))) => {
+            bios::install(&mut f, b, start, size).context("cannot install GRUB for BIOS boot")?
+        }
+        (None, None) => {}
+        _ => bail!("BIOS boot needs both GRUB's images and a BIOS boot partition"),
+    }
     f.sync_all()?;
     drop(f);
 
@@ -365,11 +408,12 @@ mod tests {
 
     #[test]
     fn layout_leaves_room_for_the_backup_gpt() {
-        let l = Layout::new(2 << 30, 64 << 20).unwrap();
+        let l = Layout::new(2 << 30, 64 << 20, false).unwrap();
         assert_eq!(l.esp_start, 1 << 20);
+        assert_eq!(l.bios_boot, None);
         assert_eq!(l.root_start, 65 << 20);
         assert_eq!(l.root_start + l.root_size + (1 << 20), 2 << 30);
-        assert!(Layout::new(80 << 20, 64 << 20).is_err());
+        assert!(Layout::new(80 << 20, 64 << 20, false).is_err());
     }
 
     #[test]
@@ -382,5 +426,44 @@ mod tests {
         )));
         assert!(cfg.contains("linux /boot/vmlinuz-6.1.0-50-amd64 root=UUID="));
         assert!(cfg.contains("console=ttyS0,115200n8 quiet"));
+    }
+
+    #[test]
+    fn bios_layout_puts_the_bios_boot_partition_between_esp_and_root() {
+        let l = Layout::new(2 << 30, 64 << 20, true).unwrap();
+        assert_eq!(l.esp_start, 1 << 20);
+        assert_eq!(l.bios_boot, Some((65 << 20, 1 << 20)));
+        assert_eq!(l.root_start, 66 << 20);
+        assert_eq!(l.root_start + l.root_size + (1 << 20), 2 << 30);
+    }
+
+    #[test]
+    fn uefi_only_gpt_script_is_unchanged() {
+        let ids = Identities::derive("s");
+        let l = Layout::new(2 << 30, 64 << 20, false).unwrap();
+        assert_eq!(
+            gpt_script(&l, &ids),
+            format!(
+                "label: gpt\nlabel-id: {}\nunit: sectors\nfirst-lba: 2048\n\
+                 start=2048, size=131072, type={ESP_TYPE}, uuid={}, name=\"esp\"\n\
+                 start=133120, size=4059136, type={ROOT_TYPE}, uuid={}, name=\"root\"\n",
+                ids.disk_guid, ids.esp_guid, ids.root_guid
+            )
+        );
+    }
+
+    #[test]
+    fn bios_gpt_script_keeps_esp_first_and_root_last() {
+        let ids = Identities::derive("s");
+        let l = Layout::new(2 << 30, 64 << 20, true).unwrap();
+        let script = gpt_script(&l, &ids);
+        let parts: Vec<&str> = script.lines().filter(|l| l.starts_with("start=")).collect();
+        assert_eq!(parts.len(), 3);
+        assert!(parts[0].contains(ESP_TYPE));
+        assert!(parts[1].contains(&format!(
+            "start=133120, size=2048, type={BIOS_BOOT_TYPE}, uuid={}",
+            ids.bios_guid
+        )));
+        assert!(parts[2].contains("start=135168, size=4057088") && parts[2].contains(ROOT_TYPE));
     }
 }

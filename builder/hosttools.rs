@@ -36,6 +36,11 @@ pub const ZSTD: Tool = Tool {
     package: "zstd",
 };
 
+/// Makes GRUB's BIOS core.img for recipes with `[boot] bios = true`.
+pub const GRUB_MKIMAGE: Tool = Tool {
+    program: "grub-mkimage",
+    package: "grub-common",
+};
 /// Tools `kiln build` needs.
 pub const BUILD_TOOLS: &[Tool] = &[MMDEBSTRAP, MKFS_EXT4, SFDISK, QEMU_IMG];
 

@@ -776,10 +776,10 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
             "boot.secure_boot needs boot.uefi = true",
         ));
     }
-    if let Some((true, idx, span)) = &bios {
+    if let (Some((true, idx, span)), false) = (&bios, uefi) {
         return Err(chain[*idx].0.error_at(
             span.clone(),
-            "boot.bios is not supported yet: kiln images boot through UEFI (set bios = false)",
+            "boot.bios adds BIOS boot beside UEFI on the same (hybrid) disk: it needs boot.uefi = true",
         ));
     }
     if let Some((role, idx, span)) = &validate_role {
@@ -830,7 +830,7 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
         boot: Boot {
             uefi,
             secure_boot,
-            bios: false,
+            bios: bios.map(|(b, _, _)| b).unwrap_or(false),
             cmdline: cmdline.unwrap_or_default(),
             initrd_modules: initrd_modules.unwrap_or_default(),
         },
@@ -980,6 +980,37 @@ mod tests {
         assert!(r.boot.uefi && r.boot.secure_boot);
         assert_eq!(r.disk.size, 4 << 30);
         assert_eq!(r.root, std::fs::canonicalize(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn bios_boot_is_accepted_and_adds_grub_pc_bin() {
+        let text = format!("{MINIMAL}[boot]\nbios = true\n");
+        let dir = project(&[("recipes/tiny.toml", &text)]);
+        let r = Recipe::load(&dir.path().join("recipes/tiny.toml")).unwrap();
+        assert!(r.boot.bios && r.boot.uefi && r.boot.secure_boot);
+        assert!(r.implied_packages().contains(&"grub-pc-bin".to_string()));
+    }
+
+    #[test]
+    fn bios_boot_is_inherited_from_a_parent_recipe() {
+        let parent = "version = \"1\"\n[base]\nsuite = \"bookworm\"\n[boot]\nbios = true\n";
+        let child = "extends = \"parent.toml\"\nname = \"c\"\n";
+        let dir = project(&[("recipes/parent.toml", parent), ("recipes/c.toml", child)]);
+        assert!(
+            Recipe::load(&dir.path().join("recipes/c.toml"))
+                .unwrap()
+                .boot
+                .bios
+        );
+    }
+
+    #[test]
+    fn bios_boot_without_uefi_is_refused_at_its_key() {
+        let text = format!("{MINIMAL}[boot]\nuefi = false\nsecure_boot = false\nbios = true\n");
+        let dir = project(&[("recipes/tiny.toml", &text)]);
+        let msg = load_err(&dir, "recipes/tiny.toml");
+        assert!(msg.contains("tiny.toml:8:"), "{msg}");
+        assert!(msg.contains("needs boot.uefi = true"), "{msg}");
     }
 
     #[test]

@@ -230,7 +230,7 @@ pub fn validate_image(image_dir: &Path, opts: &ValidateOptions) -> Result<Valida
     let validated = failure.is_none() && all_checks.iter().all(|c| c.passed);
     let record = ValidationRecord {
         validated,
-        when: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        when: crate::util::now_rfc3339(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
         accel: accel.kind.as_str().to_string(),
         boot_to_ssh_seconds: ssh_s.map(round2),
