@@ -24,6 +24,7 @@ pub enum BuildStage {
     Resolve,
     Fetch,
     Rootfs,
+    Images,
     Compose,
     Disk,
     Compress,
@@ -38,6 +39,7 @@ impl BuildStage {
             BuildStage::Resolve => "resolve",
             BuildStage::Fetch => "fetch",
             BuildStage::Rootfs => "rootfs",
+            BuildStage::Images => "images",
             BuildStage::Compose => "compose",
             BuildStage::Disk => "disk",
             BuildStage::Compress => "compress",
@@ -61,6 +63,8 @@ pub struct BuildOptions<'a> {
     /// Refuse to write package pins into the lockfile.
     pub locked: bool,
     pub show_progress: bool,
+    /// Registry credentials for the recipe's container images.
+    pub registry_auth: crate::oci::Auth,
     pub before_publish: Option<BeforePublish<'a>>,
 }
 
@@ -210,9 +214,6 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
                     .fetch(&format!("artifact `{}`", a.name), &a.url, Some(sha), show)?;
             out.insert(a.name.clone(), p);
         }
-        if !recipe.images.is_empty() {
-            bail!("recipe lists container images, which this kiln cannot bake yet");
-        }
         Ok((out, all_cached))
     })?;
 
@@ -252,6 +253,34 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
                 opts.out.display()
             )
         })?;
+
+    // Container images: pulled at their locked digests, one archive each.
+    let layout =
+        crate::disk::Layout::new(recipe.disk.size, recipe.disk.esp_size, recipe.boot.bios)?;
+    let baked = if recipe.images.is_empty() {
+        crate::images::Baked::default()
+    } else {
+        timer.run(BuildStage::Images, || {
+            let used = base.meta.size
+                + artifact_paths
+                    .values()
+                    .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+                    .sum::<u64>();
+            let baked = crate::images::bake(
+                &recipe,
+                &lock,
+                &crate::images::BakeOptions {
+                    cache_root: &opts.cache.root,
+                    auth: opts.registry_auth.clone(),
+                    max_total_bytes: Some(crate::images::space_left(layout.root_size, used)),
+                    scratch: scratch.path(),
+                    show_progress: show,
+                },
+            )?;
+            let cached = baked.all_cached;
+            Ok((baked, cached))
+        })?
+    };
 
     // Everything the image's identities derive from: its inputs (not the base
     // tarball's digest, which is informational; see existing_image).
@@ -315,6 +344,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
                 });
             }
         }
+        additions.extend(baked.additions.iter().cloned());
         let ctx = crate::cloudinit::context(&recipe, "", &toml::Table::new())?;
         for o in recipe.all_overlays() {
             additions.extend(crate::compose::overlay_additions(
@@ -361,8 +391,6 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     };
 
     // Disk.
-    let layout =
-        crate::disk::Layout::new(recipe.disk.size, recipe.disk.esp_size, recipe.boot.bios)?;
     let raw = scratch.path().join("disk.raw");
     timer.run(BuildStage::Disk, || {
         let pb = crate::progress::spinner(

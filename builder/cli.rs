@@ -26,6 +26,10 @@ pub struct LockArgs {
     /// (the next build pins them again), artifacts and images re-pinned.
     #[arg(long)]
     pub update: bool,
+    /// Registry credentials: a docker `config.json` (default
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json` if present).
+    #[arg(long, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -42,6 +46,10 @@ pub struct BuildArgs {
     /// Never write to the lockfile (CI): fail if it lacks package pins.
     #[arg(long)]
     pub locked: bool,
+    /// Registry credentials: a docker `config.json` (default
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json` if present).
+    #[arg(long, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
     /// Skip booting the image in QEMU before publishing it.
     #[arg(long)]
     pub no_validate: bool,
@@ -128,9 +136,8 @@ pub fn lock(a: LockArgs) -> Result<()> {
     let path = recipe.lock_path();
     let old = Lockfile::load(&path)?;
     let cache = Cache::from_env()?;
-    let resolve_image = |r: &str| -> Result<String> {
-        anyhow::bail!("cannot resolve `{r}`: this kiln cannot pin container images yet")
-    };
+    let auth = crate::images::registry_auth(a.docker_config.as_deref())?;
+    let resolve_image = |r: &str| crate::images::resolve_reference(r, &auth);
     let show = crate::progress::enabled(a.json);
     let new = crate::lock::relock(
         &recipe,
@@ -177,6 +184,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
         force: a.force,
         locked: a.locked,
         show_progress: show,
+        registry_auth: crate::images::registry_auth(a.docker_config.as_deref())?,
         before_publish: (!a.no_validate).then_some(&validate as crate::build::BeforePublish<'_>),
     };
     let started = std::time::Instant::now();

@@ -14,6 +14,7 @@ pub mod fat;
 pub mod fetch;
 pub mod hosttools;
 pub mod hygiene;
+pub mod images;
 pub mod lock;
 pub mod manifest;
 pub mod oci;

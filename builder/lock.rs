@@ -112,13 +112,6 @@ impl Lockfile {
     /// Refuse a lock that does not belong to this recipe, naming the fix.
     pub fn check_matches(&self, r: &Recipe, lock_path: &Path) -> Result<()> {
         let fix = format!("run `kiln lock {}`", r.path.display());
-        if self.recipe != fingerprint(r) {
-            bail!(
-                "{} does not match {} (its packages, sources, artifacts or images changed): {fix}",
-                lock_path.display(),
-                r.path.display()
-            );
-        }
         for a in &r.artifacts {
             let Some(pin) = self.artifacts.get(&a.name) else {
                 bail!(
@@ -143,6 +136,14 @@ impl Lockfile {
                     lock_path.display()
                 );
             }
+        }
+        // Last, so that a new artifact or image is named above.
+        if self.recipe != fingerprint(r) {
+            bail!(
+                "{} does not match {} (its packages, sources, artifacts or images changed): {fix}",
+                lock_path.display(),
+                r.path.display()
+            );
         }
         Ok(())
     }

@@ -4,6 +4,8 @@
 //! token services of quay.io/ghcr.io/docker.io, which are unreachable here).
 #![allow(dead_code)]
 
+pub mod containerd;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
