@@ -275,6 +275,8 @@ pub fn assemble(
         .env("SOURCE_DATE_EPOCH", epoch.to_string())
         .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
         .env("MKE2FS_DEVICE_SECTSIZE", "512")
+        // libarchive needs a UTF-8 locale to read non-ASCII member names.
+        .env("LC_ALL", "C.UTF-8")
         .args([
             "-q",
             "-F",

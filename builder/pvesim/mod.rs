@@ -704,6 +704,17 @@ fn vm_missing(vmid: u32) -> ApiError {
     ))
 }
 
+/// The request-level faults (a lock timeout, a 500) injected for this call.
+fn refuse_injected(kind: Option<FaultKind>, vmid: u32) -> Result<(), ApiError> {
+    match kind {
+        Some(FaultKind::LockTimeout) => Err(lock_timeout(vmid)),
+        Some(FaultKind::Http500) => {
+            Err(err500("Internal Server Error (fault injected by pve-sim)"))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn lock_timeout(vmid: u32) -> ApiError {
     err500(format!(
         "can't lock file '/var/lock/qemu-server/lock-{vmid}.conf' - got timeout"
@@ -1725,13 +1736,7 @@ fn template(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: &str) -> A
         return Err(err500(format!("VM is locked ({l})")));
     }
     let (delay, fail, kind) = task_plan(shared, &mut st, FaultOp::Template);
-    match kind {
-        Some(FaultKind::LockTimeout) => return Err(lock_timeout(vmid)),
-        Some(FaultKind::Http500) => {
-            return Err(err500("Internal Server Error (fault injected by pve-sim)"))
-        }
-        _ => {}
-    }
+    refuse_injected(kind, vmid)?;
     let upid = spawn_task(
         shared,
         &mut st,
@@ -1940,13 +1945,7 @@ fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: &str) -> Ap
         return Err(err500(format!("VM is locked ({l})")));
     }
     let (delay, fail, kind) = task_plan(shared, &mut st, FaultOp::Destroy);
-    match kind {
-        Some(FaultKind::LockTimeout) => return Err(lock_timeout(vmid)),
-        Some(FaultKind::Http500) => {
-            return Err(err500("Internal Server Error (fault injected by pve-sim)"))
-        }
-        _ => {}
-    }
+    refuse_injected(kind, vmid)?;
     let upid = spawn_task(
         shared,
         &mut st,
