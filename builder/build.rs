@@ -584,7 +584,7 @@ fn write_sums(dir: &Path, m: &ImageManifest) -> Result<()> {
 /// Start compressing `src` into `dst` (deterministic for any thread count).
 fn zstd_start(src: &Path, dst: &Path) -> Result<std::process::Child> {
     std::process::Command::new(crate::hosttools::path_of(crate::hosttools::ZSTD)?)
-        .args(["-q", "-T0", "-6", "-f", "-o"])
+        .args(["-q", "-T0", "-3", "-f", "-o"])
         .arg(dst)
         .arg(src)
         .stdin(std::process::Stdio::null())
