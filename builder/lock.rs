@@ -294,6 +294,26 @@ mod tests {
         bail!("no registry in this test")
     }
 
+    /// `kiln lock` (or `kiln lock --update`) without a registry or progress bars.
+    fn lock_for(
+        r: &Recipe,
+        old: Option<&Lockfile>,
+        cache: &crate::fetch::Cache,
+        update: bool,
+    ) -> Lockfile {
+        relock(
+            r,
+            old,
+            cache,
+            &no_images,
+            &LockOptions {
+                update,
+                show_progress: false,
+            },
+        )
+        .unwrap()
+    }
+
     #[test]
     fn lock_round_trips_one_pin_per_line() {
         let d = tempfile::tempdir().unwrap();
@@ -323,17 +343,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let cache = crate::fetch::Cache::at(d.path().join("c")).unwrap();
         let r1 = recipe(d.path(), "packages = [\"vim\"]\n");
-        let lock = relock(
-            &r1,
-            None,
-            &cache,
-            &no_images,
-            &LockOptions {
-                update: false,
-                show_progress: false,
-            },
-        )
-        .unwrap();
+        let lock = lock_for(&r1, None, &cache, false);
         lock.check_matches(&r1, Path::new("r.toml.lock")).unwrap();
         let r2 = recipe(d.path(), "packages = [\"vim\", \"curl\"]\n");
         let err = lock
@@ -350,17 +360,7 @@ mod tests {
         let src = d.path().join("bin");
         std::fs::write(&src, b"binary").unwrap();
         let r = recipe(d.path(), &format!("[[artifacts]]\nname = \"tool\"\nurl = \"file://{}\"\ndest = \"/usr/local/bin/tool\"\n", src.display()));
-        let lock = relock(
-            &r,
-            None,
-            &cache,
-            &no_images,
-            &LockOptions {
-                update: false,
-                show_progress: false,
-            },
-        )
-        .unwrap();
+        let lock = lock_for(&r, None, &cache, false);
         assert_eq!(
             lock.artifact_sha("tool"),
             Some(crate::util::sha256_hex(b"binary").as_str())
@@ -391,43 +391,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let cache = crate::fetch::Cache::at(d.path().join("c")).unwrap();
         let r = recipe(d.path(), "");
-        let mut first = relock(
-            &r,
-            None,
-            &cache,
-            &no_images,
-            &LockOptions {
-                update: false,
-                show_progress: false,
-            },
-        )
-        .unwrap();
+        let mut first = lock_for(&r, None, &cache, false);
         first.packages.insert("libc6".into(), "2.36".into());
         first.source_date_epoch = 1234;
-        let again = relock(
-            &r,
-            Some(&first),
-            &cache,
-            &no_images,
-            &LockOptions {
-                update: false,
-                show_progress: false,
-            },
-        )
-        .unwrap();
+        let again = lock_for(&r, Some(&first), &cache, false);
         assert_eq!(again.source_date_epoch, 1234);
         assert_eq!(again.packages, first.packages);
-        let updated = relock(
-            &r,
-            Some(&first),
-            &cache,
-            &no_images,
-            &LockOptions {
-                update: true,
-                show_progress: false,
-            },
-        )
-        .unwrap();
+        let updated = lock_for(&r, Some(&first), &cache, true);
         assert!(updated.packages.is_empty());
         assert_ne!(updated.source_date_epoch, 1234);
     }

@@ -170,17 +170,11 @@ fn missing_host_tool_is_named_with_its_package() {
     );
 }
 
-#[test]
-fn cloud_init_render_prints_per_node_user_data() {
-    let (p, cache) = project("render");
-    std::fs::write(
-        p.join("node.toml"),
-        "hostname = \"lb-2\"\nnode_ip = \"192.0.2.12\"\nvip = \"192.0.2.210\"\npriority = 100\npeers = [\"192.0.2.11\", \"192.0.2.13\"]\nbackends = [{ name = \"s1\", address = \"192.0.2.21\" }]\n",
-    )
-    .unwrap();
-    let out = ok(kiln(
-        &p,
-        &cache,
+/// `kiln cloud-init render` of recipes/lb.toml's `lb` role with `node.toml`.
+fn render_lb(p: &Path, cache: &Path) -> std::process::Output {
+    kiln(
+        p,
+        cache,
         &[
             "cloud-init",
             "render",
@@ -191,7 +185,18 @@ fn cloud_init_render_prints_per_node_user_data() {
             "--values",
             "node.toml",
         ],
-    ));
+    )
+}
+
+#[test]
+fn cloud_init_render_prints_per_node_user_data() {
+    let (p, cache) = project("render");
+    std::fs::write(
+        p.join("node.toml"),
+        "hostname = \"lb-2\"\nnode_ip = \"192.0.2.12\"\nvip = \"192.0.2.210\"\npriority = 100\npeers = [\"192.0.2.11\", \"192.0.2.13\"]\nbackends = [{ name = \"s1\", address = \"192.0.2.21\" }]\n",
+    )
+    .unwrap();
+    let out = ok(render_lb(&p, &cache));
     let ud = stdout(&out);
     assert!(ud.starts_with("#cloud-config"), "{ud}");
     assert!(ud.contains("server s1 192.0.2.21:6443 check"), "{ud}");
@@ -206,21 +211,5 @@ fn cloud_init_render_prints_per_node_user_data() {
 fn cloud_init_render_names_a_missing_value() {
     let (p, cache) = project("render-missing");
     std::fs::write(p.join("node.toml"), "hostname = \"lb-2\"\n").unwrap();
-    fails_with(
-        kiln(
-            &p,
-            &cache,
-            &[
-                "cloud-init",
-                "render",
-                "--recipe",
-                "recipes/lb.toml",
-                "--role",
-                "lb",
-                "--values",
-                "node.toml",
-            ],
-        ),
-        &["lb.yaml.tera"],
-    );
+    fails_with(render_lb(&p, &cache), &["lb.yaml.tera"]);
 }
