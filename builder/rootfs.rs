@@ -34,6 +34,10 @@ pub struct BaseMeta {
     pub sha256: String,
     pub size: u64,
     pub packages: BTreeMap<String, String>,
+    /// The tarball's stamp when its sha256 was last verified: while the file
+    /// still has it, the 800 MB are not hashed again on every build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<crate::util::FileStamp>,
 }
 
 /// The mmdebstrap mirror argument (snapshot URL when the recipe pins one).
@@ -86,22 +90,34 @@ fn paths(cache: &Cache, key: &str) -> (PathBuf, PathBuf) {
     )
 }
 
-/// A cached base under `key`, if complete and intact.
+/// A cached base under `key`, if complete and intact: its sha256 matches,
+/// or it is untouched since that was last verified (see [`FileStamp`]).
+///
+/// [`FileStamp`]: crate::util::FileStamp
 fn lookup(cache: &Cache, key: &str) -> Option<BaseRootfs> {
     let (tar, meta_path) = paths(cache, key);
-    let meta: BaseMeta = serde_json::from_slice(&std::fs::read(&meta_path).ok()?).ok()?;
-    let size = std::fs::metadata(&tar).ok()?.len();
-    // Truncated, replaced or rotted: never serve it.
-    if size != meta.size || crate::util::sha256_file(&tar).ok()? != meta.sha256 {
-        let _ = std::fs::remove_file(&tar);
-        let _ = std::fs::remove_file(&meta_path);
-        return None;
+    let mut meta: BaseMeta = serde_json::from_slice(&std::fs::read(&meta_path).ok()?).ok()?;
+    let stamp = crate::util::FileStamp::of(&tar).ok()?;
+    if meta.verified.as_ref() != Some(&stamp) {
+        // Truncated, replaced or rotted: never serve it.
+        if stamp.size != meta.size || crate::util::sha256_file(&tar).ok()? != meta.sha256 {
+            let _ = std::fs::remove_file(&tar);
+            let _ = std::fs::remove_file(&meta_path);
+            return None;
+        }
+        meta.verified = Some(stamp);
+        // Only a cache hint: a failed write means the next build hashes again.
+        let _ = write_meta(&meta_path, &meta);
     }
     Some(BaseRootfs {
         tar,
         meta,
         cached: true,
     })
+}
+
+fn write_meta(path: &std::path::Path, meta: &BaseMeta) -> Result<()> {
+    crate::util::write_atomic(path, serde_json::to_string_pretty(meta)?.as_bytes())
 }
 
 /// Return the base rootfs for this recipe and lock, building it when the
@@ -120,33 +136,43 @@ pub fn ensure_base(r: &Recipe, lock: &Lockfile, cache: &Cache, show: bool) -> Re
     let packages = read_packages(&out)?;
     let sha256 = crate::util::sha256_file(&out)?;
     let size = std::fs::metadata(&out)?.len();
+    let (tar, meta_path) = paths(cache, &key);
+    std::fs::rename(&out, &tar).context("cannot move the base rootfs into the cache")?;
+
+    // The next build reads these package pins from the lock; file the same
+    // tarball under the pinned key too so that build is a cache hit.
+    let pinned_key = lock.packages.is_empty().then(|| {
+        base_key(
+            r,
+            &Lockfile {
+                packages: packages.clone(),
+                ..lock.clone()
+            },
+        )
+    });
+    // (An existing entry under the pinned key is left as it is.)
+    let pinned = pinned_key
+        .map(|k| (k.clone(), paths(cache, &k)))
+        .filter(|(_, (ptar, _))| !ptar.exists());
+    if let Some((_, (ptar, _))) = &pinned {
+        std::fs::hard_link(&tar, ptar).or_else(|_| std::fs::copy(&tar, ptar).map(|_| ()))?;
+    }
+    // Stamped after the last rename and link, which change the ctime.
     let meta = BaseMeta {
         key: key.clone(),
         sha256,
         size,
         packages,
+        verified: crate::util::FileStamp::of(&tar).ok(),
     };
-    let (tar, meta_path) = paths(cache, &key);
-    std::fs::rename(&out, &tar).context("cannot move the base rootfs into the cache")?;
-    crate::util::write_atomic(&meta_path, serde_json::to_string_pretty(&meta)?.as_bytes())?;
-
-    // The next build reads these package pins from the lock; file the same
-    // tarball under the pinned key too so that build is a cache hit.
-    if lock.packages.is_empty() {
-        let pinned = Lockfile {
-            packages: meta.packages.clone(),
-            ..lock.clone()
+    write_meta(&meta_path, &meta)?;
+    if let Some((pkey, (ptar, pmeta))) = pinned {
+        let m = BaseMeta {
+            key: pkey,
+            verified: crate::util::FileStamp::of(&ptar).ok(),
+            ..meta.clone()
         };
-        let pkey = base_key(r, &pinned);
-        let (ptar, pmeta) = paths(cache, &pkey);
-        if !ptar.exists() {
-            std::fs::hard_link(&tar, &ptar).or_else(|_| std::fs::copy(&tar, &ptar).map(|_| ()))?;
-            let m = BaseMeta {
-                key: pkey,
-                ..meta.clone()
-            };
-            crate::util::write_atomic(&pmeta, serde_json::to_string_pretty(&m)?.as_bytes())?;
-        }
+        write_meta(&pmeta, &m)?;
     }
     Ok(BaseRootfs {
         tar,
@@ -318,5 +344,59 @@ mod tests {
         let m = parse_dpkg_status(text);
         assert_eq!(m.len(), 2);
         assert_eq!(m["c"], "3:1.2-1");
+    }
+
+    /// A cache holding `bytes` as the base under key "k", with meta
+    /// recording `sha256` and, optionally, the file's current stamp.
+    fn cached_base(bytes: &[u8], sha256: &str, stamped: bool) -> (tempfile::TempDir, Cache) {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::at(d.path().to_path_buf()).unwrap();
+        let (tar, meta) = paths(&cache, "k");
+        std::fs::write(&tar, bytes).unwrap();
+        let m = BaseMeta {
+            key: "k".into(),
+            sha256: sha256.into(),
+            size: bytes.len() as u64,
+            packages: BTreeMap::new(),
+            verified: stamped.then(|| crate::util::FileStamp::of(&tar).unwrap()),
+        };
+        write_meta(&meta, &m).unwrap();
+        (d, cache)
+    }
+
+    #[test]
+    fn a_verified_base_is_stamped_and_served() {
+        let bytes = b"base rootfs";
+        let (_d, cache) = cached_base(bytes, &crate::util::sha256_hex(bytes), false);
+        let b = lookup(&cache, "k").expect("served");
+        let stamp = crate::util::FileStamp::of(&b.tar).unwrap();
+        assert_eq!(b.meta.verified.as_ref(), Some(&stamp));
+        let (_, meta) = paths(&cache, "k");
+        let on_disk: BaseMeta = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
+        assert_eq!(on_disk.verified, Some(stamp));
+    }
+
+    #[test]
+    fn an_untouched_stamped_base_is_served_without_hashing_it_again() {
+        // The recorded digest is wrong on purpose: only the stamp is checked.
+        let (_d, cache) = cached_base(b"base rootfs", &"0".repeat(64), true);
+        assert!(lookup(&cache, "k").is_some());
+    }
+
+    #[test]
+    fn a_base_changed_in_place_is_hashed_again_and_not_served() {
+        use std::os::unix::fs::FileExt;
+        let bytes = b"base rootfs";
+        let (_d, cache) = cached_base(bytes, &crate::util::sha256_hex(bytes), true);
+        let (tar, meta) = paths(&cache, "k");
+        // Same size, and the mtime put back: the ctime still moves.
+        let mtime = std::fs::metadata(&tar).unwrap().modified().unwrap();
+        let f = std::fs::File::options().write(true).open(&tar).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        f.write_all_at(b"B", 0).unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        assert!(lookup(&cache, "k").is_none());
+        assert!(!tar.exists() && !meta.exists(), "the corrupt entry is removed");
     }
 }
