@@ -8,6 +8,7 @@
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::compose::{AddKind, Addition, Content, Node};
@@ -88,8 +89,20 @@ impl Timer {
             stage: stage.name().to_string(),
             seconds: round2(t.elapsed().as_secs_f64()),
             cached,
+            reused: None,
         });
         Ok(v)
+    }
+
+    /// Record how much the stage just run reused from the last image.
+    fn reused(&mut self, reused: u64, total: u64, unit: &str) {
+        if let Some(s) = self.stages.last_mut() {
+            s.reused = Some(crate::manifest::Reuse {
+                reused,
+                total,
+                unit: unit.to_string(),
+            });
+        }
     }
 }
 
@@ -378,62 +391,56 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         Ok(((composed, boot_files, cmdline), false))
     })?;
 
-    // The LXC archive is made from the same tar while the disk is assembled
-    // and compressed (zstd in its own process overlaps mkfs and qemu-img).
     let lxc_name = format!("{}-{}-lxc.tar.zst", recipe.name, recipe.version);
-    let lxc_job = if recipe.lxc {
-        Some(ChildGuard(Some(zstd_start(
-            &final_tar,
-            &staging.path().join(&lxc_name),
-        )?)))
-    } else {
-        None
-    };
-
-    // Disk.
+    let lxc_path = staging.path().join(&lxc_name);
+    let lxc_reference = opts
+        .cache
+        .reference(&crate::lxc::reference_name(&recipe.name));
     let raw = scratch.path().join("disk.raw");
-    timer.run(BuildStage::Disk, || {
-        let pb = crate::progress::spinner(
-            show,
-            if recipe.boot.bios {
-                "writing disk (GPT, ESP, BIOS boot, ext4)"
-            } else {
-                "writing disk (GPT, ESP, ext4)"
-            },
-        );
-        let r = crate::disk::assemble(
-            &raw,
-            &layout,
-            &ids,
-            &boot_files,
-            &kernel_cmdline,
-            &final_tar,
-            epoch,
-            composed.data_bytes,
-        );
-        pb.finish_and_clear();
-        r.map(|_| ((), false))
-    })?;
     let disk_file = format!("{}-{}.qcow2", recipe.name, recipe.version);
     let qcow2 = staging.path().join(&disk_file);
-    timer.run(BuildStage::Compress, || {
-        crate::disk::to_qcow2(&raw, &qcow2, show).map(|_| ((), false))
+    let stop_lxc = AtomicBool::new(false);
+    let lxc = std::thread::scope(|s| -> Result<Option<FileInfo>> {
+        // The LXC archive is compressed from the same tar while the disk is
+        // assembled and compressed.
+        let lxc_job = recipe.lxc.then(|| {
+            s.spawn(|| crate::lxc::write(&final_tar, &lxc_path, Some(&lxc_reference), &stop_lxc))
+        });
+        let disk = disk_and_compress(
+            &mut timer,
+            &recipe,
+            opts,
+            DiskJob {
+                raw: &raw,
+                qcow2: &qcow2,
+                layout: &layout,
+                ids: &ids,
+                boot_files: &boot_files,
+                cmdline: &kernel_cmdline,
+                rootfs_tar: &final_tar,
+                epoch,
+                data_bytes: composed.data_bytes,
+            },
+        );
+        if disk.is_err() {
+            stop_lxc.store(true, Ordering::SeqCst);
+        }
+        disk?;
+        let Some(job) = lxc_job else { return Ok(None) };
+        let stats = timer.run(BuildStage::Lxc, || {
+            let stats = job.join().expect("LXC compression thread panicked")?;
+            opts.cache.keep_reference(&lxc_reference, &lxc_path)?;
+            let all = stats.reused == stats.frames;
+            Ok((stats, all))
+        })?;
+        timer.reused(stats.reused, stats.frames, "zstd frames");
+        Ok(Some(FileInfo {
+            file: lxc_name.clone(),
+            sha256: stats.sha256,
+            size: stats.size,
+        }))
     })?;
     drop(std::fs::remove_file(&raw));
-
-    let lxc = match lxc_job {
-        Some(child) => timer.run(BuildStage::Lxc, || {
-            zstd_finish(child)?;
-            let path = staging.path().join(&lxc_name);
-            let info = FileInfo {
-                file: lxc_name.clone(),
-                sha256: crate::util::sha256_file(&path)?,
-                size: std::fs::metadata(&path)?.len(),
-            };
-            Ok((Some(info), false))
-        })?,
-        None => None,
-    };
 
     let id = crate::util::sha256_file(&qcow2)?;
     let validate =
@@ -489,6 +496,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
             stage: BuildStage::Validate.name().into(),
             seconds: round2(t.elapsed().as_secs_f64()),
             cached: false,
+            reused: None,
         });
         manifest.save(staging.path())?;
     }
@@ -500,6 +508,63 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         manifest,
         up_to_date: false,
     })
+}
+
+/// What the disk and compress stages work from and write.
+struct DiskJob<'a> {
+    raw: &'a Path,
+    qcow2: &'a Path,
+    layout: &'a crate::disk::Layout,
+    ids: &'a crate::disk::Identities,
+    boot_files: &'a crate::disk::BootFiles,
+    cmdline: &'a str,
+    rootfs_tar: &'a Path,
+    epoch: u64,
+    data_bytes: u64,
+}
+
+/// The disk stage (raw GPT disk) and the compress stage (qcow2, reusing the
+/// recipe's last image as a reference, which this image then replaces).
+fn disk_and_compress(
+    timer: &mut Timer,
+    recipe: &Recipe,
+    opts: &BuildOptions<'_>,
+    job: DiskJob<'_>,
+) -> Result<()> {
+    let show = opts.show_progress;
+    timer.run(BuildStage::Disk, || {
+        let pb = crate::progress::spinner(
+            show,
+            if recipe.boot.bios {
+                "writing disk (GPT, ESP, BIOS boot, ext4)"
+            } else {
+                "writing disk (GPT, ESP, ext4)"
+            },
+        );
+        let r = crate::disk::assemble(
+            job.raw,
+            job.layout,
+            job.ids,
+            job.boot_files,
+            job.cmdline,
+            job.rootfs_tar,
+            job.epoch,
+            job.data_bytes,
+        );
+        pb.finish_and_clear();
+        r.map(|_| ((), false))
+    })?;
+    let stats = timer.run(BuildStage::Compress, || {
+        let reference = opts
+            .cache
+            .reference(&crate::disk::qcow2::reference_name(&recipe.name));
+        let stats = crate::disk::to_qcow2(job.raw, job.qcow2, Some(&reference), show)?;
+        opts.cache.keep_reference(&reference, job.qcow2)?;
+        let all = stats.reused == stats.data_clusters;
+        Ok((stats, all))
+    })?;
+    timer.reused(stats.reused, stats.data_clusters, "qcow2 clusters");
+    Ok(())
 }
 
 /// An existing image built from exactly these inputs, or an error if one
@@ -579,42 +644,6 @@ fn write_sums(dir: &Path, m: &ImageManifest) -> Result<()> {
         text.push_str(&format!("{}  {}\n", l.sha256, l.file));
     }
     crate::util::write_atomic(&dir.join(crate::manifest::SUMS_FILE), text.as_bytes())
-}
-
-/// Start compressing `src` into `dst` (deterministic for any thread count).
-fn zstd_start(src: &Path, dst: &Path) -> Result<std::process::Child> {
-    std::process::Command::new(crate::hosttools::path_of(crate::hosttools::ZSTD)?)
-        .args(["-q", "-T0", "-3", "-f", "-o"])
-        .arg(dst)
-        .arg(src)
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .context("cannot run zstd")
-}
-
-/// A child process that is killed if the build fails before waiting for it.
-struct ChildGuard(Option<std::process::Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Wait for the LXC compression.
-fn zstd_finish(mut guard: ChildGuard) -> Result<()> {
-    let status = guard
-        .0
-        .take()
-        .expect("child present until waited for")
-        .wait()?;
-    if !status.success() {
-        bail!("zstd failed compressing the LXC rootfs ({status})");
-    }
-    Ok(())
 }
 
 /// Shim, signed grub, the kernel version and (for BIOS boot) GRUB's i386-pc

@@ -225,12 +225,12 @@ fn print_build(o: &BuildOutcome, json_out: bool, seconds: f64) {
     }
     println!("built {} {} in {:.1}s", m.name, m.version, seconds);
     for s in &m.stages {
-        println!(
-            "  {:<9} {:>7.2}s{}",
-            s.stage,
-            s.seconds,
-            if s.cached { " (cached)" } else { "" }
-        );
+        let note = match &s.reused {
+            Some(r) => format!(" ({} of {} {} reused)", r.reused, r.total, r.unit),
+            None if s.cached => " (cached)".to_string(),
+            None => String::new(),
+        };
+        println!("  {:<9} {:>7.2}s{note}", s.stage, s.seconds);
     }
     println!(
         "  disk      {} ({} qcow2, {} virtual)",

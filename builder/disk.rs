@@ -10,6 +10,7 @@
 //! protective MBR its boot.img, so SeaBIOS boots it too; the root stays last.
 
 pub mod bios;
+pub mod qcow2;
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -329,47 +330,15 @@ fn too_big(data_bytes: u64, layout: &Layout) -> anyhow::Error {
     )
 }
 
-/// Convert the raw disk to compressed qcow2 (zstd clusters; deterministic).
-pub fn to_qcow2(raw: &Path, out: &Path, show: bool) -> Result<()> {
-    let pb = crate::progress::spinner(show, "compressing qcow2");
-    let mut child = Command::new(crate::hosttools::path_of(crate::hosttools::QEMU_IMG)?)
-        .args([
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-c",
-            "-o",
-            "compression_type=zstd,cluster_size=65536",
-        ])
-        .arg(raw)
-        .arg(out)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run qemu-img")?;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if crate::util::interrupted() {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("interrupted");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    pb.finish_and_clear();
-    if !status.success() {
-        let mut err = String::new();
-        use std::io::Read;
-        let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
-        bail!("qemu-img convert failed: {}", err.trim());
-    }
-    Ok(())
+/// Convert the raw disk to compressed qcow2 (zstd clusters; deterministic),
+/// reusing unchanged clusters from `reference` (see [`qcow2`]).
+pub fn to_qcow2(
+    raw: &Path,
+    out: &Path,
+    reference: Option<&Path>,
+    show: bool,
+) -> Result<qcow2::Stats> {
+    qcow2::write(raw, out, reference, show)
 }
 
 /// The virtual size qemu-img reports for an image.

@@ -31,10 +31,6 @@ pub const QEMU_SYSTEM: Tool = Tool {
     program: "qemu-system-x86_64",
     package: "qemu-system-x86",
 };
-pub const ZSTD: Tool = Tool {
-    program: "zstd",
-    package: "zstd",
-};
 
 /// Makes GRUB's BIOS core.img for recipes with `[boot] bios = true`.
 pub const GRUB_MKIMAGE: Tool = Tool {

@@ -97,6 +97,19 @@ pub struct StageTiming {
     pub seconds: f64,
     /// True when the stage's output came from the cache.
     pub cached: bool,
+    /// For the compressing stages: how much of the output was copied from the
+    /// recipe's last image instead of compressed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused: Option<Reuse>,
+}
+
+/// `reused` of `total` units (qcow2 clusters, LXC frames) came from the last image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Reuse {
+    pub reused: u64,
+    pub total: u64,
+    pub unit: String,
 }
 
 /// A check declared by a recipe, run over SSH by `kiln validate`.

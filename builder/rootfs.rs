@@ -397,6 +397,9 @@ mod tests {
         f.set_modified(mtime).unwrap();
         drop(f);
         assert!(lookup(&cache, "k").is_none());
-        assert!(!tar.exists() && !meta.exists(), "the corrupt entry is removed");
+        assert!(
+            !tar.exists() && !meta.exists(),
+            "the corrupt entry is removed"
+        );
     }
 }

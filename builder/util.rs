@@ -32,6 +32,12 @@ pub fn sha256_reader(mut reader: impl Read) -> io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// Names a zstd compressor (library version and level): two compressors with
+/// the same id give the same bytes for the same input.
+pub fn zstd_id(level: i32) -> String {
+    format!("zstd{}-l{level}", zstd::zstd_safe::version_number())
+}
+
 /// What the filesystem says about a file: any write, truncation, replacement
 /// or new link changes it (the ctime cannot be set back from user space).
 /// Recorded after a file's digest was verified, it lets a later use skip

@@ -184,6 +184,92 @@ fn changed_overlay_reuses_the_cached_base_rootfs() {
     assert!(debugfs(&root, "cat /etc/sysctl.d/60-kiln.conf").contains("1048576"));
 }
 
+/// A sibling project of tiny with an LXC archive and one changed overlay file.
+fn lxc_sibling_with_changed_overlay(name: &str) -> (PathBuf, PathBuf) {
+    let (p, cache) = sibling(name);
+    let recipe = p.join("recipes/tiny.toml");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(
+        &recipe,
+        text.replace("version = \"0.1.0\"\n", "version = \"0.1.0\"\nlxc = true\n"),
+    )
+    .unwrap();
+    (p, cache)
+}
+
+fn change_overlay(p: &Path) {
+    std::fs::write(
+        p.join("overlays/base/etc/sysctl.d/60-kiln.conf"),
+        "vm.max_map_count = 262144\n",
+    )
+    .unwrap();
+}
+
+fn manifest_of(p: &Path, out: &std::process::Output) -> serde_json::Value {
+    let path = p.join(json(out)["manifest"].as_str().unwrap());
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn stage<'a>(m: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    m["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == name)
+        .unwrap_or_else(|| panic!("no {name} stage in {m}"))
+}
+
+#[test]
+fn rebuild_reusing_the_last_image_equals_a_clean_build() {
+    // Build, change an overlay file, rebuild: the rebuild copies unchanged
+    // qcow2 clusters and LXC frames from the first build...
+    let (p, cache) = lxc_sibling_with_changed_overlay("reuse");
+    let first = manifest_of(&p, &ok(build_tiny(&p, &cache, &["--json"])));
+    assert!(
+        stage(&first, "compress")["reused"]["reused"] == 0,
+        "{first}"
+    );
+    change_overlay(&p);
+    let rebuilt = manifest_of(&p, &ok(build_tiny(&p, &cache, &["--json", "--force"])));
+    for (name, unit) in [("compress", "qcow2 clusters"), ("lxc", "zstd frames")] {
+        let r = &stage(&rebuilt, name)["reused"];
+        assert_eq!(r["unit"], unit);
+        let (reused, total) = (r["reused"].as_u64().unwrap(), r["total"].as_u64().unwrap());
+        assert!(reused > total / 2 && reused < total, "{name}: {r}");
+    }
+
+    // ...and gives exactly the bytes a build without any reference gives.
+    let (clean, clean_cache) = lxc_sibling_with_changed_overlay("reuse-clean");
+    change_overlay(&clean);
+    let cold = manifest_of(&clean, &ok(build_tiny(&clean, &clean_cache, &["--json"])));
+    assert_eq!(stage(&cold, "compress")["reused"]["reused"], 0);
+    assert_eq!(
+        rebuilt["id"], cold["id"],
+        "qcow2 differs from a clean build"
+    );
+    assert_eq!(
+        rebuilt["lxc"], cold["lxc"],
+        "LXC archive differs from a clean build"
+    );
+
+    // The archive is what `tar --zstd` (and so Proxmox) reads.
+    let lxc = p
+        .join("images/tiny/0.1.0")
+        .join(rebuilt["lxc"]["file"].as_str().unwrap());
+    let list = std::process::Command::new("tar")
+        .args(["--zstd", "-xOf"])
+        .arg(&lxc)
+        .arg("etc/sysctl.d/60-kiln.conf")
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert_eq!(list.stdout, b"vm.max_map_count = 262144\n");
+}
+
 #[test]
 fn file_capabilities_survive_into_the_image() {
     let out = debugfs(&built().root_img, "ea_list /usr/bin/ping");

@@ -26,8 +26,6 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// How often a request is tried when the fault may be transient (5xx, 429,
@@ -170,7 +168,7 @@ pub fn pull(images: &[ImageRef], opts: &PullOptions) -> Result<Vec<PulledImage>>
     let workers = opts.concurrency.max(1);
 
     // Phase 1: manifests (small, cached by digest too), to learn every blob.
-    let pulled = parallel_map(images, workers, |image| {
+    let pulled = crate::parallel::map_slice(images, workers, |image| {
         plan_image(&reg, &cache, &opts.cache_dir, image, &opts.platform)
             .with_context(|| format!("cannot pull {image}"))
     })?;
@@ -215,7 +213,7 @@ pub fn pull(images: &[ImageRef], opts: &PullOptions) -> Result<Vec<PulledImage>>
     todo.sort_by_key(|(d, _)| std::cmp::Reverse(d.size));
     let bytes: u64 = todo.iter().map(|(d, _)| d.size).sum();
     let bar = crate::progress::bytes(opts.progress, Some(bytes), "pulling images");
-    let fetched = parallel_map(&todo, workers, |(desc, image)| {
+    let fetched = crate::parallel::map_slice(&todo, workers, |(desc, image)| {
         fetch_blob(&reg, &cache, image, desc, &bar).with_context(|| format!("cannot pull {image}"))
     });
     bar.finish_and_clear();
@@ -410,50 +408,6 @@ fn read_limited(
     Ok(bytes)
 }
 
-/// Run `f` over `items` on up to `workers` threads; the first error stops
-/// the rest from starting and is returned. Results keep the input order.
-fn parallel_map<T: Sync, R: Send>(
-    items: &[T],
-    workers: usize,
-    f: impl Fn(&T) -> Result<R> + Sync,
-) -> Result<Vec<R>> {
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
-    let first_error: Mutex<Option<(usize, anyhow::Error)>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..workers.min(items.len()) {
-            s.spawn(|| loop {
-                if failed.load(Ordering::SeqCst) {
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(item) = items.get(i) else { return };
-                match f(item) {
-                    Ok(r) => results.lock().unwrap()[i] = Some(r),
-                    Err(e) => {
-                        failed.store(true, Ordering::SeqCst);
-                        let mut slot = first_error.lock().unwrap();
-                        if slot.as_ref().is_none_or(|(j, _)| i < *j) {
-                            *slot = Some((i, e));
-                        }
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    if let Some((_, e)) = first_error.into_inner().unwrap() {
-        return Err(e);
-    }
-    Ok(results
-        .into_inner()
-        .unwrap()
-        .into_iter()
-        .map(|r| r.expect("every item ran"))
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,21 +429,6 @@ mod tests {
         let d = format!("sha256:{}", "ab".repeat(32));
         let r = ImageRef::parse(&format!("127.0.0.1:9/kiln/app:v1@{d}")).unwrap();
         assert_eq!(resolve(&r, &Auth::anonymous()).unwrap(), d);
-    }
-
-    #[test]
-    fn parallel_map_keeps_order_and_reports_the_earliest_failure() {
-        let items: Vec<u32> = (0..20).collect();
-        let out = parallel_map(&items, 3, |i| Ok(i * 2)).unwrap();
-        assert_eq!(out, items.iter().map(|i| i * 2).collect::<Vec<_>>());
-        let err = parallel_map(&items, 1, |i| {
-            if *i >= 5 {
-                bail!("item {i} failed")
-            }
-            Ok(*i)
-        })
-        .unwrap_err();
-        assert_eq!(err.to_string(), "item 5 failed");
     }
 
     #[test]
