@@ -256,7 +256,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     let scratch = opts.cache.scratch("build-")?;
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
-    clean_stale_staging(&opts.out);
+    crate::util::remove_stale_dirs(&opts.out, ".kiln-staging-");
     let staging = tempfile::Builder::new()
         .prefix(&format!(".kiln-staging-{}-", std::process::id()))
         .tempdir_in(&opts.out)
@@ -396,7 +396,11 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     let lxc_reference = opts
         .cache
         .reference(&crate::lxc::reference_name(&recipe.name));
-    let raw = scratch.path().join("disk.raw");
+    // The raw disk lives only until it is compressed: in RAM when there is
+    // room (writing and deleting it costs far less there), else in the cache.
+    let ram =
+        crate::disk::ram_scratch(layout.root_start + composed.data_bytes + composed.data_bytes / 8);
+    let raw = ram.as_ref().unwrap_or(&scratch).path().join("disk.raw");
     let disk_file = format!("{}-{}.qcow2", recipe.name, recipe.version);
     let qcow2 = staging.path().join(&disk_file);
     let stop_lxc = AtomicBool::new(false);
@@ -428,8 +432,9 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         disk?;
         let Some(job) = lxc_job else { return Ok(None) };
         let stats = timer.run(BuildStage::Lxc, || {
-            let stats = job.join().expect("LXC compression thread panicked")?;
-            opts.cache.keep_reference(&lxc_reference, &lxc_path)?;
+            let written = job.join().expect("LXC compression thread panicked")?;
+            crate::reuse::keep(&lxc_reference, &lxc_path, &written.index)?;
+            let stats = written.stats;
             let all = stats.reused == stats.frames;
             Ok((stats, all))
         })?;
@@ -440,7 +445,13 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
             size: stats.size,
         }))
     })?;
-    drop(std::fs::remove_file(&raw));
+    // Deleting gigabytes of scratch takes a while: do it while the image is
+    // hashed and published (waited for when `build` returns).
+    let _cleanup = crate::util::Background::spawn(move || {
+        let _ = std::fs::remove_file(&raw);
+        drop(ram);
+        drop(scratch);
+    });
 
     let id = crate::util::sha256_file(&qcow2)?;
     let validate =
@@ -558,8 +569,9 @@ fn disk_and_compress(
         let reference = opts
             .cache
             .reference(&crate::disk::qcow2::reference_name(&recipe.name));
-        let stats = crate::disk::to_qcow2(job.raw, job.qcow2, Some(&reference), show)?;
-        opts.cache.keep_reference(&reference, job.qcow2)?;
+        let written = crate::disk::to_qcow2(job.raw, job.qcow2, Some(&reference), show)?;
+        crate::reuse::keep(&reference, job.qcow2, &written.index)?;
+        let stats = written.stats;
         let all = stats.reused == stats.data_clusters;
         Ok((stats, all))
     })?;
@@ -618,23 +630,6 @@ fn publish(staging: tempfile::TempDir, dest: &Path) -> Result<()> {
         return Err(e).with_context(|| format!("cannot publish {}", dest.display()));
     }
     Ok(())
-}
-
-/// Remove staging directories left by builds that were killed outright.
-fn clean_stale_staging(out: &Path) {
-    let Ok(rd) = std::fs::read_dir(out) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(".kiln-staging-") else {
-            continue;
-        };
-        let pid = rest.split('-').next().unwrap_or("");
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
 }
 
 /// `SHA256SUMS` in the format `sha256sum -c` reads.

@@ -292,9 +292,12 @@ pub fn assemble(
         ])
         .arg("-U")
         .arg(&ids.root_fs_uuid)
+        // The raw file is new and sparse, so it reads as zeros: mkfs need not
+        // write zeros over inode tables and the journal (the same bytes, with
+        // holes the qcow2 writer skips).
         .arg("-E")
         .arg(format!(
-            "offset={},hash_seed={},nodiscard,lazy_itable_init=0",
+            "offset={},hash_seed={},nodiscard,lazy_itable_init=0,assume_storage_prezeroed=1",
             layout.root_start, ids.root_fs_uuid
         ))
         .arg("-d")
@@ -321,6 +324,65 @@ pub fn assemble(
     Ok(())
 }
 
+/// Where RAM-backed scratch goes: Debian mounts a tmpfs there.
+const RAM_DIR: &str = "/dev/shm";
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAM_PREFIX: &str = "kiln-";
+
+/// A scratch directory in RAM for a raw disk that will hold about `need`
+/// bytes, when the tmpfs and the machine's available memory both have at
+/// least twice that to spare (plus 1 GiB of memory). `None` means use disk.
+/// `KILN_RAM_SCRATCH=0` turns it off. Directories of killed builds are
+/// removed first, so a crash never pins memory for long.
+pub fn ram_scratch(need: u64) -> Option<tempfile::TempDir> {
+    if std::env::var_os("KILN_RAM_SCRATCH").is_some_and(|v| v == "0") {
+        return None;
+    }
+    ram_dir(Path::new(RAM_DIR), need, mem_available())
+}
+
+fn ram_dir(root: &Path, need: u64, mem_available: Option<u64>) -> Option<tempfile::TempDir> {
+    let st = statfs(root)?;
+    if st.fs_type != TMPFS_MAGIC
+        || st.free < need.saturating_mul(2)
+        || mem_available? < need.saturating_mul(2) + (1 << 30)
+    {
+        return None;
+    }
+    crate::util::remove_stale_dirs(root, RAM_PREFIX);
+    tempfile::Builder::new()
+        .prefix(&format!("{RAM_PREFIX}{}-", std::process::id()))
+        .tempdir_in(root)
+        .ok()
+}
+
+struct FsStat {
+    fs_type: i64,
+    free: u64,
+}
+
+fn statfs(path: &Path) -> Option<FsStat> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statfs buffer of the right type.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(FsStat {
+        fs_type: st.f_type as i64,
+        free: st.f_bavail as u64 * st.f_bsize as u64,
+    })
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn too_big(data_bytes: u64, layout: &Layout) -> anyhow::Error {
     anyhow::anyhow!(
         "the rootfs ({} of file data) does not fit the {} root partition of disk.size {}: raise [disk] size in the recipe",
@@ -337,7 +399,7 @@ pub fn to_qcow2(
     out: &Path,
     reference: Option<&Path>,
     show: bool,
-) -> Result<qcow2::Stats> {
+) -> Result<qcow2::Written> {
     qcow2::write(raw, out, reference, show)
 }
 
@@ -364,6 +426,41 @@ pub fn virtual_size(image: &Path) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ram_scratch_needs_a_tmpfs() {
+        let d = tempfile::tempdir().unwrap(); // on disk, not a tmpfs
+        if statfs(d.path()).unwrap().fs_type != TMPFS_MAGIC {
+            assert!(ram_dir(d.path(), 1, Some(u64::MAX / 4)).is_none());
+        }
+    }
+
+    #[test]
+    fn ram_scratch_is_refused_without_memory_to_spare() {
+        let shm = Path::new(RAM_DIR);
+        if statfs(shm).is_some_and(|s| s.fs_type == TMPFS_MAGIC) {
+            assert!(ram_dir(shm, 1 << 20, Some(1 << 30)).is_none());
+            assert!(ram_dir(shm, 1 << 20, None).is_none());
+            let d = ram_dir(shm, 1 << 20, Some(8 << 30)).expect("room for 1 MiB");
+            assert!(d.path().starts_with(shm));
+        }
+    }
+
+    #[test]
+    fn directories_of_dead_builds_are_removed_and_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let dead = d.path().join(format!("{RAM_PREFIX}999999999-x"));
+        let live = d
+            .path()
+            .join(format!("{RAM_PREFIX}{}-y", std::process::id()));
+        let other = d.path().join("kiln-notapid-z");
+        for p in [&dead, &live, &other] {
+            std::fs::create_dir(p).unwrap();
+        }
+        crate::util::remove_stale_dirs(d.path(), RAM_PREFIX);
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
+    }
 
     #[test]
     fn identities_are_stable_per_seed_and_differ_between_seeds() {

@@ -56,24 +56,10 @@ impl Cache {
     }
 
     /// Where the reference copy of a recipe's last output named `name` lives:
-    /// a previous image whose unchanged parts a rebuild reuses. It is only ever
-    /// read through checks of its content, so a damaged one costs time, never
-    /// correctness.
+    /// a previous output whose unchanged parts a rebuild reuses (see
+    /// [`crate::reuse`]).
     pub fn reference(&self, name: &str) -> PathBuf {
         self.root.join("references").join(name)
-    }
-
-    /// Make `output` the reference at `path`: a hard link when the two share a
-    /// filesystem (no copy, no space), else a copy; replaced atomically.
-    pub fn keep_reference(&self, path: &Path, output: &Path) -> Result<()> {
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        if std::fs::hard_link(output, &tmp).is_err() {
-            std::fs::copy(output, &tmp).with_context(|| {
-                format!("cannot copy {} to {}", output.display(), tmp.display())
-            })?;
-        }
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
     }
 
     /// A cached blob, if present.

@@ -24,6 +24,7 @@ pub mod progress;
 pub mod publish;
 pub mod pvesim;
 pub mod recipe;
+pub mod reuse;
 pub mod rootfs;
 pub mod util;
 pub mod validate;

@@ -3,20 +3,21 @@
 //!
 //! The archive is a series of independent zstd frames, one per [`CHUNK`] of tar
 //! (zstd, and so `tar --zstd` and Proxmox, read concatenated frames as one
-//! stream). A rebuild passes the previous archive of the recipe as a reference:
-//! a frame whose tar bytes are unchanged (checked by decompressing the
-//! reference's frame at the same position) is copied instead of compressed.
-//! Compose writes the base entries first and the recipe's additions last, so a
-//! changed overlay file leaves all but the last frames alone. Reused frames are
-//! exactly what compressing gives (same zstd, level and chunk size, see
-//! [`reference_name`]), so a rebuild equals a cold build.
+//! stream). A rebuild passes the recipe's previous archive as a reference (see
+//! [`crate::reuse`]): a frame whose tar bytes are unchanged at the same position
+//! is copied instead of compressed. Compose writes the base entries first and
+//! the recipe's additions last, so a changed overlay file leaves all but the
+//! last frames alone. Reused frames are exactly what compressing gives (same
+//! zstd, level and chunk size, see [`reference_name`]), so a rebuild equals a
+//! cold build.
 
 use anyhow::{Context, Result};
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::reuse::{fingerprint, Fingerprint};
 
 /// Tar bytes per zstd frame.
 pub const CHUNK: usize = 4 << 20;
@@ -43,61 +44,98 @@ pub struct Stats {
     pub reused: u64,
 }
 
-/// One chunk of tar and, when the reference has a frame at its position,
-/// that frame's bytes.
-struct Job {
-    data: Vec<u8>,
-    reference: Option<Vec<u8>>,
+/// The archive's stats and the index that lets the next build reuse its frames.
+pub struct Written {
+    pub stats: Stats,
+    pub index: crate::reuse::Index,
+}
+
+/// One compressed frame on its way to the writer.
+struct Frame {
+    bytes: Vec<u8>,
+    reused: bool,
+    content: Fingerprint,
+    fingerprint: Fingerprint,
 }
 
 /// Compress `tar` into `out` as zstd frames, reusing frames of `reference`
 /// where the tar is unchanged. Stops early (with an error) when `stop` is set
 /// or the build is interrupted.
-pub fn write(tar: &Path, out: &Path, reference: Option<&Path>, stop: &AtomicBool) -> Result<Stats> {
-    let mut input = File::open(tar).with_context(|| format!("cannot open {}", tar.display()))?;
-    let mut frames = reference.and_then(|p| File::open(p).ok()).map(Frames::new);
+pub fn write(
+    tar: &Path,
+    out: &Path,
+    reference: Option<&Path>,
+    stop: &AtomicBool,
+) -> Result<Written> {
+    let input = File::open(tar).with_context(|| format!("cannot open {}", tar.display()))?;
+    let tar_len = input.metadata()?.len();
+    let reference = reference.and_then(crate::reuse::Reference::open);
     let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut w = crate::util::HashingWriter::new(BufWriter::with_capacity(4 << 20, file));
     let mut stats = Stats::default();
+    let mut index = crate::reuse::Index::default();
     crate::parallel::map_ordered(
         crate::parallel::threads(),
-        |send| loop {
-            if stop.load(Ordering::SeqCst) {
-                anyhow::bail!("stopped");
-            }
-            crate::util::check_interrupted()?;
-            let data = read_chunk(&mut input).context("cannot read the rootfs tar")?;
-            if data.is_empty() {
-                return Ok(());
-            }
-            let reference = frames.as_mut().and_then(Frames::next);
-            if !send(Job { data, reference }) {
-                return Ok(());
-            }
-        },
-        || {
-            Ok((
-                zstd::bulk::Compressor::new(LEVEL)?,
-                zstd::bulk::Decompressor::new()?,
-                Vec::with_capacity(CHUNK),
-            ))
-        },
-        |(compressor, decompressor, scratch), job: Job| {
-            if let Some(frame) = job.reference {
-                scratch.clear();
-                let same = decompressor
-                    .decompress_to_buffer(&frame[..], scratch)
-                    .is_ok_and(|n| n == job.data.len() && scratch[..] == job.data[..]);
-                if same {
-                    return Ok((frame, true));
+        |send| {
+            for position in 0..tar_len.div_ceil(CHUNK as u64) {
+                if stop.load(Ordering::SeqCst) {
+                    anyhow::bail!("stopped");
+                }
+                crate::util::check_interrupted()?;
+                if !send(position) {
+                    break;
                 }
             }
-            Ok((compressor.compress(&job.data)?, false))
+            Ok(())
         },
-        |(frame, reused)| {
-            w.write_all(&frame)?;
+        || Ok(zstd::bulk::Compressor::new(LEVEL)?),
+        |compressor, position: u64| {
+            let offset = position * CHUNK as u64;
+            let len = (CHUNK as u64).min(tar_len - offset) as usize;
+            // Read straight from the page cache; unmapped when done.
+            // SAFETY: the tar is this build's own scratch file; nothing writes
+            // or truncates it while it is mapped.
+            let data = unsafe {
+                memmap2::MmapOptions::new()
+                    .offset(offset)
+                    .len(len)
+                    .map(&input)
+            }
+            .context("cannot map the rootfs tar")?;
+            let content = fingerprint(&data);
+            if let Some((piece, bytes)) =
+                reference.as_ref().and_then(|r| r.piece(position, &content))
+            {
+                return Ok(Frame {
+                    bytes,
+                    reused: true,
+                    content,
+                    fingerprint: piece.bytes,
+                });
+            }
+            let bytes = compressor.compress(&data)?;
+            Ok(Frame {
+                fingerprint: fingerprint(&bytes),
+                bytes,
+                reused: false,
+                content,
+            })
+        },
+        |frame| {
+            index.insert(
+                stats.frames,
+                crate::reuse::Piece {
+                    offset: stats.size,
+                    len: frame.bytes.len() as u32,
+                    stored: false,
+                    content: frame.content,
+                    bytes: frame.fingerprint,
+                },
+            );
+            w.write_all(&frame.bytes)?;
+            stats.size += frame.bytes.len() as u64;
             stats.frames += 1;
-            stats.reused += reused as u64;
+            stats.reused += frame.reused as u64;
             Ok(())
         },
     )
@@ -109,43 +147,7 @@ pub fn write(tar: &Path, out: &Path, reference: Option<&Path>, stop: &AtomicBool
         .with_context(|| format!("cannot write {}", out.display()))?;
     stats.sha256 = sha256;
     stats.size = size;
-    Ok(stats)
-}
-
-/// Up to [`CHUNK`] bytes (fewer only at the end).
-fn read_chunk(input: &mut File) -> std::io::Result<Vec<u8>> {
-    let mut data = Vec::with_capacity(CHUNK);
-    input.take(CHUNK as u64).read_to_end(&mut data)?;
-    Ok(data)
-}
-
-/// The frames of a reference archive, in order. Anything unreadable ends it.
-struct Frames {
-    file: File,
-    offset: u64,
-}
-
-impl Frames {
-    fn new(file: File) -> Frames {
-        Frames { file, offset: 0 }
-    }
-
-    fn next(&mut self) -> Option<Vec<u8>> {
-        let bound = zstd::zstd_safe::compress_bound(CHUNK);
-        let mut buf = vec![0u8; bound];
-        let mut got = 0;
-        while got < bound {
-            match self.file.read_at(&mut buf[got..], self.offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(_) => return None,
-            }
-        }
-        let n = zstd::zstd_safe::find_frame_compressed_size(&buf[..got]).ok()?;
-        buf.truncate(n);
-        self.offset += n as u64;
-        Some(buf)
-    }
+    Ok(Written { stats, index })
 }
 
 #[cfg(test)]
@@ -158,18 +160,22 @@ mod tests {
             .collect()
     }
 
-    fn run(data: &[u8], reference: Option<&Path>) -> (Vec<u8>, Stats) {
+    /// Compress `data`; with `keep_as`, keep the archive as a reference there.
+    fn run(data: &[u8], reference: Option<&Path>, keep_as: Option<&Path>) -> (Vec<u8>, Stats) {
         let d = tempfile::tempdir().unwrap();
         let (tar, out) = (d.path().join("in.tar"), d.path().join("out.tar.zst"));
         std::fs::write(&tar, data).unwrap();
-        let stats = write(&tar, &out, reference, &AtomicBool::new(false)).unwrap();
-        (std::fs::read(&out).unwrap(), stats)
+        let w = write(&tar, &out, reference, &AtomicBool::new(false)).unwrap();
+        if let Some(path) = keep_as {
+            crate::reuse::keep(path, &out, &w.index).unwrap();
+        }
+        (std::fs::read(&out).unwrap(), w.stats)
     }
 
     #[test]
     fn the_archive_decompresses_to_the_tar_and_its_digest_is_reported() {
         let data = tar_like(CHUNK * 2 + 1000, 0);
-        let (zst, stats) = run(&data, None);
+        let (zst, stats) = run(&data, None, None);
         assert_eq!(stats.frames, 3);
         assert_eq!(zstd::decode_all(&zst[..]).unwrap(), data);
         assert_eq!(stats.sha256, crate::util::sha256_hex(&zst));
@@ -180,13 +186,12 @@ mod tests {
     fn a_changed_tail_reuses_the_frames_before_it_and_equals_a_fresh_write() {
         let d = tempfile::tempdir().unwrap();
         let old = tar_like(CHUNK * 3 + 10, 0);
-        let (reference, _) = run(&old, None);
         let ref_path = d.path().join("ref.tar.zst");
-        std::fs::write(&ref_path, &reference).unwrap();
+        run(&old, None, Some(&ref_path));
         let mut new = old.clone();
         new.extend_from_slice(b"an overlay file that changed");
-        let (fresh, _) = run(&new, None);
-        let (rebuilt, stats) = run(&new, Some(&ref_path));
+        let (fresh, _) = run(&new, None, None);
+        let (rebuilt, stats) = run(&new, Some(&ref_path), None);
         assert_eq!(stats.reused, 3, "{stats:?}");
         assert_eq!(stats.frames, 4);
         assert_eq!(fresh, rebuilt);
@@ -196,13 +201,13 @@ mod tests {
     fn a_damaged_reference_frame_is_compressed_again() {
         let d = tempfile::tempdir().unwrap();
         let data = tar_like(CHUNK * 2, 0);
-        let (mut reference, _) = run(&data, None);
         let ref_path = d.path().join("ref.tar.zst");
+        let (mut reference, _) = run(&data, None, Some(&ref_path));
         let len = reference.len();
         reference[len - 100] ^= 0xff; // inside the last frame
         std::fs::write(&ref_path, &reference).unwrap();
-        let (fresh, _) = run(&data, None);
-        let (rebuilt, stats) = run(&data, Some(&ref_path));
+        let (fresh, _) = run(&data, None, None);
+        let (rebuilt, stats) = run(&data, Some(&ref_path), None);
         assert_eq!(stats.reused, 1, "{stats:?}");
         assert_eq!(fresh, rebuilt);
     }

@@ -106,8 +106,13 @@ fn lookup(cache: &Cache, key: &str) -> Option<BaseRootfs> {
             return None;
         }
         meta.verified = Some(stamp);
-        // Only a cache hint: a failed write means the next build hashes again.
-        let _ = write_meta(&meta_path, &meta);
+        // Only a hint: if it is lost, the next build hashes again.
+        let _ = crate::util::write_hint(
+            &meta_path,
+            serde_json::to_string_pretty(&meta)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
     }
     Some(BaseRootfs {
         tar,

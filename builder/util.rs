@@ -66,6 +66,46 @@ impl FileStamp {
     }
 }
 
+/// Work handed to a thread that is waited for when this is dropped, so the
+/// process never exits with it half done (deleting scratch files while the
+/// build finishes, for one).
+pub struct Background(Option<std::thread::JoinHandle<()>>);
+
+impl Background {
+    pub fn spawn(work: impl FnOnce() + Send + 'static) -> Background {
+        Background(Some(std::thread::spawn(work)))
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Remove the directories in `dir` named `<prefix><pid>-…` whose process is
+/// gone: what builds killed outright (no chance to clean up) left behind.
+pub fn remove_stale_dirs(dir: &Path, prefix: &str) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        if !pid.is_empty()
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A writer that hashes what passes through it.
 pub struct HashingWriter<W> {
     inner: W,
@@ -106,6 +146,17 @@ impl<W: Write> Write for HashingWriter<W> {
 /// Write `contents` to `path` through a temp file in the same directory and a
 /// rename, so readers see the old file or the new one, never half of one.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    replace_file(path, contents, true)
+}
+
+/// [`write_atomic`] without the fsync, for cache hints whose loss after a
+/// crash only costs time (their readers verify what they use): an fsync can
+/// wait for gigabytes of unrelated dirty data on the same filesystem.
+pub fn write_hint(path: &Path, contents: &[u8]) -> Result<()> {
+    replace_file(path, contents, false)
+}
+
+fn replace_file(path: &Path, contents: &[u8], durable: bool) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -116,7 +167,9 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a temp file in {}", dir.display()))?;
     tmp.write_all(contents)?;
-    tmp.as_file().sync_all()?;
+    if durable {
+        tmp.as_file().sync_all()?;
+    }
     tmp.persist(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())

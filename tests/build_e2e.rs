@@ -411,11 +411,21 @@ fn ctrl_c_mid_build_leaves_nothing_behind() {
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
     unsafe { libc_kill(child.id() as i32, 2) };
+    let pid = child.id();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
     nothing_published(&p.join("images"));
     cache_tmp_is_empty(&cache);
+    // Nor is a raw disk left in RAM.
+    let in_ram: Vec<_> = std::fs::read_dir("/dev/shm")
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let prefix = format!("kiln-{pid}-");
+    assert!(
+        !in_ram.iter().any(|n| n.to_string_lossy().starts_with(&prefix)),
+        "{in_ram:?}"
+    );
 }
 
 extern "C" {
