@@ -273,12 +273,16 @@ impl Vm {
             let vm_ref = &mut vm;
             let child = vm_ref.child.as_mut().expect("just spawned");
             let stderr_path = vm_ref.stderr_path.clone();
+            // A Ctrl-C while QEMU is still starting (slow on a loaded host)
+            // must not wait out the deadline.
             QmpClient::connect(&spec.qmp_socket(), deadline, || {
-                check_child(child, &stderr_path)
+                check_child(child, &stderr_path)?;
+                crate::util::check_interrupted()
             })
         };
         let qmp = match qmp {
             Ok(q) => q,
+            Err(e) if crate::util::interrupted() => return Err(e),
             Err(e) => {
                 // QEMU that dies right after opening its socket says why on
                 // stderr; that beats "connection reset".
@@ -338,7 +342,9 @@ impl Vm {
             return;
         };
         if let Ok(None) = child.try_wait() {
-            if let Some(qmp) = self.qmp.as_mut() {
+            // After Ctrl-C, kill at once: a busy QEMU may take seconds to
+            // answer QMP, and the overlay is thrown away anyway.
+            if let Some(qmp) = self.qmp.as_mut().filter(|_| !crate::util::interrupted()) {
                 let _ = qmp.quit();
             }
             let until = Instant::now() + Duration::from_secs(3);
