@@ -335,6 +335,8 @@ const RAM_PREFIX: &str = "kiln-";
 /// `KILN_RAM_SCRATCH=0` turns it off. Directories of killed builds are
 /// removed first, so a crash never pins memory for long.
 pub fn ram_scratch(need: u64) -> Option<tempfile::TempDir> {
+    // First, or a killed build's leftover could itself leave too little room.
+    crate::util::remove_stale_dirs(Path::new(RAM_DIR), RAM_PREFIX);
     if std::env::var_os("KILN_RAM_SCRATCH").is_some_and(|v| v == "0") {
         return None;
     }
@@ -349,7 +351,6 @@ fn ram_dir(root: &Path, need: u64, mem_available: Option<u64>) -> Option<tempfil
     {
         return None;
     }
-    crate::util::remove_stale_dirs(root, RAM_PREFIX);
     tempfile::Builder::new()
         .prefix(&format!("{RAM_PREFIX}{}-", std::process::id()))
         .tempdir_in(root)

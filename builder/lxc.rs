@@ -23,13 +23,15 @@ use crate::reuse::{fingerprint, Fingerprint};
 pub const CHUNK: usize = 4 << 20;
 /// zstd level 3: Proxmox's own default for vztmpl archives.
 const LEVEL: i32 = 3;
+/// Bumped whenever the bytes this writer produces change for the same input.
+const WRITER_VERSION: u32 = 1;
 
 /// The cache name of a recipe's reference archive: it names everything the
 /// frames' bytes depend on, so a reference from another compressor is never
 /// used.
 pub fn reference_name(recipe: &str) -> String {
     format!(
-        "{recipe}.lxc.{}-c{}.tar.zst",
+        "{recipe}.lxc.{}-c{}-w{WRITER_VERSION}.tar.zst",
         crate::util::zstd_id(LEVEL),
         CHUNK >> 20
     )

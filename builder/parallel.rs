@@ -3,9 +3,10 @@
 //!
 //! Both compressors (qcow2 clusters, LXC archive frames) use it: one producer
 //! reads input, workers compress, and the caller's consumer writes in order.
-//! Queues are bounded, so memory stays at a few jobs per thread.
+//! At most a few jobs per thread are in flight (sent and not yet consumed),
+//! so memory stays bounded however uneven the workers are.
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -14,6 +15,9 @@ use std::sync::{Arc, Mutex};
 /// The sequence number a worker's failed `init` reports under: it ends the
 /// run as soon as it arrives.
 const INIT_FAILED: u64 = u64::MAX;
+
+/// Jobs in flight per worker.
+const WINDOW_PER_THREAD: usize = 4;
 
 /// How many workers to run: one per core.
 pub fn threads() -> usize {
@@ -42,10 +46,21 @@ where
     let job_rx = Arc::new(Mutex::new(job_rx));
     let (done_tx, done_rx) = sync_channel::<(u64, Result<R>)>(threads * 2);
     let failed = AtomicBool::new(false);
+    // One token per job in flight: the producer takes one before sending, the
+    // consumer gives it back after consuming. When the consumer stops, the
+    // producer's next take fails and it stops too.
+    let window = threads * WINDOW_PER_THREAD;
+    let (token_tx, token_rx) = sync_channel::<()>(window);
+    for _ in 0..window {
+        token_tx.send(()).expect("the receiver is alive");
+    }
     std::thread::scope(|s| {
         let producer = s.spawn(move || {
             let mut seq = 0u64;
             let mut send = |job: J| {
+                if token_rx.recv().is_err() {
+                    return false;
+                }
                 let ok = job_tx.send((seq, job)).is_ok();
                 seq += 1;
                 ok
@@ -64,7 +79,7 @@ where
         // others see a closed queue instead of waiting forever.
         drop(job_rx);
         drop(done_tx);
-        let consumed = consume_in_order(done_rx, &mut consume);
+        let consumed = consume_in_order(done_rx, token_tx, &mut consume);
         let produced = producer.join().expect("producer thread panicked");
         for w in workers {
             w.join().expect("worker thread panicked");
@@ -91,7 +106,10 @@ fn worker<J, R, St>(
     while !failed.load(Ordering::SeqCst) {
         let next = rx.lock().expect("job queue poisoned").recv();
         let Ok((seq, job)) = next else { return };
-        let r = work(&mut state, job);
+        // A panicking job fails like any other, so its turn still comes and
+        // the run ends cleanly instead of waiting for it.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut state, job)))
+            .unwrap_or_else(|_| Err(anyhow!("job {seq} panicked")));
         if r.is_err() {
             failed.store(true, Ordering::SeqCst);
         }
@@ -106,6 +124,7 @@ fn worker<J, R, St>(
 /// results do come); dropping the receiver then stops the workers.
 fn consume_in_order<R>(
     rx: Receiver<(u64, Result<R>)>,
+    tokens: SyncSender<()>,
     consume: &mut impl FnMut(R) -> Result<()>,
 ) -> Result<()> {
     let mut pending = BTreeMap::new();
@@ -118,7 +137,11 @@ fn consume_in_order<R>(
         while let Some(r) = pending.remove(&next) {
             consume(r?)?;
             next += 1;
+            let _ = tokens.try_send(());
         }
+    }
+    if !pending.is_empty() {
+        return Err(anyhow!("a worker stopped before job {next} was done"));
     }
     Ok(())
 }
@@ -274,6 +297,68 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "disk full");
+    }
+
+    #[test]
+    fn a_panicking_job_fails_the_run_instead_of_hanging_it() {
+        let err = map_ordered(
+            2,
+            |send| {
+                for i in 0..1000u64 {
+                    if !send(i) {
+                        break;
+                    }
+                }
+                Ok(())
+            },
+            || Ok(()),
+            |_, i| {
+                if i == 7 {
+                    panic!("boom");
+                }
+                Ok(i)
+            },
+            |_| Ok(()),
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "job 7 panicked");
+    }
+
+    #[test]
+    fn jobs_in_flight_stay_within_the_window_when_one_job_is_slow() {
+        use std::sync::atomic::AtomicU64;
+        let sent = AtomicU64::new(0);
+        let max_ahead = AtomicU64::new(0);
+        let mut consumed = 0u64;
+        map_ordered(
+            2,
+            |send| {
+                for i in 0..300u64 {
+                    sent.store(i + 1, Ordering::SeqCst);
+                    if !send(i) {
+                        break;
+                    }
+                }
+                Ok(())
+            },
+            || Ok(()),
+            |_, i| {
+                if i == 10 {
+                    // The other worker races ahead meanwhile.
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                Ok(i)
+            },
+            |_| {
+                consumed += 1;
+                let ahead = sent.load(Ordering::SeqCst) - consumed;
+                max_ahead.fetch_max(ahead, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(consumed, 300);
+        assert!(max_ahead.load(Ordering::SeqCst) <= 2 * WINDOW_PER_THREAD as u64 + 1);
     }
 
     #[test]

@@ -18,6 +18,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"KILNIDX1";
+/// No piece is larger (qcow2 clusters are 64 KiB, LXC frames 4 MiB of tar):
+/// an index claiming more is not believed.
+const MAX_PIECE: u32 = 16 << 20;
 const ENTRY: usize = 8 + 8 + 4 + 1 + 32 + 32;
 
 /// A BLAKE3 digest: fast enough to fingerprint every byte of an image on
@@ -138,7 +141,7 @@ impl Reference {
     /// exactly the content fingerprinted `content` and its bytes are intact.
     pub fn piece(&self, position: u64, content: &Fingerprint) -> Option<(Piece, Vec<u8>)> {
         let p = self.index.pieces.get(&position)?;
-        if p.content != *content {
+        if p.content != *content || p.len > MAX_PIECE {
             return None;
         }
         let mut bytes = vec![0u8; p.len as usize];

@@ -42,6 +42,8 @@ const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
 /// Bits of a compressed cluster descriptor that hold the host offset.
 const CSIZE_SHIFT: u32 = 62 - (CLUSTER_BITS - 8);
+/// Compressed clusters must start below this offset (16 PiB).
+const OFFSET_LIMIT: u64 = 1 << CSIZE_SHIFT;
 
 /// The cache name of a recipe's reference image: it names everything the
 /// clusters' bytes depend on (zstd's version, the level, this writer's layout),
@@ -201,8 +203,15 @@ fn cluster(
         };
     }
     let content = fingerprint(data);
-    if let Some((piece, bytes)) = reference.and_then(|r| r.piece(position, &content)) {
-        let stored = piece.stored && bytes.len() == data.len();
+    let reusable = |(p, b): &(crate::reuse::Piece, Vec<u8>)| {
+        // Stored clusters are whole; compressed ones are smaller than that.
+        (b.len() == CLUSTER as usize) == p.stored
+    };
+    if let Some((piece, bytes)) = reference
+        .and_then(|r| r.piece(position, &content))
+        .filter(reusable)
+    {
+        let stored = piece.stored;
         return Done {
             cluster: if stored {
                 Cluster::Stored(bytes)
@@ -337,6 +346,12 @@ impl<W: Write + Seek> Writer<W> {
     fn compressed(&mut self, index: u64, bytes: &[u8]) -> Result<u64> {
         let off = self.pos;
         let len = bytes.len() as u64;
+        if off + len > OFFSET_LIMIT {
+            bail!(
+                "the qcow2 would exceed the {} its compressed clusters can address",
+                crate::util::human_bytes(OFFSET_LIMIT)
+            );
+        }
         let extra_sectors = ((off + len - 1) >> 9) - (off >> 9);
         self.l2[index as usize] = COMPRESSED | (extra_sectors << CSIZE_SHIFT) | off;
         self.out.write_all(bytes)?;
