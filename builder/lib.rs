@@ -2,8 +2,9 @@
 //! images for K3s clusters on Proxmox VE, then validates and publishes them.
 //!
 //! The modules follow the pipeline, one job each:
-//! recipe → lock/fetch → rootfs → compose/hygiene → disk → manifest →
-//! validate → publish.
+//! recipe → lock/fetch → rootfs → compose/hygiene → disk (+ qcow2) and lxc →
+//! manifest → validate → publish. `reuse` lets a rebuild copy what did not
+//! change from the last output; `parallel` spreads compression over the cores.
 
 pub mod build;
 pub mod cli;

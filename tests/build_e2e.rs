@@ -423,7 +423,9 @@ fn ctrl_c_mid_build_leaves_nothing_behind() {
         .unwrap_or_default();
     let prefix = format!("kiln-{pid}-");
     assert!(
-        !in_ram.iter().any(|n| n.to_string_lossy().starts_with(&prefix)),
+        !in_ram
+            .iter()
+            .any(|n| n.to_string_lossy().starts_with(&prefix)),
         "{in_ram:?}"
     );
 }
