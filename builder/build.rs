@@ -128,7 +128,6 @@ pub fn resolve(recipe_path: &Path) -> Result<(Recipe, Lockfile)> {
 /// sha256 over an overlay tree: paths, kinds, modes, contents and link targets.
 pub fn overlay_digest(dir: &Path) -> Result<String> {
     use sha2::Digest;
-    use std::os::unix::fs::PermissionsExt;
     let mut h = sha2::Sha256::new();
     let mut stack = vec![dir.to_path_buf()];
     let mut files = Vec::new();
@@ -149,7 +148,8 @@ pub fn overlay_digest(dir: &Path) -> Result<String> {
             .expect("under dir")
             .to_string_lossy()
             .into_owned();
-        h.update(format!("{rel}\0{:o}\0", m.permissions().mode()).as_bytes());
+        let mode = crate::compose::overlay_mode(&m);
+        h.update(format!("{rel}\0{mode:o}\0").as_bytes());
         if m.file_type().is_symlink() {
             h.update(std::fs::read_link(&p)?.to_string_lossy().as_bytes());
         } else if m.is_file() {
@@ -882,5 +882,17 @@ mod tests {
             .unwrap();
         let c = overlay_digest(d.path()).unwrap();
         assert!(a != b && b != c);
+    }
+
+    #[test]
+    fn overlay_digest_is_the_same_under_umask_022_and_002() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, "a").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let a = overlay_digest(d.path()).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert_eq!(overlay_digest(d.path()).unwrap(), a);
     }
 }

@@ -490,6 +490,16 @@ fn copy_exact(
     Ok(())
 }
 
+/// The mode an overlay entry gets in the image (and in its digest): the
+/// checkout's, without the group and other write bits. Git records only
+/// whether a file is executable, so a clone's modes follow its umask (0644
+/// under 022, 0664 under 002); without those bits every clone gives the same
+/// image, and no umask makes an image's files group-writable.
+pub fn overlay_mode(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & !0o022
+}
+
 /// Walk an overlay directory into additions: plain files keep their modes,
 /// `*.tera` files are rendered with `ctx` and lose the suffix, symlinks are
 /// copied as symlinks (never followed).
@@ -506,7 +516,6 @@ fn walk_overlay(
     ctx: &tera::Context,
     out: &mut Vec<Addition>,
 ) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read overlay directory {}", dir.display()))?
         .collect::<Result<_, _>>()?;
@@ -520,7 +529,7 @@ fn walk_overlay(
             .into_owned();
         let origin = format!("{label}/{rel}");
         let meta = std::fs::symlink_metadata(&path)?;
-        let mode = meta.permissions().mode() & 0o7777;
+        let mode = overlay_mode(&meta) & 0o7777;
         let ft = meta.file_type();
         if ft.is_dir() {
             out.push(Addition {
@@ -771,6 +780,38 @@ mod tests {
         assert!(check_symlink_target("etc/x", "../usr/bin/y").is_ok());
         assert!(check_symlink_target("etc/x", "../../y").is_err());
         assert!(check_symlink_target("etc/x", "/anything").is_ok());
+    }
+
+    #[test]
+    fn overlay_modes_do_not_depend_on_the_checkouts_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("etc")).unwrap();
+        std::fs::write(d.path().join("etc/a.conf"), "a").unwrap();
+        std::fs::write(d.path().join("etc/run.sh"), "#!/bin/sh").unwrap();
+        let set = |p: &str, m| {
+            std::fs::set_permissions(d.path().join(p), std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        // As a clone under umask 002 leaves them.
+        set("etc", 0o775);
+        set("etc/a.conf", 0o664);
+        set("etc/run.sh", 0o775);
+        let adds = overlay_additions(d.path(), "overlays/x", &tera::Context::new()).unwrap();
+        let modes: Vec<(String, u32)> = adds
+            .iter()
+            .map(|a| match &a.kind {
+                AddKind::Dir { mode } | AddKind::File { mode, .. } => (a.path.clone(), *mode),
+                AddKind::Symlink { .. } => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("/etc".to_string(), 0o755),
+                ("/etc/a.conf".to_string(), 0o644),
+                ("/etc/run.sh".to_string(), 0o755)
+            ]
+        );
     }
 
     #[test]
