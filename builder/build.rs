@@ -414,12 +414,12 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
             &mut timer,
             &recipe,
             opts,
-            DiskJob {
-                raw: &raw,
-                qcow2: &qcow2,
+            &raw,
+            &qcow2,
+            &crate::disk::DiskInputs {
                 layout: &layout,
                 ids: &ids,
-                boot_files: &boot_files,
+                boot: &boot_files,
                 cmdline: &kernel_cmdline,
                 rootfs_tar: &final_tar,
                 epoch,
@@ -521,26 +521,15 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     })
 }
 
-/// What the disk and compress stages work from and write.
-struct DiskJob<'a> {
-    raw: &'a Path,
-    qcow2: &'a Path,
-    layout: &'a crate::disk::Layout,
-    ids: &'a crate::disk::Identities,
-    boot_files: &'a crate::disk::BootFiles,
-    cmdline: &'a str,
-    rootfs_tar: &'a Path,
-    epoch: u64,
-    data_bytes: u64,
-}
-
 /// The disk stage (raw GPT disk) and the compress stage (qcow2, reusing the
 /// recipe's last image as a reference, which this image then replaces).
 fn disk_and_compress(
     timer: &mut Timer,
     recipe: &Recipe,
     opts: &BuildOptions<'_>,
-    job: DiskJob<'_>,
+    raw: &Path,
+    qcow2: &Path,
+    inputs: &crate::disk::DiskInputs<'_>,
 ) -> Result<()> {
     let show = opts.show_progress;
     timer.run(BuildStage::Disk, || {
@@ -552,16 +541,7 @@ fn disk_and_compress(
                 "writing disk (GPT, ESP, ext4)"
             },
         );
-        let r = crate::disk::assemble(
-            job.raw,
-            job.layout,
-            job.ids,
-            job.boot_files,
-            job.cmdline,
-            job.rootfs_tar,
-            job.epoch,
-            job.data_bytes,
-        );
+        let r = crate::disk::assemble(raw, inputs);
         pb.finish_and_clear();
         r.map(|_| ((), false))
     })?;
@@ -569,8 +549,8 @@ fn disk_and_compress(
         let reference = opts
             .cache
             .reference(&crate::disk::qcow2::reference_name(&recipe.name));
-        let written = crate::disk::to_qcow2(job.raw, job.qcow2, Some(&reference), show)?;
-        crate::reuse::keep(&reference, job.qcow2, &written.index)?;
+        let written = crate::disk::qcow2::write(raw, qcow2, Some(&reference), show)?;
+        crate::reuse::keep(&reference, qcow2, &written.index)?;
         let stats = written.stats;
         let all = stats.reused == stats.data_clusters;
         Ok((stats, all))

@@ -215,18 +215,32 @@ fn write_gpt(raw: &Path, layout: &Layout, ids: &Identities) -> Result<()> {
     Ok(())
 }
 
+/// Everything the raw disk is made from.
+pub struct DiskInputs<'a> {
+    pub layout: &'a Layout,
+    pub ids: &'a Identities,
+    pub boot: &'a BootFiles,
+    /// The kernel command line (see [`cmdline`]).
+    pub cmdline: &'a str,
+    /// The final rootfs tar, for `mkfs.ext4 -d`.
+    pub rootfs_tar: &'a Path,
+    pub epoch: u64,
+    /// Bytes of file data in the rootfs (for the size check).
+    pub data_bytes: u64,
+}
+
 /// Build the raw disk: GPT, ESP (in-process FAT), ext4 root filled from
-/// `rootfs_tar` by `mkfs.ext4 -d` at the partition's offset.
-pub fn assemble(
-    raw: &Path,
-    layout: &Layout,
-    ids: &Identities,
-    boot: &BootFiles,
-    cmdline: &str,
-    rootfs_tar: &Path,
-    epoch: u64,
-    data_bytes: u64,
-) -> Result<()> {
+/// the rootfs tar by `mkfs.ext4 -d` at the partition's offset.
+pub fn assemble(raw: &Path, d: &DiskInputs<'_>) -> Result<()> {
+    let DiskInputs {
+        layout,
+        ids,
+        boot,
+        cmdline,
+        rootfs_tar,
+        epoch,
+        data_bytes,
+    } = *d;
     // A quick, certain refusal before mkfs tries: file data alone exceeds the root.
     if data_bytes > layout.root_size {
         return Err(too_big(data_bytes, layout));
@@ -391,17 +405,6 @@ fn too_big(data_bytes: u64, layout: &Layout) -> anyhow::Error {
         crate::util::human_bytes(layout.root_size),
         crate::util::human_bytes(layout.size)
     )
-}
-
-/// Convert the raw disk to compressed qcow2 (zstd clusters; deterministic),
-/// reusing unchanged clusters from `reference` (see [`qcow2`]).
-pub fn to_qcow2(
-    raw: &Path,
-    out: &Path,
-    reference: Option<&Path>,
-    show: bool,
-) -> Result<qcow2::Written> {
-    qcow2::write(raw, out, reference, show)
 }
 
 /// The virtual size qemu-img reports for an image.
