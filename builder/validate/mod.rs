@@ -607,24 +607,18 @@ fn drive_guest(
     let mut guest = loop {
         bail_if_interrupted()?;
         digest.poll()?;
-        if let Some(why) = boot_problem(vm, &mut resets)? {
+        // A boot that fails is recorded as the failed "boot to SSH" check.
+        let why = match boot_problem(vm, &mut resets)? {
+            Some(why) => Some(why),
+            None if vm.started.elapsed() >= opts.boot_timeout => Some(format!(
+                "the guest never answered SSH within {} s (last attempt: {last_ssh_error})",
+                opts.boot_timeout.as_secs()
+            )),
+            None => None,
+        };
+        if let Some(why) = why {
             let failure = format!(
                 "{why}\nlast 50 serial console lines:\n{}",
-                vm.console.tail(50)
-            );
-            result.checks.push(CheckOutcome {
-                name: name("boot to SSH"),
-                passed: false,
-                seconds: round2(vm.started.elapsed().as_secs_f64()),
-                detail: Some(failure.clone()),
-            });
-            result.failure = Some(failure);
-            return Ok(());
-        }
-        if vm.started.elapsed() >= opts.boot_timeout {
-            let failure = format!(
-                "the guest never answered SSH within {} s (last attempt: {last_ssh_error})\nlast 50 serial console lines:\n{}",
-                opts.boot_timeout.as_secs(),
                 vm.console.tail(50)
             );
             result.checks.push(CheckOutcome {
