@@ -1,31 +1,19 @@
 //! kiln turns declarative recipes into immutable, versioned, reproducible VM
 //! images for K3s clusters on Proxmox VE, then validates and publishes them.
 //!
-//! The modules follow the pipeline, one job each:
-//! recipe → lock/fetch → rootfs → compose/hygiene → disk (+ qcow2) and lxc →
-//! manifest → validate → publish. `reuse` lets a rebuild copy what did not
-//! change from the last output; `parallel` spreads compression over the cores.
+//! Layers, each depending only on those below it:
+//!
+//! | layer | modules | job |
+//! | --- | --- | --- |
+//! | front end | [`cli`] | argument structs, output formatting, exit codes |
+//! | deployment | [`deploy`] (`pve`, `publish`) | the Proxmox client; images become templates |
+//! | validation | [`validate`] | boot an image in QEMU, check it over SSH |
+//! | image build | [`image`] (`pipeline`: recipe → lock/fetch → rootfs → compose → disk → outputs) | recipes become image directories with a manifest |
+//! | utilities | [`util`] | interrupts, parallel work, progress, host tools, atomic files |
 
-pub mod build;
 pub mod cli;
-pub mod cloudinit;
-pub mod compose;
-pub mod disk;
-pub mod fat;
-pub mod fetch;
-pub mod hosttools;
-pub mod hygiene;
-pub mod images;
-pub mod lock;
-pub mod lxc;
-pub mod manifest;
-pub mod oci;
-pub mod parallel;
-pub mod progress;
-pub mod publish;
+pub mod deploy;
+pub mod image;
 pub mod pvesim;
-pub mod recipe;
-pub mod reuse;
-pub mod rootfs;
 pub mod util;
 pub mod validate;

@@ -25,10 +25,10 @@ enum Command {
     /// Boot an image in QEMU and run its checks.
     Validate(kiln::validate::ValidateArgs),
     /// Publish an image as a Proxmox VE template.
-    Publish(kiln::publish::PublishArgs),
+    Publish(kiln::deploy::publish::PublishArgs),
     /// List or prune published templates.
     #[command(subcommand)]
-    Templates(kiln::publish::TemplatesCommand),
+    Templates(kiln::deploy::publish::TemplatesCommand),
     /// Per-node cloud-init.
     #[command(subcommand, name = "cloud-init")]
     CloudInit(kiln::cli::CloudInitCommand),
@@ -36,13 +36,14 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    kiln::util::install_interrupt_handler();
     let result = match cli.command {
         Command::Check(a) => kiln::cli::check(a),
         Command::Lock(a) => kiln::cli::lock(a),
         Command::Build(a) => kiln::cli::build(a),
         Command::Validate(a) => kiln::validate::run(a),
-        Command::Publish(a) => kiln::publish::run(a),
-        Command::Templates(c) => kiln::publish::run_templates(c),
+        Command::Publish(a) => kiln::deploy::publish::run(a),
+        Command::Templates(c) => kiln::deploy::publish::run_templates(c),
         Command::CloudInit(c) => kiln::cli::cloud_init(c),
     };
     if let Err(err) = result {

@@ -117,9 +117,9 @@ fn bios_image_has_esp_then_bios_boot_then_root_last() {
     assert_eq!(
         types,
         [
-            kiln::disk::ESP_TYPE,
-            kiln::disk::BIOS_BOOT_TYPE,
-            kiln::disk::ROOT_TYPE
+            kiln::image::disk::ESP_TYPE,
+            kiln::image::disk::BIOS_BOOT_TYPE,
+            kiln::image::disk::ROOT_TYPE
         ],
         "{parts:?}"
     );
@@ -146,13 +146,13 @@ fn bios_boot_bytes_are_a_pure_function_of_the_image_grub() {
     let b = built();
     let key = b.manifest["inputs"]["base_rootfs_key"].as_str().unwrap();
     let tar = b.cache.join("rootfs").join(format!("{key}.tar"));
-    let info = kiln::compose::index_base(&tar, &kiln::disk::bios::wanted).unwrap();
-    let one = kiln::disk::bios::make(&info.captured, &b.dir).unwrap();
-    let two = kiln::disk::bios::make(&info.captured, &b.dir).unwrap();
+    let info = kiln::image::compose::index_base(&tar, &kiln::image::disk::bios::wanted).unwrap();
+    let one = kiln::image::disk::bios::make(&info.captured, &b.dir).unwrap();
+    let two = kiln::image::disk::bios::make(&info.captured, &b.dir).unwrap();
     assert_eq!(one.core_img, two.core_img, "grub-mkimage is deterministic");
     let parts = partitions(raw());
     let lba = parts[1]["start"].as_u64().unwrap();
-    let core = kiln::disk::bios::patch_core_img(&one.core_img, lba).unwrap();
+    let core = kiln::image::disk::bios::patch_core_img(&one.core_img, lba).unwrap();
     assert_eq!(read_at(raw(), lba * 512, core.len()), core);
 }
 
@@ -224,8 +224,8 @@ fn bios_recipe_without_grub_mkimage_names_grub_common() {
     // Every build tool but grub-mkimage.
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    for t in kiln::hosttools::BUILD_TOOLS {
-        let real = kiln::hosttools::which(t.program).expect("build tools installed");
+    for t in kiln::util::hosttools::BUILD_TOOLS {
+        let real = kiln::util::hosttools::which(t.program).expect("build tools installed");
         std::os::unix::fs::symlink(real, bin.join(t.program)).unwrap();
     }
     let out = kiln_cmd(

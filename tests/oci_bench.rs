@@ -1,8 +1,8 @@
 //! Driver for `bench/oci_pull.sh` (ignored in normal test runs): pulls the
 //! pinned references in `KILN_OCI_BENCH_REFS` into `KILN_OCI_BENCH_CACHE`
-//! through `kiln::oci::pull`; the script times it against curl.
+//! through `kiln::image::oci::pull`; the script times it against curl.
 
-use kiln::oci::{pull, ImageRef, PullOptions};
+use kiln::image::oci::{pull, ImageRef, PullOptions};
 
 #[test]
 #[ignore = "bench driver, run by bench/oci_pull.sh"]

@@ -4,7 +4,7 @@
 
 mod oci_support;
 
-use kiln::oci::{pull, write_archive, ImageRef, PullOptions};
+use kiln::image::oci::{pull, write_archive, ImageRef, PullOptions};
 use oci_support::containerd::{is_root, Containerd};
 use oci_support::*;
 

@@ -1,10 +1,10 @@
-//! kiln::oci against a real registry: Debian's `docker-registry` on loopback,
+//! kiln::image::oci against a real registry: Debian's `docker-registry` on loopback,
 //! images built with umoci and pushed with skopeo, faults and the bearer-token
 //! service injected by a loopback proxy (a stand-in for quay.io/ghcr.io/docker.io).
 
 mod oci_support;
 
-use kiln::oci::{pull, resolve, write_archive, Auth, ImageRef, PullOptions};
+use kiln::image::oci::{pull, resolve, write_archive, Auth, ImageRef, PullOptions};
 use oci_support::*;
 
 /// Registry with one amd64 image `kiln/app:v1`; returns (registry, digest).

@@ -244,7 +244,7 @@ fn every_request_kiln_sends_conforms_to_the_pve_schema() {
     publish_json(tmp.path(), &img1, &env);
     publish_json(tmp.path(), &img1, &env);
     let img2 = image(tmp.path(), "lb", "1.1.0", true, false);
-    let m2 = kiln::manifest::ImageManifest::load(&img2).unwrap();
+    let m2 = kiln::image::manifest::ImageManifest::load(&img2).unwrap();
     s.state().add_vm(
         9050,
         "lb-1-1-0",

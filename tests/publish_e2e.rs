@@ -14,7 +14,7 @@ fn publish_creates_a_secure_boot_template_and_prints_json_for_terraform() {
     assert_eq!(r.vmid, 9000);
     assert_eq!(r.name, "k3s-server-1-2-0");
     assert_eq!(r.node, "pve");
-    let m = kiln::manifest::ImageManifest::load(&img).unwrap();
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
     assert_eq!(r.image_id, m.id);
     assert_eq!(r.uploaded_bytes, m.disk.size);
     let id_tag = format!("id-{}", m.short_id());
@@ -90,7 +90,7 @@ fn a_half_made_vm_of_an_earlier_run_is_removed_by_the_next_run() {
     let tmp = tempfile::tempdir().unwrap();
     let s = sim(&tmp.path().join("sim"));
     let img = image(tmp.path(), "lb", "2.0.0", true, false);
-    let m = kiln::manifest::ImageManifest::load(&img).unwrap();
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
     s.state().add_vm(
         9000,
         "lb-2-0-0",
@@ -112,7 +112,7 @@ fn lxc_rootfs_is_uploaded_as_a_vztmpl_template() {
     let img = image(tmp.path(), "lb", "1.0.0", true, true);
     let env = env_target(&s.url());
     let r = publish_json(tmp.path(), &img, &env);
-    let m = kiln::manifest::ImageManifest::load(&img).unwrap();
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
     let vol = format!("local:vztmpl/kiln-lb-1.0.0-{}.tar.zst", m.short_id());
     assert_eq!(r.lxc_volume.as_deref(), Some(vol.as_str()));
     let lxc = m.lxc.unwrap();
@@ -339,7 +339,7 @@ fn the_pve_sim_binary_serves_a_publish() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(out.status.success(), "{}", stderr(&out));
-    let r: kiln::publish::PublishReport = serde_json::from_slice(&out.stdout).unwrap();
+    let r: kiln::deploy::publish::PublishReport = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r.vmid, 9000);
 }
 

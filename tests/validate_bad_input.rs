@@ -2,7 +2,7 @@
 //! or temp file left behind. These need QEMU and OVMF but no built image: a
 //! blank qcow2 with a hand-written manifest stands in for one.
 
-use kiln::manifest::*;
+use kiln::image::manifest::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@
 //! without booting. Each test boots its own copy (the disk is hard-linked,
 //! never written), at most as many at once as cargo runs test threads.
 
-use kiln::manifest::{CheckSpec, ImageManifest};
+use kiln::image::manifest::{CheckSpec, ImageManifest};
 use kiln::validate::{validate_image, Accel, ValidateOptions, ValidationFailed};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -88,7 +88,7 @@ fn opts(dir: &Path) -> ValidateOptions {
     }
 }
 
-fn failure(r: anyhow::Result<kiln::manifest::ValidationRecord>) -> ValidationFailed {
+fn failure(r: anyhow::Result<kiln::image::manifest::ValidationRecord>) -> ValidationFailed {
     match r {
         Ok(rec) => panic!("a broken image passed validation: {rec:#?}"),
         Err(e) => match e.downcast::<ValidationFailed>() {

@@ -21,7 +21,7 @@ fn current_user() -> String {
 }
 
 fn start_sshd(dir: &std::path::Path, authorized: &str) -> (Sshd, u16) {
-    let sshd = kiln::hosttools::which("sshd")
+    let sshd = kiln::util::hosttools::which("sshd")
         .expect("sshd is required for this test (apt install openssh-server)");
     // The host key is a kiln-generated key too: sshd must accept its format.
     let host = ThrowawayKey::generate("host").unwrap();

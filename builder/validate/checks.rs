@@ -1,7 +1,7 @@
 //! The checks `kiln validate` runs inside a booted guest: the defaults every
 //! image must pass, and the evaluator that turns a command's result into a verdict.
 
-use crate::manifest::{CheckOutcome, CheckSpec};
+use crate::image::manifest::{CheckOutcome, CheckSpec};
 use anyhow::{Context, Result};
 use regex::Regex;
 

@@ -13,7 +13,7 @@ pub mod report;
 pub mod seed;
 pub mod ssh;
 
-use crate::manifest::{CheckOutcome, CheckSpec, ImageManifest, ValidationRecord};
+use crate::image::manifest::{CheckOutcome, CheckSpec, ImageManifest, ValidationRecord};
 use anyhow::{bail, Context, Result};
 use checks::{round2, BootFacts};
 use qemu::{AccelKind, Firmware, Vm, VmSpec};
@@ -171,17 +171,22 @@ pub fn validate_image(image_dir: &Path, opts: &ValidateOptions) -> Result<Valida
     if !disk.is_file() {
         bail!(
             "{} names disk {} but it does not exist",
-            image_dir.join(crate::manifest::MANIFEST_FILE).display(),
+            image_dir
+                .join(crate::image::manifest::MANIFEST_FILE)
+                .display(),
             disk.display()
         );
     }
     checks::check_specs(&manifest.validate.checks)
         .with_context(|| format!("{}: bad recipe checks", image_dir.display()))?;
-    crate::hosttools::require(&[crate::hosttools::QEMU_SYSTEM, crate::hosttools::QEMU_IMG])?;
+    crate::util::hosttools::require(&[
+        crate::util::hosttools::QEMU_SYSTEM,
+        crate::util::hosttools::QEMU_IMG,
+    ])?;
     let mut modes = Vec::new();
     if manifest.boot.uefi {
         for f in [&opts.ovmf_code, &opts.ovmf_vars] {
-            crate::hosttools::firmware(&[f.to_str().unwrap_or_default()], OVMF_PACKAGE)?;
+            crate::util::hosttools::firmware(&[f.to_str().unwrap_or_default()], OVMF_PACKAGE)?;
         }
         modes.push(Firmware::Uefi {
             code: opts.ovmf_code.clone(),
@@ -351,7 +356,7 @@ fn probe_kvm(
         cpus: opts.cpus,
         workdir: work.path().to_path_buf(),
     };
-    let pb = crate::progress::spinner(opts.progress, "probing KVM with a short boot");
+    let pb = crate::util::progress::spinner(opts.progress, "probing KVM with a short boot");
     let mut vm = Vm::start(&spec).context("QEMU would not start with KVM")?;
     let limit = opts.kvm_probe_timeout;
     let result = loop {
@@ -362,7 +367,7 @@ fn probe_kvm(
             break Ok(());
         }
         if interrupted() {
-            break Err(anyhow::anyhow!("interrupted"));
+            break Err(crate::util::interrupt::Interrupted.into());
         }
         if vm.started.elapsed() >= limit {
             break Err(anyhow::anyhow!(
@@ -491,7 +496,7 @@ fn boot_and_check(
         &overlay,
     )?;
 
-    let pb = crate::progress::spinner(
+    let pb = crate::util::progress::spinner(
         opts.progress,
         format!("{}: booting ({fw}, {})", manifest.name, accel.as_str()),
     );
@@ -808,7 +813,6 @@ fn run_checks(
 pub fn run(args: ValidateArgs) -> Result<()> {
     // SIGINT/SIGTERM become a flag every wait loop checks, so QEMU and temp
     // files are cleaned up by the normal error path.
-    crate::util::install_interrupt_handler();
     if args.ssh_port.is_some() && args.image.len() > 1 {
         bail!("--ssh-port works with one image only (parallel boots need their own ports)");
     }
@@ -825,7 +829,7 @@ pub fn run(args: ValidateArgs) -> Result<()> {
         cpus: args.cpus,
         console_dir: args.console_dir.clone(),
         record: !args.no_record,
-        progress: crate::progress::enabled(args.json) && jobs == 1,
+        progress: crate::util::progress::enabled(args.json) && jobs == 1,
         ..ValidateOptions::default()
     };
     let results = validate_many(&args.image, &opts, jobs, !args.json);

@@ -3,7 +3,7 @@
 
 use super::console::ConsoleLog;
 use super::qmp::QmpClient;
-use crate::hosttools;
+use crate::util::hosttools;
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::net::TcpListener;

@@ -1,6 +1,6 @@
 //! Validation output: the human summary, `--json`, and JUnit XML for CI.
 
-use crate::manifest::ValidationRecord;
+use crate::image::manifest::ValidationRecord;
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -151,7 +151,7 @@ fn cases(r: &ImageResult) -> Vec<(String, f64, Option<String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::CheckOutcome;
+    use crate::image::manifest::CheckOutcome;
 
     fn result(passed: bool) -> ImageResult {
         ImageResult {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 /// Whether every tool is on PATH; prints the reason a test skips when not.
 pub fn have_tools(test: &str, tools: &[(&str, &str)]) -> bool {
     for (prog, pkg) in tools {
-        if kiln::hosttools::which(prog).is_none() {
+        if kiln::util::hosttools::which(prog).is_none() {
             eprintln!("SKIPPED {test}: `{prog}` is not installed (apt install {pkg})");
             return false;
         }

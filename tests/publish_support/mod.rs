@@ -2,7 +2,7 @@
 //! an in-process PVE simulator, and a `kiln` runner that checks for token leaks.
 #![allow(dead_code)]
 
-use kiln::manifest::*;
+use kiln::image::manifest::*;
 use kiln::pvesim::{Sim, SimConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -165,7 +165,7 @@ pub fn publish_json(
     cwd: &Path,
     image: &Path,
     env: &[(String, String)],
-) -> kiln::publish::PublishReport {
+) -> kiln::deploy::publish::PublishReport {
     let out = kiln(cwd, &["publish", image.to_str().unwrap(), "--json"], env);
     assert!(out.status.success(), "publish failed: {}", stderr(&out));
     serde_json::from_slice(&out.stdout).expect("publish --json prints a report")

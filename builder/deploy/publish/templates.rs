@@ -1,8 +1,8 @@
 //! `kiln templates list|prune`: the templates kiln published on a target, and
 //! removal of old ones that keeps the newest N per image and any with linked clones.
 
-use super::api::Pve;
 use super::{list_vms, naming, vm_config};
+use crate::deploy::pve::api::Pve;
 use anyhow::Result;
 use serde::Serialize;
 use serde_json::Value;

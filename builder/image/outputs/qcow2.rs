@@ -9,7 +9,7 @@
 //! the data, and the header is written last.
 //!
 //! A rebuild passes the recipe's previous image as a *reference* (see
-//! [`crate::reuse`]): a cluster whose content is unchanged at the same position
+//! [`crate::image::reuse`]): a cluster whose content is unchanged at the same position
 //! copies the reference's compressed bytes instead of compressing again. The
 //! reference must come from the same compressor ([`reference_name`]), so a
 //! rebuild equals a cold build byte for byte.
@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 
-use crate::reuse::{fingerprint, Fingerprint};
+use crate::image::reuse::{fingerprint, Fingerprint};
 use std::path::Path;
 
 /// Cluster size: 64 KiB, qemu-img's default.
@@ -88,7 +88,7 @@ struct Done {
 /// reuse its clusters.
 pub struct Written {
     pub stats: Stats,
-    pub index: crate::reuse::Index,
+    pub index: crate::image::reuse::Index,
 }
 
 /// Write `raw` (a raw disk image) to `out` as a compressed qcow2, reusing
@@ -100,11 +100,11 @@ pub fn write(raw: &Path, out: &Path, reference: Option<&Path>, show: bool) -> Re
     if virtual_size % 512 != 0 {
         bail!("{} is not a whole number of sectors", raw.display());
     }
-    let reference = reference.and_then(crate::reuse::Reference::open);
+    let reference = reference.and_then(crate::image::reuse::Reference::open);
     let ranges = data_ranges(&input, virtual_size)?;
 
     let data_bytes: u64 = ranges.iter().map(|(a, b)| (b - a) * CLUSTER).sum();
-    let pb = crate::progress::bytes(show, Some(data_bytes), "compressing qcow2");
+    let pb = crate::util::progress::bytes(show, Some(data_bytes), "compressing qcow2");
 
     let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut w = Writer::new(BufWriter::with_capacity(4 << 20, file), virtual_size)?;
@@ -112,9 +112,9 @@ pub fn write(raw: &Path, out: &Path, reference: Option<&Path>, show: bool) -> Re
         virtual_size,
         ..Stats::default()
     };
-    let mut index = crate::reuse::Index::default();
-    crate::parallel::map_ordered(
-        crate::parallel::threads(),
+    let mut index = crate::image::reuse::Index::default();
+    crate::util::parallel::map_ordered(
+        crate::util::parallel::threads(),
         |send| batches(&ranges, send),
         || Ok(zstd::bulk::Compressor::new(LEVEL)?),
         |compressor, batch: Batch| {
@@ -159,7 +159,7 @@ pub fn write(raw: &Path, out: &Path, reference: Option<&Path>, show: bool) -> Re
                 };
                 index.insert(
                     position,
-                    crate::reuse::Piece {
+                    crate::image::reuse::Piece {
                         offset,
                         len: len as u32,
                         stored,
@@ -191,7 +191,7 @@ pub fn write(raw: &Path, out: &Path, reference: Option<&Path>, show: bool) -> Re
 fn cluster(
     position: u64,
     data: &[u8],
-    reference: Option<&crate::reuse::Reference>,
+    reference: Option<&crate::image::reuse::Reference>,
     compressor: &mut zstd::bulk::Compressor<'_>,
 ) -> Done {
     if is_zero(data) {
@@ -203,7 +203,7 @@ fn cluster(
         };
     }
     let content = fingerprint(data);
-    let reusable = |(p, b): &(crate::reuse::Piece, Vec<u8>)| {
+    let reusable = |(p, b): &(crate::image::reuse::Piece, Vec<u8>)| {
         // Stored clusters are whole; compressed ones are smaller than that.
         (b.len() == CLUSTER as usize) == p.stored
     };
@@ -542,7 +542,7 @@ mod tests {
     fn keep_reference(raw: &Path, path: &Path) {
         let out = path.with_extension("out");
         let w = write(raw, &out, None, false).unwrap();
-        crate::reuse::keep(path, &out, &w.index).unwrap();
+        crate::image::reuse::keep(path, &out, &w.index).unwrap();
     }
 
     #[test]

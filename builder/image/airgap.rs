@@ -1,17 +1,17 @@
 //! Container images in `kiln lock` and `kiln build`: registry credentials,
 //! pinning tags to digests, and baking one archive per locked image into K3s's airgap directory.
 //!
-//! The registry protocol itself lives in [`crate::oci`]; this module is the
+//! The registry protocol itself lives in [`crate::image::oci`]; this module is the
 //! glue between it and the lock, the cache and compose.
 
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::compose::{AddKind, Addition, Content};
-use crate::lock::Lockfile;
-use crate::oci::{Auth, ImageRef, PullOptions};
-use crate::recipe::Recipe;
+use crate::image::compose::{AddKind, Addition, Content};
+use crate::image::lock::Lockfile;
+use crate::image::oci::{Auth, ImageRef, PullOptions};
+use crate::image::recipe::Recipe;
 
 /// Where K3s's containerd imports image archives from at start (airgap).
 pub const AIRGAP_DIR: &str = "/var/lib/rancher/k3s/agent/images";
@@ -49,7 +49,7 @@ fn default_docker_config(docker_config: Option<PathBuf>, home: Option<PathBuf>) 
 pub fn resolve_reference(reference: &str, auth: &Auth) -> Result<String> {
     let image = ImageRef::parse(reference)
         .with_context(|| format!("image `{reference}` is not a valid reference"))?;
-    crate::oci::resolve(&image, auth)
+    crate::image::oci::resolve(&image, auth)
 }
 
 /// The recipe's images pinned to their locked digests, in recipe order.
@@ -126,11 +126,11 @@ pub fn bake(recipe: &Recipe, lock: &Lockfile, opts: &BakeOptions<'_>) -> Result<
     pull.auth = opts.auth.clone();
     pull.progress = opts.show_progress;
     pull.max_total_bytes = opts.max_total_bytes;
-    let pulled = crate::oci::pull(&refs, &pull)?;
+    let pulled = crate::image::oci::pull(&refs, &pull)?;
     let all_cached = cached_blobs(&cache_dir) == before;
 
     let dir = opts.scratch.join("airgap-images");
-    let bar = crate::progress::items(
+    let bar = crate::util::progress::items(
         opts.show_progress,
         Some(pulled.len() as u64),
         "writing image archives",
@@ -148,7 +148,7 @@ pub fn bake(recipe: &Recipe, lock: &Lockfile, opts: &BakeOptions<'_>) -> Result<
             );
         }
         let host = dir.join(&file);
-        let info = crate::oci::write_archive(p, &host)?;
+        let info = crate::image::oci::write_archive(p, &host)?;
         let path = format!("{AIRGAP_DIR}/{file}");
         additions.push(Addition {
             path: path.clone(),

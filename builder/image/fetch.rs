@@ -57,7 +57,7 @@ impl Cache {
 
     /// Where the reference copy of a recipe's last output named `name` lives:
     /// a previous output whose unchanged parts a rebuild reuses (see
-    /// [`crate::reuse`]).
+    /// [`crate::image::reuse`]).
     pub fn reference(&self, name: &str) -> PathBuf {
         self.root.join("references").join(name)
     }
@@ -119,7 +119,7 @@ pub fn download(what: &str, url: &str, out: &mut impl Write, show: bool) -> Resu
     if let Some(path) = url.strip_prefix("file://") {
         let mut f = File::open(path).with_context(|| format!("{what}: cannot read {url}"))?;
         let total = f.metadata().ok().map(|m| m.len());
-        let pb = crate::progress::bytes(show, total, format!("fetch {what}"));
+        let pb = crate::util::progress::bytes(show, total, format!("fetch {what}"));
         let n = copy_with_progress(&mut f, out, &pb)
             .with_context(|| format!("{what}: cannot read {url}"))?;
         pb.finish_and_clear();
@@ -141,7 +141,7 @@ pub fn download(what: &str, url: &str, out: &mut impl Write, show: bool) -> Resu
         bail!("{what}: cannot download {url}: HTTP {}", resp.status());
     }
     let total = resp.content_length();
-    let pb = crate::progress::bytes(show, total, format!("fetch {what}"));
+    let pb = crate::util::progress::bytes(show, total, format!("fetch {what}"));
     let n = copy_with_progress(&mut resp, out, &pb)
         .map_err(|e| anyhow::anyhow!("{what}: download of {url} failed: {e:#}"))?;
     pb.finish_and_clear();

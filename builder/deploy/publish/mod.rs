@@ -7,23 +7,19 @@
 //! remove the import file; the LB appliance's LXC rootfs goes up as
 //! `vztmpl`. Anything half-made is destroyed on failure or by the next run.
 
-pub mod api;
-pub mod config;
 pub mod naming;
 pub mod ssh;
 pub mod templates;
 
+use crate::deploy::pve::api::{seg, ApiError, Pve};
+use crate::deploy::pve::config::{self, Target};
 use anyhow::{anyhow, bail, Context, Result};
-use api::{seg, ApiError, Pve};
-use config::Target;
 use serde::Serialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::manifest::ImageManifest;
+use crate::image::manifest::ImageManifest;
 
 /// How the disk reaches Proxmox.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,17 +114,6 @@ fn env_lookup(k: &str) -> Option<String> {
     std::env::var(k).ok()
 }
 
-/// A flag set by SIGINT/SIGTERM so work stops at the next safe point and cleans up.
-fn cancel_flag() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal ends the process at once.
-        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
-        let _ = signal_hook::flag::register(sig, flag.clone());
-    }
-    flag
-}
-
 pub fn run(args: PublishArgs) -> Result<()> {
     let target = config::resolve(
         args.target.target.as_deref(),
@@ -136,8 +121,8 @@ pub fn run(args: PublishArgs) -> Result<()> {
         &env_lookup,
     )?;
     let token = target.token.clone();
-    let report = publish(&args, &target, cancel_flag())
-        .map_err(|e| anyhow!("{}", token.redact(&format!("{e:#}"))))?;
+    let report =
+        publish(&args, &target).map_err(|e| anyhow!("{}", token.redact(&format!("{e:#}"))))?;
     if args.target.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if report.created {
@@ -173,7 +158,7 @@ pub fn run_templates(cmd: TemplatesCommand) -> Result<()> {
     let target = config::resolve(t.target.as_deref(), t.config.as_deref(), &env_lookup)?;
     let token = target.token.clone();
     let res = (|| -> Result<()> {
-        let pve = Pve::connect(&target, cancel_flag())?;
+        let pve = Pve::connect(&target)?;
         pve.version().context("cannot reach the Proxmox VE API")?;
         match cmd {
             TemplatesCommand::List(a) => {
@@ -216,7 +201,10 @@ pub fn load_image(dir: &Path, allow_unvalidated: bool, json: bool) -> Result<Ima
             m.disk.format
         );
     }
-    let pb = crate::progress::spinner(crate::progress::enabled(json), "verifying disk sha256");
+    let pb = crate::util::progress::spinner(
+        crate::util::progress::enabled(json),
+        "verifying disk sha256",
+    );
     let res = m.verify_disk(dir);
     pb.finish_and_clear();
     res?;
@@ -424,14 +412,10 @@ fn volume_exists(pve: &Pve, storage: &str, content: &str, volid: &str) -> Result
 }
 
 /// Everything of `kiln publish` after the target is resolved.
-pub fn publish(
-    args: &PublishArgs,
-    target: &Target,
-    cancel: Arc<AtomicBool>,
-) -> Result<PublishReport> {
+pub fn publish(args: &PublishArgs, target: &Target) -> Result<PublishReport> {
     let json = args.target.json;
     let m = load_image(&args.image, args.allow_unvalidated, json)?;
-    let pve = Pve::connect(target, cancel.clone())?;
+    let pve = Pve::connect(target)?;
     let (major, minor, full) = pve.version().with_context(|| {
         format!(
             "cannot reach the Proxmox VE API of target `{}` at {}",
@@ -496,8 +480,8 @@ pub fn publish(
         let name = naming::lxc_file_name(&m);
         let volid = format!("{storage}:vztmpl/{name}");
         if volume_exists(&pve, storage, "vztmpl", &volid)? != Some(lxc.size) {
-            let pb = crate::progress::bytes(
-                crate::progress::enabled(json),
+            let pb = crate::util::progress::bytes(
+                crate::util::progress::enabled(json),
                 Some(lxc.size),
                 "uploading LXC rootfs",
             );
@@ -529,9 +513,7 @@ fn create_vm(
     let used: std::collections::BTreeSet<u32> = vms.iter().map(|v| v.vmid).collect();
     let path = format!("/nodes/{}/qemu", seg(&pve.node));
     for vmid in (lo..=hi).filter(|v| !used.contains(v)) {
-        if pve.cancel.load(Ordering::SeqCst) {
-            bail!("interrupted");
-        }
+        crate::util::check_interrupted()?;
         match pve.post(&path, &params_for(vmid)) {
             Ok(v) => {
                 let upid = v.as_str().context("create answered without a task id")?;
@@ -566,8 +548,8 @@ fn publish_api(
     let file_name = naming::import_file_name(m);
     let volid = format!("{storage}:import/{file_name}");
     let disk = m.disk_path(dir);
-    let pb = crate::progress::bytes(
-        crate::progress::enabled(json),
+    let pb = crate::util::progress::bytes(
+        crate::util::progress::enabled(json),
         Some(m.disk.size),
         "uploading disk",
     );
@@ -583,9 +565,7 @@ fn publish_api(
         })?;
         created = Some(vmid);
         pve.wait_task(&upid, &format!("creating VM {vmid}"))?;
-        if pve.cancel.load(Ordering::SeqCst) {
-            bail!("interrupted");
-        }
+        crate::util::check_interrupted()?;
         let t = pve.post(
             &format!("/nodes/{}/qemu/{vmid}/template", seg(&pve.node)),
             &[],

@@ -1,6 +1,11 @@
 //! Small shared helpers: sha256 digests of files and streams, and writes that
 //! land atomically (temp file in the same directory, fsync, rename).
 
+pub mod hosttools;
+pub mod interrupt;
+pub mod parallel;
+pub mod progress;
+
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -239,32 +244,9 @@ mod tests {
     }
 }
 
-static INTERRUPTED: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
-    std::sync::OnceLock::new();
-
-/// Catch SIGINT/SIGTERM so long work can stop at a safe point and clean up
-/// (temp files, staging directories, child processes) instead of dying mid-write.
-pub fn install_interrupt_handler() {
-    let flag = INTERRUPTED.get_or_init(Default::default).clone();
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let _ = signal_hook::flag::register(sig, flag.clone());
-    }
-}
-
-/// True once Ctrl-C (or SIGTERM) arrived.
-pub fn interrupted() -> bool {
-    INTERRUPTED
-        .get()
-        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
-}
-
-/// Fail with "interrupted" once Ctrl-C arrived.
-pub fn check_interrupted() -> Result<()> {
-    if interrupted() {
-        anyhow::bail!("interrupted");
-    }
-    Ok(())
-}
+pub use interrupt::{
+    check as check_interrupted, install_handler as install_interrupt_handler, interrupted,
+};
 
 /// This process's peak resident set size (VmHWM), for `--json` summaries.
 pub fn peak_rss_bytes() -> Option<u64> {

@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-use crate::recipe::Recipe;
+use crate::image::recipe::Recipe;
 
 /// `/etc/cloud/cloud.cfg.d/90-kiln.cfg`: what every kiln image's cloud-init does.
 pub const IMAGE_CONFIG_PATH: &str = "/etc/cloud/cloud.cfg.d/90-kiln.cfg";
@@ -77,7 +77,7 @@ pub fn load_values(path: &Path) -> Result<toml::Table> {
 pub fn render(recipe: &Recipe, role: &str, values: &toml::Table) -> Result<String> {
     let Some(r) = recipe.roles.get(role) else {
         let names: Vec<&str> = recipe.roles.keys().map(String::as_str).collect();
-        let hint = crate::recipe::did_you_mean(role, &names)
+        let hint = crate::image::recipe::did_you_mean(role, &names)
             .map(|s| format!(" (did you mean `{s}`?)"))
             .unwrap_or_else(|| format!(" (roles: {})", names.join(", ")));
         bail!("{} has no role `{role}`{hint}", recipe.path.display());
@@ -91,7 +91,7 @@ pub fn render(recipe: &Recipe, role: &str, values: &toml::Table) -> Result<Strin
     let text =
         std::fs::read_to_string(tpl).with_context(|| format!("cannot read {}", tpl.display()))?;
     let ctx = context(recipe, role, values)?;
-    let out = crate::compose::render_template(&text, &ctx)
+    let out = crate::image::compose::render_template(&text, &ctx)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tpl.display()))?;
     let first = out.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     if !(first.starts_with("#cloud-config")

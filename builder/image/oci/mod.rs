@@ -168,7 +168,7 @@ pub fn pull(images: &[ImageRef], opts: &PullOptions) -> Result<Vec<PulledImage>>
     let workers = opts.concurrency.max(1);
 
     // Phase 1: manifests (small, cached by digest too), to learn every blob.
-    let pulled = crate::parallel::map_slice(images, workers, |image| {
+    let pulled = crate::util::parallel::map_slice(images, workers, |image| {
         plan_image(&reg, &cache, &opts.cache_dir, image, &opts.platform)
             .with_context(|| format!("cannot pull {image}"))
     })?;
@@ -212,8 +212,8 @@ pub fn pull(images: &[ImageRef], opts: &PullOptions) -> Result<Vec<PulledImage>>
     // Biggest first: the long downloads start early and overlap the small ones.
     todo.sort_by_key(|(d, _)| std::cmp::Reverse(d.size));
     let bytes: u64 = todo.iter().map(|(d, _)| d.size).sum();
-    let bar = crate::progress::bytes(opts.progress, Some(bytes), "pulling images");
-    let fetched = crate::parallel::map_slice(&todo, workers, |(desc, image)| {
+    let bar = crate::util::progress::bytes(opts.progress, Some(bytes), "pulling images");
+    let fetched = crate::util::parallel::map_slice(&todo, workers, |(desc, image)| {
         fetch_blob(&reg, &cache, image, desc, &bar).with_context(|| format!("cannot pull {image}"))
     });
     bar.finish_and_clear();

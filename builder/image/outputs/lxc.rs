@@ -4,7 +4,7 @@
 //! The archive is a series of independent zstd frames, one per [`CHUNK`] of tar
 //! (zstd, and so `tar --zstd` and Proxmox, read concatenated frames as one
 //! stream). A rebuild passes the recipe's previous archive as a reference (see
-//! [`crate::reuse`]): a frame whose tar bytes are unchanged at the same position
+//! [`crate::image::reuse`]): a frame whose tar bytes are unchanged at the same position
 //! is copied instead of compressed. Compose writes the base entries first and
 //! the recipe's additions last, so a changed overlay file leaves all but the
 //! last frames alone. Reused frames are exactly what compressing gives (same
@@ -17,7 +17,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::reuse::{fingerprint, Fingerprint};
+use crate::image::reuse::{fingerprint, Fingerprint};
 
 /// Tar bytes per zstd frame.
 pub const CHUNK: usize = 4 << 20;
@@ -49,7 +49,7 @@ pub struct Stats {
 /// The archive's stats and the index that lets the next build reuse its frames.
 pub struct Written {
     pub stats: Stats,
-    pub index: crate::reuse::Index,
+    pub index: crate::image::reuse::Index,
 }
 
 /// One compressed frame on its way to the writer.
@@ -71,13 +71,13 @@ pub fn write(
 ) -> Result<Written> {
     let input = File::open(tar).with_context(|| format!("cannot open {}", tar.display()))?;
     let tar_len = input.metadata()?.len();
-    let reference = reference.and_then(crate::reuse::Reference::open);
+    let reference = reference.and_then(crate::image::reuse::Reference::open);
     let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut w = crate::util::HashingWriter::new(BufWriter::with_capacity(4 << 20, file));
     let mut stats = Stats::default();
-    let mut index = crate::reuse::Index::default();
-    crate::parallel::map_ordered(
-        crate::parallel::threads(),
+    let mut index = crate::image::reuse::Index::default();
+    crate::util::parallel::map_ordered(
+        crate::util::parallel::threads(),
         |send| {
             for position in 0..tar_len.div_ceil(CHUNK as u64) {
                 if stop.load(Ordering::SeqCst) {
@@ -126,7 +126,7 @@ pub fn write(
         |frame| {
             index.insert(
                 stats.frames,
-                crate::reuse::Piece {
+                crate::image::reuse::Piece {
                     offset: stats.size,
                     len: frame.bytes.len() as u32,
                     stored: false,
@@ -169,7 +169,7 @@ mod tests {
         std::fs::write(&tar, data).unwrap();
         let w = write(&tar, &out, reference, &AtomicBool::new(false)).unwrap();
         if let Some(path) = keep_as {
-            crate::reuse::keep(path, &out, &w.index).unwrap();
+            crate::image::reuse::keep(path, &out, &w.index).unwrap();
         }
         (std::fs::read(&out).unwrap(), w.stats)
     }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,7 +61,6 @@ pub struct Pve {
     base: String,
     token: Token,
     pub node: String,
-    pub cancel: Arc<AtomicBool>,
     pub task_timeout: Duration,
 }
 
@@ -197,7 +196,7 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl Pve {
-    pub fn connect(target: &Target, cancel: Arc<AtomicBool>) -> Result<Pve> {
+    pub fn connect(target: &Target) -> Result<Pve> {
         let cfg = &target.cfg;
         let tls = TlsSetup::from_target(target)?;
         let agent = concat!("kiln/", env!("CARGO_PKG_VERSION"));
@@ -230,20 +229,12 @@ impl Pve {
             base: format!("{}/api2/json", cfg.url.trim_end_matches('/')),
             token: target.token.clone(),
             node: cfg.node.clone(),
-            cancel,
             task_timeout: Duration::from_secs(cfg.task_timeout),
         })
     }
 
     pub fn token(&self) -> &Token {
         &self.token
-    }
-
-    fn check_cancel(&self) -> Result<()> {
-        if self.cancel.load(Ordering::SeqCst) {
-            bail!("interrupted");
-        }
-        Ok(())
     }
 
     fn send(
@@ -421,7 +412,7 @@ impl Pve {
         sha256: &str,
         progress: Option<indicatif::ProgressBar>,
     ) -> Result<UploadOutcome> {
-        self.check_cancel()?;
+        crate::util::check_interrupted()?;
         let path = format!("/nodes/{}/storage/{}/upload", seg(&self.node), seg(storage));
         let f =
             std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
@@ -437,7 +428,7 @@ impl Pve {
         );
         let total = body.len();
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let reader = body.reader(f, sent.clone(), self.cancel.clone(), progress.clone());
+        let reader = body.reader(f, sent.clone(), progress.clone());
         let start = Instant::now();
         let res = self.send_upload(&path, &body.boundary, total, reader);
         if let Some(pb) = progress {
@@ -446,8 +437,9 @@ impl Pve {
         let seconds = start.elapsed().as_secs_f64();
         let res = res.map_err(|e| {
             let n = sent.load(Ordering::SeqCst);
-            if self.cancel.load(Ordering::SeqCst) {
-                anyhow!("upload of {} interrupted", file.display())
+            if crate::util::interrupted() {
+                anyhow::Error::from(crate::util::interrupt::Interrupted)
+                    .context(format!("upload of {}", file.display()))
             } else if e.downcast_ref::<ApiError>().is_none() {
                 e.context(format!(
                     "upload of {} to {}/{storage} broke off without an answer ({} of {} handed to the connection)",
@@ -593,7 +585,6 @@ impl MultipartBody {
         &self,
         file: std::fs::File,
         sent: Arc<std::sync::atomic::AtomicU64>,
-        cancel: Arc<AtomicBool>,
         progress: Option<indicatif::ProgressBar>,
     ) -> impl Read + Send + 'static {
         let inner = Cursor::new(self.prefix.clone())
@@ -602,7 +593,6 @@ impl MultipartBody {
         Counting {
             inner,
             sent,
-            cancel,
             progress,
         }
     }
@@ -624,15 +614,14 @@ fn rand_boundary() -> String {
 struct Counting<R> {
     inner: R,
     sent: Arc<std::sync::atomic::AtomicU64>,
-    cancel: Arc<AtomicBool>,
     progress: Option<indicatif::ProgressBar>,
 }
 
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.cancel.load(Ordering::Relaxed) {
+        if crate::util::interrupted() {
             // Not ErrorKind::Interrupted: readers retry on that.
-            return Err(std::io::Error::other("interrupted"));
+            return Err(crate::util::interrupt::io_error());
         }
         let n = self.inner.read(buf)?;
         let total = self.sent.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
@@ -665,14 +654,9 @@ mod tests {
         let p = dir.path().join("f");
         std::fs::write(&p, b"0123456789").unwrap();
         let mut out = Vec::new();
-        b.reader(
-            std::fs::File::open(&p).unwrap(),
-            Default::default(),
-            Default::default(),
-            None,
-        )
-        .read_to_end(&mut out)
-        .unwrap();
+        b.reader(std::fs::File::open(&p).unwrap(), Default::default(), None)
+            .read_to_end(&mut out)
+            .unwrap();
         assert_eq!(out.len() as u64, b.len());
         let text = String::from_utf8_lossy(&out);
         assert!(text.find("name=\"content\"").unwrap() < text.find("name=\"filename\"").unwrap());

@@ -1,8 +1,8 @@
 //! What a published template is called and carries: DNS-safe VM name, PVE
 //! tags, upload file names, the description, and the VM create parameters.
 
-use super::config::Target;
-use crate::manifest::ImageManifest;
+use crate::deploy::pve::config::Target;
+use crate::image::manifest::ImageManifest;
 
 /// Tag every kiln template carries.
 pub const KILN_TAG: &str = "kiln";

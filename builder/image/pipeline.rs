@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::compose::{AddKind, Addition, Content, Node};
-use crate::fetch::Cache;
-use crate::lock::Lockfile;
-use crate::manifest::{
+use crate::image::compose::{AddKind, Addition, Content, Node};
+use crate::image::fetch::Cache;
+use crate::image::lock::Lockfile;
+use crate::image::manifest::{
     BootInfo, DiskInfo, FileInfo, ImageManifest, InputDigests, StageTiming, ValidateSpec,
 };
-use crate::recipe::Recipe;
+use crate::image::recipe::Recipe;
 
 /// The pipeline's stages, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +65,7 @@ pub struct BuildOptions<'a> {
     pub locked: bool,
     pub show_progress: bool,
     /// Registry credentials for the recipe's container images.
-    pub registry_auth: crate::oci::Auth,
+    pub registry_auth: crate::image::oci::Auth,
     pub before_publish: Option<BeforePublish<'a>>,
 }
 
@@ -97,7 +97,7 @@ impl Timer {
     /// Record how much the stage just run reused from the last image.
     fn reused(&mut self, reused: u64, total: u64, unit: &str) {
         if let Some(s) = self.stages.last_mut() {
-            s.reused = Some(crate::manifest::Reuse {
+            s.reused = Some(crate::image::manifest::Reuse {
                 reused,
                 total,
                 unit: unit.to_string(),
@@ -148,7 +148,7 @@ pub fn overlay_digest(dir: &Path) -> Result<String> {
             .expect("under dir")
             .to_string_lossy()
             .into_owned();
-        let mode = crate::compose::overlay_mode(&m);
+        let mode = crate::image::compose::overlay_mode(&m);
         h.update(format!("{rel}\0{mode:o}\0").as_bytes());
         if m.file_type().is_symlink() {
             h.update(std::fs::read_link(&p)?.to_string_lossy().as_bytes());
@@ -182,7 +182,7 @@ fn input_digests(recipe: &Recipe, lock: &Lockfile, lock_bytes: &[u8]) -> Result<
             .map(|(k, v)| (k.clone(), v.sha256.clone()))
             .collect(),
         images: lock.images.clone(),
-        base_rootfs_key: crate::rootfs::base_key(recipe, lock),
+        base_rootfs_key: crate::image::rootfs::base_key(recipe, lock),
         base_rootfs: String::new(),
         overlays,
     })
@@ -193,10 +193,10 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     let mut timer = Timer { stages: Vec::new() };
     let show = opts.show_progress;
     let (recipe, mut lock) = timer.run(BuildStage::Resolve, || {
-        crate::hosttools::require(crate::hosttools::BUILD_TOOLS)?;
+        crate::util::hosttools::require(crate::util::hosttools::BUILD_TOOLS)?;
         let (recipe, lock) = resolve(recipe_path)?;
         if recipe.boot.bios {
-            crate::hosttools::require(&[crate::hosttools::GRUB_MKIMAGE])?;
+            crate::util::hosttools::require(&[crate::util::hosttools::GRUB_MKIMAGE])?;
         }
         Ok(((recipe, lock), false))
     })?;
@@ -232,7 +232,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
 
     // Base rootfs (cached by its inputs).
     let base = timer.run(BuildStage::Rootfs, || {
-        let b = crate::rootfs::ensure_base(&recipe, &lock, &opts.cache, show)?;
+        let b = crate::image::rootfs::ensure_base(&recipe, &lock, &opts.cache, show)?;
         let cached = b.cached;
         Ok((b, cached))
     })?;
@@ -269,9 +269,9 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
 
     // Container images: pulled at their locked digests, one archive each.
     let layout =
-        crate::disk::Layout::new(recipe.disk.size, recipe.disk.esp_size, recipe.boot.bios)?;
+        crate::image::disk::Layout::new(recipe.disk.size, recipe.disk.esp_size, recipe.boot.bios)?;
     let baked = if recipe.images.is_empty() {
-        crate::images::Baked::default()
+        crate::image::airgap::Baked::default()
     } else {
         timer.run(BuildStage::Images, || {
             let used = base.meta.size
@@ -279,13 +279,13 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
                     .values()
                     .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
                     .sum::<u64>();
-            let baked = crate::images::bake(
+            let baked = crate::image::airgap::bake(
                 &recipe,
                 &lock,
-                &crate::images::BakeOptions {
+                &crate::image::airgap::BakeOptions {
                     cache_root: &opts.cache.root,
                     auth: opts.registry_auth.clone(),
-                    max_total_bytes: Some(crate::images::space_left(layout.root_size, used)),
+                    max_total_bytes: Some(crate::image::airgap::space_left(layout.root_size, used)),
                     scratch: scratch.path(),
                     show_progress: show,
                 },
@@ -299,7 +299,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     // tarball's digest, which is informational; see existing_image).
     let seed = crate::util::sha256_hex(serde_json::to_string(&inputs)?.as_bytes());
     inputs.base_rootfs = base.meta.sha256.clone();
-    let ids = crate::disk::Identities::derive(&seed);
+    let ids = crate::image::disk::Identities::derive(&seed);
     let epoch = lock.source_date_epoch;
 
     // Compose the final rootfs tar.
@@ -320,15 +320,15 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
             .collect();
         let want = |p: &str| {
             p == "var/lib/dpkg/status"
-                || p == crate::disk::SHIM
-                || p == crate::disk::GRUB_SIGNED
-                || p == crate::disk::MOK_MANAGER
-                || (recipe.boot.bios && crate::disk::bios::wanted(p))
+                || p == crate::image::disk::SHIM
+                || p == crate::image::disk::GRUB_SIGNED
+                || p == crate::image::disk::MOK_MANAGER
+                || (recipe.boot.bios && crate::image::disk::bios::wanted(p))
                 || unit_paths.iter().any(|u| u == p)
         };
-        let info = crate::compose::index_base(&base.tar, &want)?;
+        let info = crate::image::compose::index_base(&base.tar, &want)?;
         let boot_files = boot_files(&info, &recipe, scratch.path())?;
-        let cmdline = crate::disk::cmdline(&ids, &recipe.boot.cmdline);
+        let cmdline = crate::image::disk::cmdline(&ids, &recipe.boot.cmdline);
 
         let mut additions = Vec::new();
         for a in &recipe.artifacts {
@@ -336,7 +336,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
             let path = &artifact_paths[&a.name];
             let sha = lock.artifact_sha(&a.name).map(str::to_string);
             if a.extract {
-                additions.extend(crate::compose::archive_additions(
+                additions.extend(crate::image::compose::archive_additions(
                     path,
                     &a.dest,
                     a.strip_components,
@@ -358,9 +358,9 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
             }
         }
         additions.extend(baked.additions.iter().cloned());
-        let ctx = crate::cloudinit::context(&recipe, "", &toml::Table::new())?;
+        let ctx = crate::image::cloudinit::context(&recipe, "", &toml::Table::new())?;
         for o in recipe.all_overlays() {
-            additions.extend(crate::compose::overlay_additions(
+            additions.extend(crate::image::compose::overlay_additions(
                 &recipe.overlay_dir(&o),
                 &format!("overlays/{o}"),
                 &ctx,
@@ -369,12 +369,13 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         additions.extend(kiln_defaults(&recipe, &ids, &info));
         additions.extend(unit_additions(&recipe, &info, &additions)?);
 
-        let composed = crate::compose::compose(
-            crate::compose::ComposePlan {
+        let composed = crate::image::compose::compose(
+            crate::image::compose::ComposePlan {
                 base_tar: &base.tar,
                 base: &info,
                 drop: &|p: &str, n: &Node| {
-                    crate::hygiene::clean_reason(p, n).is_some() || is_disabled_link(&recipe, p)
+                    crate::image::hygiene::clean_reason(p, n).is_some()
+                        || is_disabled_link(&recipe, p)
                 },
                 additions,
                 mtime: epoch,
@@ -395,11 +396,12 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     let lxc_path = staging.path().join(&lxc_name);
     let lxc_reference = opts
         .cache
-        .reference(&crate::lxc::reference_name(&recipe.name));
+        .reference(&crate::image::outputs::lxc::reference_name(&recipe.name));
     // The raw disk lives only until it is compressed: in RAM when there is
     // room (writing and deleting it costs far less there), else in the cache.
-    let ram =
-        crate::disk::ram_scratch(layout.root_start + composed.data_bytes + composed.data_bytes / 8);
+    let ram = crate::image::disk::ram_scratch(
+        layout.root_start + composed.data_bytes + composed.data_bytes / 8,
+    );
     let raw = ram.as_ref().unwrap_or(&scratch).path().join("disk.raw");
     let disk_file = format!("{}-{}.qcow2", recipe.name, recipe.version);
     let qcow2 = staging.path().join(&disk_file);
@@ -408,7 +410,14 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         // The LXC archive is compressed from the same tar while the disk is
         // assembled and compressed.
         let lxc_job = recipe.lxc.then(|| {
-            s.spawn(|| crate::lxc::write(&final_tar, &lxc_path, Some(&lxc_reference), &stop_lxc))
+            s.spawn(|| {
+                crate::image::outputs::lxc::write(
+                    &final_tar,
+                    &lxc_path,
+                    Some(&lxc_reference),
+                    &stop_lxc,
+                )
+            })
         });
         let disk = disk_and_compress(
             &mut timer,
@@ -416,7 +425,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
             opts,
             &raw,
             &qcow2,
-            &crate::disk::DiskInputs {
+            &crate::image::disk::DiskInputs {
                 layout: &layout,
                 ids: &ids,
                 boot: &boot_files,
@@ -433,7 +442,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         let Some(job) = lxc_job else { return Ok(None) };
         let stats = timer.run(BuildStage::Lxc, || {
             let written = job.join().expect("LXC compression thread panicked")?;
-            crate::reuse::keep(&lxc_reference, &lxc_path, &written.index)?;
+            crate::image::reuse::keep(&lxc_reference, &lxc_path, &written.index)?;
             let stats = written.stats;
             let all = stats.reused == stats.frames;
             Ok((stats, all))
@@ -454,17 +463,16 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     });
 
     let id = crate::util::sha256_file(&qcow2)?;
-    let validate =
-        ValidateSpec {
-            role: recipe.validate_role.clone(),
-            user_data: match &recipe.validate_role {
-                Some(role) if recipe.roles[role].user_data.is_some() => Some(
-                    crate::cloudinit::render(&recipe, role, &recipe.roles[role].test_values)?,
-                ),
-                _ => None,
-            },
-            checks: recipe.checks.clone(),
-        };
+    let validate = ValidateSpec {
+        role: recipe.validate_role.clone(),
+        user_data: match &recipe.validate_role {
+            Some(role) if recipe.roles[role].user_data.is_some() => Some(
+                crate::image::cloudinit::render(&recipe, role, &recipe.roles[role].test_values)?,
+            ),
+            _ => None,
+        },
+        checks: recipe.checks.clone(),
+    };
     let mut manifest = ImageManifest {
         name: recipe.name.clone(),
         version: recipe.version.clone(),
@@ -475,7 +483,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
             format: "qcow2".to_string(),
             sha256: id.clone(),
             size: std::fs::metadata(&qcow2)?.len(),
-            virtual_size: crate::disk::virtual_size(&qcow2)?,
+            virtual_size: crate::image::disk::virtual_size(&qcow2)?,
             root_fs_uuid: ids.root_fs_uuid.clone(),
         },
         inputs,
@@ -529,11 +537,11 @@ fn disk_and_compress(
     opts: &BuildOptions<'_>,
     raw: &Path,
     qcow2: &Path,
-    inputs: &crate::disk::DiskInputs<'_>,
+    inputs: &crate::image::disk::DiskInputs<'_>,
 ) -> Result<()> {
     let show = opts.show_progress;
     timer.run(BuildStage::Disk, || {
-        let pb = crate::progress::spinner(
+        let pb = crate::util::progress::spinner(
             show,
             if recipe.boot.bios {
                 "writing disk (GPT, ESP, BIOS boot, ext4)"
@@ -541,16 +549,16 @@ fn disk_and_compress(
                 "writing disk (GPT, ESP, ext4)"
             },
         );
-        let r = crate::disk::assemble(raw, inputs);
+        let r = crate::image::disk::assemble(raw, inputs);
         pb.finish_and_clear();
         r.map(|_| ((), false))
     })?;
     let stats = timer.run(BuildStage::Compress, || {
         let reference = opts
             .cache
-            .reference(&crate::disk::qcow2::reference_name(&recipe.name));
-        let written = crate::disk::qcow2::write(raw, qcow2, Some(&reference), show)?;
-        crate::reuse::keep(&reference, qcow2, &written.index)?;
+            .reference(&crate::image::outputs::qcow2::reference_name(&recipe.name));
+        let written = crate::image::outputs::qcow2::write(raw, qcow2, Some(&reference), show)?;
+        crate::image::reuse::keep(&reference, qcow2, &written.index)?;
         let stats = written.stats;
         let all = stats.reused == stats.data_clusters;
         Ok((stats, all))
@@ -566,7 +574,7 @@ fn existing_image(
     inputs: &InputDigests,
     force: bool,
 ) -> Result<Option<ImageManifest>> {
-    if !dest.join(crate::manifest::MANIFEST_FILE).exists() {
+    if !dest.join(crate::image::manifest::MANIFEST_FILE).exists() {
         return Ok(None);
     }
     let m = ImageManifest::load(dest)?;
@@ -618,16 +626,19 @@ fn write_sums(dir: &Path, m: &ImageManifest) -> Result<()> {
     if let Some(l) = &m.lxc {
         text.push_str(&format!("{}  {}\n", l.sha256, l.file));
     }
-    crate::util::write_atomic(&dir.join(crate::manifest::SUMS_FILE), text.as_bytes())
+    crate::util::write_atomic(
+        &dir.join(crate::image::manifest::SUMS_FILE),
+        text.as_bytes(),
+    )
 }
 
 /// Shim, signed grub, the kernel version and (for BIOS boot) GRUB's i386-pc
 /// images made from the base rootfs's grub-pc-bin, in `scratch`.
 fn boot_files(
-    info: &crate::compose::BaseInfo,
+    info: &crate::image::compose::BaseInfo,
     recipe: &Recipe,
     scratch: &Path,
-) -> Result<crate::disk::BootFiles> {
+) -> Result<crate::image::disk::BootFiles> {
     let need = |p: &str, pkg: &str| {
         info.captured.get(p).cloned().with_context(|| {
             format!("the rootfs has no /{p} (package {pkg}); it is needed to boot with Secure Boot")
@@ -657,12 +668,12 @@ fn boot_files(
     {
         bail!("the rootfs has no /boot/initrd.img-{kv} (package initramfs-tools)");
     }
-    Ok(crate::disk::BootFiles {
-        shim: need(crate::disk::SHIM, "shim-signed")?,
-        grub: need(crate::disk::GRUB_SIGNED, "grub-efi-amd64-signed")?,
-        mok_manager: info.captured.get(crate::disk::MOK_MANAGER).cloned(),
+    Ok(crate::image::disk::BootFiles {
+        shim: need(crate::image::disk::SHIM, "shim-signed")?,
+        grub: need(crate::image::disk::GRUB_SIGNED, "grub-efi-amd64-signed")?,
+        mok_manager: info.captured.get(crate::image::disk::MOK_MANAGER).cloned(),
         bios: if recipe.boot.bios {
-            Some(crate::disk::bios::make(&info.captured, scratch)?)
+            Some(crate::image::disk::bios::make(&info.captured, scratch)?)
         } else {
             None
         },
@@ -705,14 +716,14 @@ fn mask(unit: &str) -> Addition {
 /// config, and immutability (no apt timers, no unattended upgrades).
 fn kiln_defaults(
     recipe: &Recipe,
-    ids: &crate::disk::Identities,
-    info: &crate::compose::BaseInfo,
+    ids: &crate::image::disk::Identities,
+    info: &crate::image::compose::BaseInfo,
 ) -> Vec<Addition> {
     let origin = "kiln defaults";
     let mut v = vec![
         file("/etc/machine-id", String::new(), origin),
         file("/etc/fstab", format!("# Written by kiln.\nUUID={} / ext4 errors=remount-ro 0 1\n", ids.root_fs_uuid), origin),
-        file(crate::cloudinit::IMAGE_CONFIG_PATH, crate::cloudinit::image_config(), origin),
+        file(crate::image::cloudinit::IMAGE_CONFIG_PATH, crate::image::cloudinit::image_config(), origin),
         file("/etc/default/locale", "LANG=C.UTF-8\n".into(), origin),
         file(
             "/etc/apt/apt.conf.d/20auto-upgrades",
@@ -766,7 +777,7 @@ fn install_targets(text: &str) -> Vec<(String, &'static str)> {
 /// disable ones the recipe names, without running anything in the image.
 fn unit_additions(
     recipe: &Recipe,
-    info: &crate::compose::BaseInfo,
+    info: &crate::image::compose::BaseInfo,
     added: &[Addition],
 ) -> Result<Vec<Addition>> {
     let mut out = Vec::new();

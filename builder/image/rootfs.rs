@@ -11,9 +11,9 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use crate::fetch::Cache;
-use crate::lock::Lockfile;
-use crate::recipe::Recipe;
+use crate::image::fetch::Cache;
+use crate::image::lock::Lockfile;
+use crate::image::recipe::Recipe;
 
 /// Bump when the way kiln calls mmdebstrap changes, to invalidate caches.
 const BASE_FORMAT: u32 = 3;
@@ -43,10 +43,10 @@ pub struct BaseMeta {
 /// The mmdebstrap mirror argument (snapshot URL when the recipe pins one).
 pub fn mirror_url(r: &Recipe) -> String {
     match (&r.base.snapshot, r.base.distribution) {
-        (Some(ts), crate::recipe::Distribution::Debian) => {
+        (Some(ts), crate::image::recipe::Distribution::Debian) => {
             format!("http://snapshot.debian.org/archive/debian/{ts}")
         }
-        (Some(ts), crate::recipe::Distribution::Ubuntu) => {
+        (Some(ts), crate::image::recipe::Distribution::Ubuntu) => {
             format!("https://snapshot.ubuntu.com/ubuntu/{ts}")
         }
         (None, _) => r.base.mirror.clone(),
@@ -132,7 +132,7 @@ pub fn ensure_base(r: &Recipe, lock: &Lockfile, cache: &Cache, show: bool) -> Re
     if let Some(b) = lookup(cache, &key) {
         return Ok(b);
     }
-    crate::hosttools::require(&[crate::hosttools::MMDEBSTRAP])?;
+    crate::util::hosttools::require(&[crate::util::hosttools::MMDEBSTRAP])?;
     let scratch = cache.scratch("rootfs-")?;
     let out = scratch.path().join("base.tar");
     let log_path = scratch.path().join("mmdebstrap.log");
@@ -204,7 +204,7 @@ pub fn mmdebstrap_args(r: &Recipe, lock: &Lockfile, out: &std::path::Path) -> Ve
         "--dpkgopt=path-exclude=/usr/share/man/*".to_string(),
         "--dpkgopt=path-exclude=/usr/share/info/*".to_string(),
     ];
-    if r.boot.initrd_modules == crate::recipe::InitrdModules::Virtual {
+    if r.boot.initrd_modules == crate::image::recipe::InitrdModules::Virtual {
         args.push(format!("--essential-hook={}", initramfs_hook()));
     }
     if r.base.snapshot.is_some() {
@@ -249,7 +249,9 @@ fn run_mmdebstrap(
     log_path: &std::path::Path,
     show: bool,
 ) -> Result<()> {
-    let mut cmd = Command::new(crate::hosttools::path_of(crate::hosttools::MMDEBSTRAP)?);
+    let mut cmd = Command::new(crate::util::hosttools::path_of(
+        crate::util::hosttools::MMDEBSTRAP,
+    )?);
     cmd.env("SOURCE_DATE_EPOCH", lock.source_date_epoch.to_string())
         .env("LC_ALL", "C.UTF-8")
         .args(mmdebstrap_args(r, lock, out));
@@ -258,7 +260,7 @@ fn run_mmdebstrap(
         .stderr(Stdio::piped());
 
     let total = include_list(r, lock).len() as u64;
-    let pb = crate::progress::items(
+    let pb = crate::util::progress::items(
         show,
         None,
         format!("mmdebstrap {} ({total} packages)", r.base.suite),
@@ -308,7 +310,7 @@ fn run_mmdebstrap(
 
 /// Installed packages and versions, from dpkg's status database in the tar.
 pub fn read_packages(tar_path: &std::path::Path) -> Result<BTreeMap<String, String>> {
-    let info = crate::compose::index_base(tar_path, &|p| p == "var/lib/dpkg/status")?;
+    let info = crate::image::compose::index_base(tar_path, &|p| p == "var/lib/dpkg/status")?;
     let status = info
         .captured
         .get("var/lib/dpkg/status")

@@ -4,15 +4,15 @@
 //! NOT TESTED AGAINST PROXMOX: no PVE host exists here. Unit tests cover the
 //! command lines built; the SSH session itself is untested code.
 
-use super::api::Pve;
-use super::config::{SshConfig, Target};
 use super::{naming, PublishReport, VmEntry};
+use crate::deploy::pve::api::Pve;
+use crate::deploy::pve::config::{SshConfig, Target};
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 
-use crate::manifest::ImageManifest;
+use crate::image::manifest::ImageManifest;
 
 /// Quote for a POSIX shell.
 pub fn sh_quote(s: &str) -> String {
@@ -217,8 +217,8 @@ pub fn publish(
     })?;
     let remote = Remote::connect(c)?;
     let remote_file = format!("/var/tmp/{}", naming::import_file_name(m));
-    let pb = crate::progress::bytes(
-        crate::progress::enabled(false),
+    let pb = crate::util::progress::bytes(
+        crate::util::progress::enabled(false),
         Some(m.disk.size),
         "copying disk over SSH",
     );

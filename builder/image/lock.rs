@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::recipe::Recipe;
+use crate::image::recipe::Recipe;
 
 pub const LOCK_FORMAT: u32 = 1;
 
@@ -189,7 +189,7 @@ pub struct LockOptions {
 pub fn relock(
     r: &Recipe,
     old: Option<&Lockfile>,
-    cache: &crate::fetch::Cache,
+    cache: &crate::image::fetch::Cache,
     resolve_image: &dyn Fn(&str) -> Result<String>,
     opts: &LockOptions,
 ) -> Result<Lockfile> {
@@ -298,7 +298,7 @@ mod tests {
     fn lock_for(
         r: &Recipe,
         old: Option<&Lockfile>,
-        cache: &crate::fetch::Cache,
+        cache: &crate::image::fetch::Cache,
         update: bool,
     ) -> Lockfile {
         relock(
@@ -341,7 +341,7 @@ mod tests {
     #[test]
     fn lock_for_a_changed_recipe_is_refused_with_the_fix() {
         let d = tempfile::tempdir().unwrap();
-        let cache = crate::fetch::Cache::at(d.path().join("c")).unwrap();
+        let cache = crate::image::fetch::Cache::at(d.path().join("c")).unwrap();
         let r1 = recipe(d.path(), "packages = [\"vim\"]\n");
         let lock = lock_for(&r1, None, &cache, false);
         lock.check_matches(&r1, Path::new("r.toml.lock")).unwrap();
@@ -356,7 +356,7 @@ mod tests {
     #[test]
     fn artifact_without_digest_is_pinned_by_downloading_it() {
         let d = tempfile::tempdir().unwrap();
-        let cache = crate::fetch::Cache::at(d.path().join("c")).unwrap();
+        let cache = crate::image::fetch::Cache::at(d.path().join("c")).unwrap();
         let src = d.path().join("bin");
         std::fs::write(&src, b"binary").unwrap();
         let r = recipe(d.path(), &format!("[[artifacts]]\nname = \"tool\"\nurl = \"file://{}\"\ndest = \"/usr/local/bin/tool\"\n", src.display()));
@@ -389,7 +389,7 @@ mod tests {
     #[test]
     fn relock_keeps_source_date_epoch_and_package_pins() {
         let d = tempfile::tempdir().unwrap();
-        let cache = crate::fetch::Cache::at(d.path().join("c")).unwrap();
+        let cache = crate::image::fetch::Cache::at(d.path().join("c")).unwrap();
         let r = recipe(d.path(), "");
         let mut first = lock_for(&r, None, &cache, false);
         first.packages.insert("libc6".into(), "2.36".into());

@@ -10,7 +10,7 @@
 //! protective MBR its boot.img, so SeaBIOS boots it too; the root stays last.
 
 pub mod bios;
-pub mod qcow2;
+pub mod fat;
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -186,20 +186,22 @@ fn gpt_script(layout: &Layout, ids: &Identities) -> String {
 /// Write the partition table with sfdisk (works on a plain file).
 fn write_gpt(raw: &Path, layout: &Layout, ids: &Identities) -> Result<()> {
     let script = gpt_script(layout, ids);
-    let mut child = Command::new(crate::hosttools::path_of(crate::hosttools::SFDISK)?)
-        .args([
-            "--quiet",
-            "--no-reread",
-            "--no-tell-kernel",
-            "--wipe",
-            "always",
-        ])
-        .arg(raw)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start sfdisk")?;
+    let mut child = Command::new(crate::util::hosttools::path_of(
+        crate::util::hosttools::SFDISK,
+    )?)
+    .args([
+        "--quiet",
+        "--no-reread",
+        "--no-tell-kernel",
+        "--wipe",
+        "always",
+    ])
+    .arg(raw)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .context("cannot start sfdisk")?;
     child
         .stdin
         .take()
@@ -266,7 +268,7 @@ pub fn assemble(raw: &Path, d: &DiskInputs<'_>) -> Result<()> {
     if let Some(mm) = &boot.mok_manager {
         files.push(("EFI/BOOT/mmx64.efi".to_string(), mm.clone()));
     }
-    crate::fat::write_volume(
+    crate::image::disk::fat::write_volume(
         &mut f,
         layout.esp_start,
         layout.esp_size,
@@ -286,41 +288,43 @@ pub fn assemble(raw: &Path, d: &DiskInputs<'_>) -> Result<()> {
     f.sync_all()?;
     drop(f);
 
-    let out = Command::new(crate::hosttools::path_of(crate::hosttools::MKFS_EXT4)?)
-        .env("SOURCE_DATE_EPOCH", epoch.to_string())
-        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-        .env("MKE2FS_DEVICE_SECTSIZE", "512")
-        // libarchive needs a UTF-8 locale to read non-ASCII member names.
-        .env("LC_ALL", "C.UTF-8")
-        .args([
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-L",
-            "root",
-            "-b",
-            "4096",
-            "-O",
-            "^metadata_csum_seed",
-        ])
-        .arg("-U")
-        .arg(&ids.root_fs_uuid)
-        // The raw file is new and sparse, so it reads as zeros: mkfs need not
-        // write zeros over inode tables and the journal (the same bytes, with
-        // holes the qcow2 writer skips).
-        .arg("-E")
-        .arg(format!(
-            "offset={},hash_seed={},nodiscard,lazy_itable_init=0,assume_storage_prezeroed=1",
-            layout.root_start, ids.root_fs_uuid
-        ))
-        .arg("-d")
-        .arg(rootfs_tar)
-        .arg(raw)
-        .arg(format!("{}k", layout.root_size / 1024))
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run mkfs.ext4")?;
+    let out = Command::new(crate::util::hosttools::path_of(
+        crate::util::hosttools::MKFS_EXT4,
+    )?)
+    .env("SOURCE_DATE_EPOCH", epoch.to_string())
+    .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+    .env("MKE2FS_DEVICE_SECTSIZE", "512")
+    // libarchive needs a UTF-8 locale to read non-ASCII member names.
+    .env("LC_ALL", "C.UTF-8")
+    .args([
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-L",
+        "root",
+        "-b",
+        "4096",
+        "-O",
+        "^metadata_csum_seed",
+    ])
+    .arg("-U")
+    .arg(&ids.root_fs_uuid)
+    // The raw file is new and sparse, so it reads as zeros: mkfs need not
+    // write zeros over inode tables and the journal (the same bytes, with
+    // holes the qcow2 writer skips).
+    .arg("-E")
+    .arg(format!(
+        "offset={},hash_seed={},nodiscard,lazy_itable_init=0,assume_storage_prezeroed=1",
+        layout.root_start, ids.root_fs_uuid
+    ))
+    .arg("-d")
+    .arg(rootfs_tar)
+    .arg(raw)
+    .arg(format!("{}k", layout.root_size / 1024))
+    .stdin(Stdio::null())
+    .output()
+    .context("cannot run mkfs.ext4")?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let err = err.trim();
@@ -409,11 +413,13 @@ fn too_big(data_bytes: u64, layout: &Layout) -> anyhow::Error {
 
 /// The virtual size qemu-img reports for an image.
 pub fn virtual_size(image: &Path) -> Result<u64> {
-    let out = Command::new(crate::hosttools::path_of(crate::hosttools::QEMU_IMG)?)
-        .args(["info", "--output=json"])
-        .arg(image)
-        .output()
-        .context("cannot run qemu-img info")?;
+    let out = Command::new(crate::util::hosttools::path_of(
+        crate::util::hosttools::QEMU_IMG,
+    )?)
+    .args(["info", "--output=json"])
+    .arg(image)
+    .output()
+    .context("cannot run qemu-img info")?;
     if !out.status.success() {
         bail!(
             "qemu-img info {} failed: {}",

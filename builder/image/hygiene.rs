@@ -4,8 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::compose::Node;
-pub use crate::recipe::Hygiene;
+use crate::image::compose::Node;
+pub use crate::image::recipe::Hygiene;
 
 /// Files up to this size are scanned for private-key material.
 pub const SCAN_LIMIT: u64 = 4 << 20;

@@ -14,8 +14,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::hygiene::HygieneReport;
-use crate::recipe::Hygiene;
+use crate::image::hygiene::HygieneReport;
+use crate::image::recipe::Hygiene;
 
 /// Check a path meant for the image: absolute, no `..`, no empty or `.` parts.
 pub fn check_image_path(p: &str) -> Result<(), String> {
@@ -308,7 +308,7 @@ fn plan_additions(
 /// then the additions. Hygiene is enforced on everything written.
 pub fn compose(plan: ComposePlan<'_>, out: &Path) -> Result<Composed> {
     let planned = plan_additions(&plan.base.index, plan.additions)?;
-    let mut scanner = crate::hygiene::Scanner::new(plan.hygiene);
+    let mut scanner = crate::image::hygiene::Scanner::new(plan.hygiene);
 
     // Base entries replaced by additions, and those dropped for hygiene.
     let mut skipped: HashSet<String> = HashSet::new();
@@ -366,7 +366,7 @@ pub fn compose(plan: ComposePlan<'_>, out: &Path) -> Result<Composed> {
                 &mut |_| {},
             )?;
             let mut scan =
-                scanner.content_scan(&name, is_file && size <= crate::hygiene::SCAN_LIMIT);
+                scanner.content_scan(&name, is_file && size <= crate::image::hygiene::SCAN_LIMIT);
             copy_exact(
                 &mut raw,
                 builder.get_mut(),
@@ -456,7 +456,7 @@ pub fn compose(plan: ComposePlan<'_>, out: &Path) -> Result<Composed> {
 
 struct ScanningReader<'a, R> {
     inner: R,
-    scan: &'a mut crate::hygiene::ContentScan,
+    scan: &'a mut crate::image::hygiene::ContentScan,
     hasher: Option<sha2::Sha256>,
 }
 

@@ -226,8 +226,8 @@ impl<R: Read> Read for Verifying<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oci::manifest::{Descriptor, OCI_MANIFEST};
-    use crate::oci::ImageRef;
+    use crate::image::oci::manifest::{Descriptor, OCI_MANIFEST};
+    use crate::image::oci::ImageRef;
     use crate::util::sha256_hex;
 
     /// A fake "pulled" image whose blobs sit in a temp cache.

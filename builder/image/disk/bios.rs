@@ -115,23 +115,25 @@ pub fn make(captured: &HashMap<String, Vec<u8>>, scratch: &Path) -> Result<BiosB
             .with_context(|| format!("cannot write {name} for grub-mkimage"))?;
     }
     let core = dir.path().join("core.img");
-    let out = Command::new(crate::hosttools::path_of(crate::hosttools::GRUB_MKIMAGE)?)
-        .args([
-            "--format",
-            "i386-pc",
-            "--compression",
-            "auto",
-            "--prefix",
-            PREFIX,
-        ])
-        .arg("--directory")
-        .arg(dir.path())
-        .arg("--output")
-        .arg(&core)
-        .args(MODULES)
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run grub-mkimage")?;
+    let out = Command::new(crate::util::hosttools::path_of(
+        crate::util::hosttools::GRUB_MKIMAGE,
+    )?)
+    .args([
+        "--format",
+        "i386-pc",
+        "--compression",
+        "auto",
+        "--prefix",
+        PREFIX,
+    ])
+    .arg("--directory")
+    .arg(dir.path())
+    .arg("--output")
+    .arg(&core)
+    .args(MODULES)
+    .stdin(Stdio::null())
+    .output()
+    .context("cannot run grub-mkimage")?;
     if !out.status.success() {
         bail!(
             "grub-mkimage failed making the BIOS core.img: {}",

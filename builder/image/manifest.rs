@@ -25,7 +25,7 @@ pub struct ImageManifest {
     pub boot: BootInfo,
     /// Installed packages and versions (from dpkg's status database).
     pub packages: BTreeMap<String, String>,
-    pub hygiene: crate::hygiene::HygieneReport,
+    pub hygiene: crate::image::hygiene::HygieneReport,
     /// Per-stage wall time in seconds, in pipeline order.
     pub stages: Vec<StageTiming>,
     /// Roles whose static files are baked in; user-data is rendered per node.

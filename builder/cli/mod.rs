@@ -5,10 +5,10 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use std::path::PathBuf;
 
-use crate::build::{BuildOptions, BuildOutcome};
-use crate::fetch::Cache;
-use crate::lock::Lockfile;
-use crate::recipe::Recipe;
+use crate::image::fetch::Cache;
+use crate::image::lock::Lockfile;
+use crate::image::pipeline::{BuildOptions, BuildOutcome};
+use crate::image::recipe::Recipe;
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
@@ -106,7 +106,7 @@ pub fn check(a: CheckArgs) -> Result<()> {
                 "digest": recipe.digest(),
                 "lock": lock_state,
                 // What the base stage runs, for benchmarks and debugging.
-                "mmdebstrap": lock.as_ref().map(|l| crate::rootfs::mmdebstrap_args(&recipe, l, std::path::Path::new("OUT.tar"))),
+                "mmdebstrap": lock.as_ref().map(|l| crate::image::rootfs::mmdebstrap_args(&recipe, l, std::path::Path::new("OUT.tar"))),
                 "source_date_epoch": lock.as_ref().map(|l| l.source_date_epoch),
             })
         );
@@ -131,20 +131,19 @@ pub fn check(a: CheckArgs) -> Result<()> {
 }
 
 pub fn lock(a: LockArgs) -> Result<()> {
-    crate::util::install_interrupt_handler();
     let recipe = Recipe::load(&a.recipe)?;
     let path = recipe.lock_path();
     let old = Lockfile::load(&path)?;
     let cache = Cache::from_env()?;
-    let auth = crate::images::registry_auth(a.docker_config.as_deref())?;
-    let resolve_image = |r: &str| crate::images::resolve_reference(r, &auth);
-    let show = crate::progress::enabled(a.json);
-    let new = crate::lock::relock(
+    let auth = crate::image::airgap::registry_auth(a.docker_config.as_deref())?;
+    let resolve_image = |r: &str| crate::image::airgap::resolve_reference(r, &auth);
+    let show = crate::util::progress::enabled(a.json);
+    let new = crate::image::lock::relock(
         &recipe,
         old.as_ref(),
         &cache,
         &resolve_image,
-        &crate::lock::LockOptions {
+        &crate::image::lock::LockOptions {
             update: a.update,
             show_progress: show,
         },
@@ -169,8 +168,7 @@ pub fn lock(a: LockArgs) -> Result<()> {
 }
 
 pub fn build(a: BuildArgs) -> Result<()> {
-    crate::util::install_interrupt_handler();
-    let show = crate::progress::enabled(a.json);
+    let show = crate::util::progress::enabled(a.json);
     // Validation boots the staged image, so only a validated image is published.
     let vopts = crate::validate::ValidateOptions {
         accel: a.accel,
@@ -184,18 +182,19 @@ pub fn build(a: BuildArgs) -> Result<()> {
         force: a.force,
         locked: a.locked,
         show_progress: show,
-        registry_auth: crate::images::registry_auth(a.docker_config.as_deref())?,
-        before_publish: (!a.no_validate).then_some(&validate as crate::build::BeforePublish<'_>),
+        registry_auth: crate::image::airgap::registry_auth(a.docker_config.as_deref())?,
+        before_publish: (!a.no_validate)
+            .then_some(&validate as crate::image::pipeline::BeforePublish<'_>),
     };
     let started = std::time::Instant::now();
-    let outcome = crate::build::build(&a.recipe, &opts)?;
+    let outcome = crate::image::pipeline::build(&a.recipe, &opts)?;
     print_build(&outcome, a.json, started.elapsed().as_secs_f64());
     Ok(())
 }
 
 fn print_build(o: &BuildOutcome, json_out: bool, seconds: f64) {
     let m = &o.manifest;
-    let manifest_path = o.dir.join(crate::manifest::MANIFEST_FILE);
+    let manifest_path = o.dir.join(crate::image::manifest::MANIFEST_FILE);
     if json_out {
         println!(
             "{}",
@@ -266,8 +265,8 @@ pub fn cloud_init(c: CloudInitCommand) -> Result<()> {
     match c {
         CloudInitCommand::Render(a) => {
             let recipe = Recipe::load(&a.recipe)?;
-            let values = crate::cloudinit::load_values(&a.values)?;
-            let text = crate::cloudinit::render(&recipe, &a.role, &values)?;
+            let values = crate::image::cloudinit::load_values(&a.values)?;
+            let text = crate::image::cloudinit::render(&recipe, &a.role, &values)?;
             match a.out {
                 Some(p) => crate::util::write_atomic(&p, text.as_bytes())
                     .with_context(|| format!("cannot write {}", p.display()))?,
@@ -284,7 +283,7 @@ pub fn report_error(e: &anyhow::Error) {
 }
 
 pub fn exit_code(e: &anyhow::Error) -> i32 {
-    if e.chain().any(|c| c.to_string() == "interrupted") {
+    if crate::util::interrupt::is_interrupt(e) {
         130
     } else {
         1

@@ -1,0 +1,17 @@
+//! The image half: recipe → lock/fetch → rootfs → compose → disk → outputs,
+//! run by `pipeline`, recorded in the `manifest` that validation and deployment read.
+
+pub mod airgap;
+pub mod cloudinit;
+pub mod compose;
+pub mod disk;
+pub mod fetch;
+pub mod hygiene;
+pub mod lock;
+pub mod manifest;
+pub mod oci;
+pub mod outputs;
+pub mod pipeline;
+pub mod recipe;
+pub mod reuse;
+pub mod rootfs;
