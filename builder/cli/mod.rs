@@ -183,8 +183,8 @@ pub fn build(a: BuildArgs) -> Result<()> {
         locked: a.locked,
         show_progress: show,
         registry_auth: crate::image::airgap::registry_auth(a.docker_config.as_deref())?,
-        before_publish: (!a.no_validate)
-            .then_some(&validate as crate::image::pipeline::BeforePublish<'_>),
+        before_promote: (!a.no_validate)
+            .then_some(&validate as crate::image::pipeline::BeforePromote<'_>),
     };
     let started = std::time::Instant::now();
     let outcome = crate::image::pipeline::build(&a.recipe, &opts)?;

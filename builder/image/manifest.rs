@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::image::outputs::OutputKind;
+
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const SUMS_FILE: &str = "SHA256SUMS";
 
@@ -179,8 +181,11 @@ impl ImageManifest {
         }
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a kiln manifest", path.display()))
+        let m: ImageManifest = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a kiln manifest", path.display()))?;
+        m.check_output_names()
+            .with_context(|| format!("{} is not a usable kiln manifest", path.display()))?;
+        Ok(m)
     }
 
     /// Write `manifest.json` atomically into an image directory.
@@ -190,9 +195,41 @@ impl ImageManifest {
         crate::util::write_atomic(&image_dir.join(MANIFEST_FILE), text.as_bytes())
     }
 
+    /// Every output the build made, the disk first.
+    pub fn outputs(&self) -> Vec<(OutputKind, FileInfo)> {
+        let disk = FileInfo {
+            file: self.disk.file.clone(),
+            sha256: self.disk.sha256.clone(),
+            size: self.disk.size,
+        };
+        let mut v = vec![(OutputKind::Disk, disk)];
+        v.extend(self.lxc.iter().map(|l| (OutputKind::Lxc, l.clone())));
+        v
+    }
+
     /// Path of the disk file inside `image_dir`.
     pub fn disk_path(&self, image_dir: &Path) -> PathBuf {
         image_dir.join(&self.disk.file)
+    }
+
+    /// Refuse a manifest whose output names leave the image directory (a
+    /// crafted manifest could otherwise make publish upload any local file).
+    pub fn check_output_names(&self) -> Result<()> {
+        for (kind, f) in self.outputs() {
+            let plain = !f.file.is_empty()
+                && !f.file.contains('/')
+                && f.file != "."
+                && f.file != ".."
+                && !f.file.starts_with('.');
+            if !plain {
+                bail!(
+                    "manifest: {} file `{}` is not a plain file name inside the image directory",
+                    kind.label(),
+                    f.file
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Check that the disk file is the one this manifest describes.
@@ -207,6 +244,16 @@ impl ImageManifest {
             );
         }
         Ok(())
+    }
+
+    /// Write `SHA256SUMS` (the format `sha256sum -c` reads) for every output.
+    pub fn write_sums(&self, image_dir: &Path) -> Result<()> {
+        let text: String = self
+            .outputs()
+            .iter()
+            .map(|(_, f)| format!("{}  {}\n", f.sha256, f.file))
+            .collect();
+        crate::util::write_atomic(&image_dir.join(SUMS_FILE), text.as_bytes())
     }
 
     /// The first 12 hex digits of the id, as used in tags and names.

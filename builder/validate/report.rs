@@ -173,7 +173,7 @@ mod tests {
                     },
                     CheckOutcome {
                         name: "haproxy listening".into(),
-                        passed: passed,
+                        passed,
                         seconds: 1.0,
                         detail: (!passed)
                             .then(|| "exit status 1, expected 0\nstdout: \"x\" & y".into()),

@@ -8,6 +8,8 @@
 //! addition writes is resolved through the image's own symlinks; anything that
 //! would land outside the root is refused with its origin named.
 
+pub mod defaults;
+
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -343,7 +345,7 @@ pub fn compose(plan: ComposePlan<'_>, out: &Path) -> Result<Composed> {
     let mut buf = vec![0u8; 1 << 20];
     for entry in archive.entries_with_seek()? {
         let entry = entry?;
-        if entries % 1024 == 0 {
+        if entries.is_multiple_of(1024) {
             crate::util::check_interrupted()?;
         }
         let name = norm(&String::from_utf8_lossy(&entry.path_bytes()));

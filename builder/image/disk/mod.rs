@@ -10,7 +10,10 @@
 //! protective MBR its boot.img, so SeaBIOS boots it too; the root stays last.
 
 pub mod bios;
+pub mod boot;
 pub mod fat;
+
+pub use crate::image::inputs::Identities;
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -66,48 +69,6 @@ impl Layout {
             root_start,
             root_size: size - root_start - GPT_TAIL,
         })
-    }
-}
-
-/// Stable identities derived from the build inputs, so two builds of the same
-/// inputs get the same UUIDs (and the same bytes).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Identities {
-    pub disk_guid: String,
-    pub esp_guid: String,
-    pub root_guid: String,
-    pub bios_guid: String,
-    pub root_fs_uuid: String,
-    pub esp_volume_id: u32,
-}
-
-fn uuid_from(seed: &str, what: &str) -> String {
-    let h = crate::util::sha256_hex(format!("{what}\0{seed}").as_bytes());
-    let mut b = hex::decode(&h[..32]).expect("hex");
-    b[6] = (b[6] & 0x0f) | 0x40; // version 4 layout
-    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-    let x = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &x[..8],
-        &x[8..12],
-        &x[12..16],
-        &x[16..20],
-        &x[20..]
-    )
-}
-
-impl Identities {
-    pub fn derive(seed: &str) -> Identities {
-        let vol = crate::util::sha256_hex(format!("esp-volume\0{seed}").as_bytes());
-        Identities {
-            disk_guid: uuid_from(seed, "disk"),
-            esp_guid: uuid_from(seed, "esp"),
-            root_guid: uuid_from(seed, "root-part"),
-            bios_guid: uuid_from(seed, "bios-part"),
-            root_fs_uuid: uuid_from(seed, "root-fs"),
-            esp_volume_id: u32::from_str_radix(&vol[..8], 16).expect("hex"),
-        }
     }
 }
 

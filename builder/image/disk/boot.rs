@@ -1,0 +1,83 @@
+//! The boot files a disk is made from: shim, signed GRUB, the newest kernel
+//! and (for hybrid disks) GRUB's BIOS images, all read from the base rootfs.
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+use crate::image::compose::{BaseInfo, Node};
+use crate::image::recipe::Recipe;
+
+/// Whether compose must capture `path` from the base rootfs for the disk.
+pub fn wanted(path: &str, bios: bool) -> bool {
+    path == super::SHIM
+        || path == super::GRUB_SIGNED
+        || path == super::MOK_MANAGER
+        || (bios && super::bios::wanted(path))
+}
+
+/// Shim, signed grub, the kernel version and (for BIOS boot) GRUB's i386-pc
+/// images made from the base rootfs's grub-pc-bin, in `scratch`.
+pub fn files(info: &BaseInfo, recipe: &Recipe, scratch: &Path) -> Result<super::BootFiles> {
+    let need = |p: &str, pkg: &str| {
+        info.captured.get(p).cloned().with_context(|| {
+            format!("the rootfs has no /{p} (package {pkg}); it is needed to boot with Secure Boot")
+        })
+    };
+    let mut kernels: Vec<&str> = info
+        .index
+        .nodes
+        .iter()
+        .filter(|(p, n)| **n == Node::File && p.starts_with("boot/vmlinuz-"))
+        .map(|(p, _)| p.trim_start_matches("boot/vmlinuz-"))
+        .collect();
+    kernels.sort_by(|a, b| version_cmp(a, b));
+    let kv = kernels
+        .last()
+        .with_context(|| {
+            format!(
+                "the rootfs has no kernel in /boot (package linux-image-{})",
+                recipe.base.architecture
+            )
+        })?
+        .to_string();
+    if !info
+        .index
+        .nodes
+        .contains_key(&format!("boot/initrd.img-{kv}"))
+    {
+        bail!("the rootfs has no /boot/initrd.img-{kv} (package initramfs-tools)");
+    }
+    Ok(super::BootFiles {
+        shim: need(super::SHIM, "shim-signed")?,
+        grub: need(super::GRUB_SIGNED, "grub-efi-amd64-signed")?,
+        mok_manager: info.captured.get(super::MOK_MANAGER).cloned(),
+        bios: if recipe.boot.bios {
+            Some(super::bios::make(&info.captured, scratch)?)
+        } else {
+            None
+        },
+        kernel_version: kv,
+    })
+}
+
+/// Compare kernel versions by their numeric parts.
+fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let parts = |s: &str| {
+        s.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|x| x.parse::<u64>().ok())
+            .collect::<Vec<_>>()
+    };
+    parts(a).cmp(&parts(b)).then(a.cmp(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_sort_numerically() {
+        let mut v = ["6.1.0-9-amd64", "6.1.0-50-amd64", "6.1.0-10-amd64"];
+        v.sort_by(|a, b| version_cmp(a, b));
+        assert_eq!(v.last(), Some(&"6.1.0-50-amd64"));
+    }
+}
