@@ -124,7 +124,7 @@ pub enum InitrdModules {
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Hygiene {
-    /// Paths where a private key may ship (nothing else may hold one).
+    /// Paths where a private key or K3s token may ship (nothing else may hold one).
     pub allow_private_keys: Vec<String>,
 }
 

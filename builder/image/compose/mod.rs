@@ -76,6 +76,17 @@ impl TreeIndex {
     /// the last, as the kernel would inside the image. A relative link that
     /// climbs above the root is an escape and is refused.
     pub fn resolve_parent(&self, path: &str) -> Result<String, String> {
+        self.resolve(path, false)
+    }
+
+    /// Resolve `path` following symlinks in every component, the last one
+    /// too: where a directory written at `path` lands (an overlay's `lib/`
+    /// is the image's `usr/lib` when the base has `lib -> usr/lib`).
+    pub fn resolve_dir(&self, path: &str) -> Result<String, String> {
+        self.resolve(path, true)
+    }
+
+    fn resolve(&self, path: &str, follow_last: bool) -> Result<String, String> {
         let mut hops = 0;
         let mut pending: Vec<String> = path
             .split('/')
@@ -99,7 +110,7 @@ impl TreeIndex {
                 continue;
             }
             cur.push(part);
-            if pending.is_empty() {
+            if pending.is_empty() && !follow_last {
                 break; // the last component is replaced, never followed
             }
             let joined = cur.join("/");
@@ -233,9 +244,14 @@ fn plan_additions(
     let mut planned: BTreeMap<String, Addition> = BTreeMap::new();
     for add in additions {
         check_image_path(&add.path).map_err(|e| anyhow!("{}: {e}", add.origin))?;
-        let resolved = index
-            .resolve_parent(&norm(&add.path))
-            .map_err(|e| anyhow!("{}: refused: {e}", add.origin))?;
+        // A directory merges with what the image has at its path, through a
+        // symlink to a directory too (merged /usr: `lib -> usr/lib`); files
+        // and symlinks replace the last component.
+        let resolved = match add.kind {
+            AddKind::Dir { .. } => index.resolve_dir(&norm(&add.path)),
+            _ => index.resolve_parent(&norm(&add.path)),
+        }
+        .map_err(|e| anyhow!("{}: refused: {e}", add.origin))?;
         // The parent chain must also not pass through symlinks added by us.
         let mut parent = String::new();
         for part in resolved
@@ -281,6 +297,7 @@ fn plan_additions(
             }
         }
         match (&add.kind, index.nodes.get(&resolved)) {
+            (AddKind::Dir { .. }, _) if resolved.is_empty() => continue, // the root (via `x -> /`)
             (AddKind::Dir { .. }, Some(Node::Dir)) => continue, // keep the base's directory as it is
             (AddKind::Dir { .. }, Some(_)) => bail!(
                 "{}: refused: /{resolved} exists in the image and is not a directory",
@@ -775,6 +792,123 @@ mod tests {
             .resolve_parent("a/x")
             .unwrap_err()
             .contains("too many symlinks"));
+    }
+
+    /// An overlay directory holding `lib/x.conf`, and the image tree of a
+    /// merged-/usr base with `lib` pointing at `target`.
+    fn lib_overlay_over(target: &str) -> (tempfile::TempDir, TreeIndex) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("lib")).unwrap();
+        std::fs::write(d.path().join("lib/x.conf"), "x").unwrap();
+        let idx = index(&[
+            ("lib", Node::Symlink(target.into())),
+            ("usr", Node::Dir),
+            ("usr/lib", Node::Dir),
+        ]);
+        (d, idx)
+    }
+
+    #[test]
+    fn overlay_lib_dir_merges_into_usr_lib_on_merged_usr_bases() {
+        let (d, idx) = lib_overlay_over("usr/lib");
+        let adds = overlay_additions(d.path(), "overlays/m", &tera::Context::new()).unwrap();
+        let planned = plan_additions(&idx, adds).unwrap();
+        assert_eq!(planned.keys().collect::<Vec<_>>(), ["usr/lib/x.conf"]);
+    }
+
+    #[test]
+    fn overlay_dir_over_a_symlink_to_the_root_adds_no_root_entry() {
+        let (d, idx) = lib_overlay_over("/");
+        let adds = overlay_additions(d.path(), "overlays/m", &tera::Context::new()).unwrap();
+        let planned = plan_additions(&idx, adds).unwrap();
+        assert_eq!(planned.keys().collect::<Vec<_>>(), ["x.conf"]);
+    }
+
+    #[test]
+    fn overlay_dir_over_a_symlink_leaving_the_root_is_refused() {
+        let (d, idx) = lib_overlay_over("../../host/lib");
+        let adds = overlay_additions(d.path(), "overlays/m", &tera::Context::new()).unwrap();
+        let err = plan_additions(&idx, adds).unwrap_err().to_string();
+        assert!(
+            err.contains("overlays/m/lib") && err.contains("outside the image root"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn overlay_dir_over_a_symlink_loop_is_refused() {
+        let (d, mut idx) = lib_overlay_over("lib2");
+        idx.nodes.insert("lib2".into(), Node::Symlink("lib".into()));
+        let adds = overlay_additions(d.path(), "overlays/m", &tera::Context::new()).unwrap();
+        let err = plan_additions(&idx, adds).unwrap_err().to_string();
+        assert!(
+            err.contains("overlays/m/lib") && err.contains("too many symlinks"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn composed_tar_keeps_the_lib_symlink_and_puts_overlay_files_in_usr_lib() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("base.tar");
+        {
+            let mut b = tar::Builder::new(File::create(&base).unwrap());
+            for dir in ["usr/", "usr/lib/"] {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, format!("./{dir}"), std::io::empty())
+                    .unwrap();
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            b.append_link(&mut h, "./lib", "usr/lib").unwrap();
+            b.finish().unwrap();
+        }
+        let ov = d.path().join("ov");
+        std::fs::create_dir_all(ov.join("lib/systemd")).unwrap();
+        std::fs::write(ov.join("lib/systemd/x.conf"), "x").unwrap();
+        let info = index_base(&base, &|_| false).unwrap();
+        let out = d.path().join("out.tar");
+        compose(
+            ComposePlan {
+                base_tar: &base,
+                base: &info,
+                drop: &|_: &str, _: &Node| false,
+                additions: overlay_additions(&ov, "overlays/m", &tera::Context::new()).unwrap(),
+                mtime: 0,
+                hygiene: &Hygiene::default(),
+            },
+            &out,
+        )
+        .unwrap();
+        let mut got: Vec<(String, tar::EntryType)> = tar::Archive::new(File::open(&out).unwrap())
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    norm(&e.path().unwrap().to_string_lossy()),
+                    e.header().entry_type(),
+                )
+            })
+            .collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            [
+                ("lib".to_string(), tar::EntryType::Symlink),
+                ("usr".to_string(), tar::EntryType::Directory),
+                ("usr/lib".to_string(), tar::EntryType::Directory),
+                ("usr/lib/systemd".to_string(), tar::EntryType::Directory),
+                (
+                    "usr/lib/systemd/x.conf".to_string(),
+                    tar::EntryType::Regular
+                ),
+            ]
+        );
     }
 
     #[test]
