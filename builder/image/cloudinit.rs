@@ -2,7 +2,7 @@
 //! ConfigDrive datasources, no package upgrades) and per-node user-data
 //! rendered from a role's template (secrets appear only there, never in images).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 
 use crate::image::recipe::Recipe;
@@ -91,8 +91,8 @@ pub fn render(recipe: &Recipe, role: &str, values: &toml::Table) -> Result<Strin
     let text =
         std::fs::read_to_string(tpl).with_context(|| format!("cannot read {}", tpl.display()))?;
     let ctx = context(recipe, role, values)?;
-    let out = crate::image::compose::render_template(&text, &ctx)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tpl.display()))?;
+    let out =
+        render_template(&text, &ctx).map_err(|e| anyhow::anyhow!("{}: {e}", tpl.display()))?;
     let first = out.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     if !(first.starts_with("#cloud-config")
         || first.starts_with("#!")
@@ -105,6 +105,26 @@ pub fn render(recipe: &Recipe, role: &str, values: &toml::Table) -> Result<Strin
         );
     }
     Ok(out)
+}
+
+/// Render a Tera template; errors carry Tera's whole explanation on one line.
+pub fn render_template(text: &str, ctx: &tera::Context) -> Result<String> {
+    tera::Tera::one_off(text, ctx, false).map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        anyhow!(
+            "template error: {}",
+            msg.replace('\n', " ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    })
 }
 
 #[cfg(test)]

@@ -2,24 +2,12 @@
 //! state, apt lists, logs, histories, seeds, private keys), cleaned from the
 //! base and then enforced on every entry of the final rootfs.
 
-use serde::{Deserialize, Serialize};
-
-use crate::image::compose::Node;
+pub use crate::image::contract::HygieneReport;
+use crate::image::contract::Node;
 pub use crate::image::recipe::Hygiene;
 
 /// Files up to this size are scanned for private-key material.
 pub const SCAN_LIMIT: u64 = 4 << 20;
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct HygieneReport {
-    /// Paths removed or emptied from the base rootfs.
-    pub cleaned: Vec<String>,
-    /// Private keys present because the recipe allow-lists them.
-    pub allowed: Vec<String>,
-    /// Violations found in the final rootfs (a build with any fails).
-    pub violations: Vec<String>,
-}
 
 /// Why a base path is cleaned, or None to keep it. Device nodes are dropped
 /// too: devtmpfs provides them at boot.

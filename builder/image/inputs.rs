@@ -32,7 +32,7 @@ pub fn overlay_digest(dir: &Path) -> Result<String> {
             .expect("under dir")
             .to_string_lossy()
             .into_owned();
-        let mode = crate::image::compose::overlay_mode(&m);
+        let mode = crate::image::contract::overlay_mode(&m);
         h.update(format!("{rel}\0{mode:o}\0").as_bytes());
         if m.file_type().is_symlink() {
             h.update(std::fs::read_link(&p)?.to_string_lossy().as_bytes());

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::image::outputs::OutputKind;
+pub use crate::image::contract::CheckSpec;
+use crate::image::contract::OutputKind;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const SUMS_FILE: &str = "SHA256SUMS";
@@ -27,7 +28,7 @@ pub struct ImageManifest {
     pub boot: BootInfo,
     /// Installed packages and versions (from dpkg's status database).
     pub packages: BTreeMap<String, String>,
-    pub hygiene: crate::image::hygiene::HygieneReport,
+    pub hygiene: crate::image::contract::HygieneReport,
     /// Per-stage wall time in seconds, in pipeline order.
     pub stages: Vec<StageTiming>,
     /// Roles whose static files are baked in; user-data is rendered per node.
@@ -112,27 +113,6 @@ pub struct Reuse {
     pub reused: u64,
     pub total: u64,
     pub unit: String,
-}
-
-/// A check declared by a recipe, run over SSH by `kiln validate`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CheckSpec {
-    pub name: String,
-    pub command: String,
-    /// Expected exit status (default 0).
-    #[serde(default)]
-    pub exit: i32,
-    /// A regular expression stdout must match.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stdout: Option<String>,
-    /// Seconds before the check counts as failed.
-    #[serde(default = "default_check_timeout")]
-    pub timeout: u64,
-}
-
-fn default_check_timeout() -> u64 {
-    60
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -4,6 +4,7 @@
 pub mod airgap;
 pub mod cloudinit;
 pub mod compose;
+pub mod contract;
 pub mod disk;
 pub mod fetch;
 pub mod hygiene;

@@ -339,7 +339,7 @@ fn compose_rootfs(
             &ctx,
         )?);
     }
-    additions.extend(defaults::kiln_defaults(recipe, ids, &info));
+    additions.extend(defaults::kiln_defaults(recipe, &ids.root_fs_uuid, &info));
     additions.extend(defaults::unit_additions(recipe, &info, &additions)?);
 
     let tar = work.scratch.path().join("rootfs.tar");
@@ -439,9 +439,10 @@ fn write_outputs(
     let qcow2 = staging.path().join(&qcow2_name);
     let lxc_name = OutputKind::Lxc.file_name(&recipe.name, &recipe.version);
     let lxc_path = staging.path().join(&lxc_name);
-    let lxc_reference = opts
-        .cache
-        .reference(&OutputKind::Lxc.reference_name(&recipe.name));
+    let lxc_reference = opts.cache.reference(&crate::image::outputs::reference_name(
+        OutputKind::Lxc,
+        &recipe.name,
+    ));
     let stop_lxc = AtomicBool::new(false);
     let lxc = std::thread::scope(|s| -> Result<Option<FileInfo>> {
         let lxc_job = recipe.lxc.then(|| {
@@ -526,9 +527,10 @@ fn write_disk(
         r.map(|_| ((), false))
     })?;
     let stats = timer.run(BuildStage::Compress, || {
-        let reference = opts
-            .cache
-            .reference(&OutputKind::Disk.reference_name(&recipe.name));
+        let reference = opts.cache.reference(&crate::image::outputs::reference_name(
+            OutputKind::Disk,
+            &recipe.name,
+        ));
         let written = crate::image::outputs::qcow2::write(raw, qcow2, Some(&reference), show)?;
         crate::image::reuse::keep(&reference, qcow2, &written.index)?;
         let all = written.stats.reused == written.stats.data_clusters;

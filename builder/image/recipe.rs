@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
-use crate::image::manifest::CheckSpec;
+use crate::image::contract::CheckSpec;
 
 /// A recipe with `extends` resolved and every default filled in.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -905,7 +905,7 @@ fn convert_artifact(src: &Source, a: &Spanned<ArtifactFile>) -> Result<Artifact,
         None => None,
     };
     let dest = f.dest.get_ref();
-    if let Err(why) = crate::image::compose::check_image_path(dest) {
+    if let Err(why) = crate::image::contract::check_image_path(dest) {
         return Err(src.error_at(f.dest.span(), format!("artifact `{}`: dest: {why}", f.name)));
     }
     let mode = match &f.mode {

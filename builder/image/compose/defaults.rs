@@ -46,15 +46,11 @@ fn mask(unit: &str) -> Addition {
 
 /// Files kiln writes into every image: identity reset, fstab, cloud-init
 /// config, and immutability (no apt timers, no unattended upgrades).
-pub fn kiln_defaults(
-    recipe: &Recipe,
-    ids: &crate::image::inputs::Identities,
-    info: &BaseInfo,
-) -> Vec<Addition> {
+pub fn kiln_defaults(recipe: &Recipe, root_fs_uuid: &str, info: &BaseInfo) -> Vec<Addition> {
     let origin = "kiln defaults";
     let mut v = vec![
         file("/etc/machine-id", String::new(), origin),
-        file("/etc/fstab", format!("# Written by kiln.\nUUID={} / ext4 errors=remount-ro 0 1\n", ids.root_fs_uuid), origin),
+        file("/etc/fstab", format!("# Written by kiln.\nUUID={} / ext4 errors=remount-ro 0 1\n", root_fs_uuid), origin),
         file(crate::image::cloudinit::IMAGE_CONFIG_PATH, crate::image::cloudinit::image_config(), origin),
         file("/etc/default/locale", "LANG=C.UTF-8\n".into(), origin),
         file(

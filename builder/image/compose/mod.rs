@@ -16,33 +16,10 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::image::hygiene::HygieneReport;
+use crate::image::cloudinit::render_template;
+pub use crate::image::contract::Node;
+use crate::image::contract::{check_image_path, overlay_mode, HygieneReport};
 use crate::image::recipe::Hygiene;
-
-/// Check a path meant for the image: absolute, no `..`, no empty or `.` parts.
-pub fn check_image_path(p: &str) -> Result<(), String> {
-    if !p.starts_with('/') {
-        return Err(format!("`{p}` must be an absolute path in the image"));
-    }
-    for part in p.split('/').skip(1) {
-        match part {
-            ".." => {
-                return Err(format!(
-                    "`{p}` contains `..`: nothing may land outside the image root"
-                ))
-            }
-            "." => return Err(format!("`{p}` contains `.`")),
-            "" if p != "/" && !p.ends_with('/') => {
-                return Err(format!("`{p}` contains an empty component"))
-            }
-            _ => {}
-        }
-    }
-    if p.contains('\0') {
-        return Err(format!("`{p}` contains a NUL byte"));
-    }
-    Ok(())
-}
 
 /// Normalize a tar member name to the image-relative form used here: no
 /// leading `./` or `/`, no trailing `/` (the root is the empty string).
@@ -50,17 +27,6 @@ pub fn norm(name: &str) -> String {
     let s = name.trim_start_matches("./").trim_start_matches('/');
     let s = if s == "." { "" } else { s };
     s.trim_end_matches('/').to_string()
-}
-
-/// What a path in the tree is.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Node {
-    Dir,
-    File,
-    Symlink(String),
-    /// A hard link to another member (normalized path).
-    HardLink(String),
-    Other,
 }
 
 /// The image tree as far as paths are concerned (no contents).
@@ -509,16 +475,6 @@ fn copy_exact(
     Ok(())
 }
 
-/// The mode an overlay entry gets in the image (and in its digest): the
-/// checkout's, without the group and other write bits. Git records only
-/// whether a file is executable, so a clone's modes follow its umask (0644
-/// under 022, 0664 under 002); without those bits every clone gives the same
-/// image, and no umask makes an image's files group-writable.
-pub fn overlay_mode(meta: &std::fs::Metadata) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    meta.permissions().mode() & !0o022
-}
-
 /// Walk an overlay directory into additions: plain files keep their modes,
 /// `*.tera` files are rendered with `ctx` and lose the suffix, symlinks are
 /// copied as symlinks (never followed).
@@ -619,26 +575,6 @@ pub fn check_symlink_target(rel: &str, target: &str) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Render a Tera template; errors carry Tera's whole explanation on one line.
-pub fn render_template(text: &str, ctx: &tera::Context) -> Result<String> {
-    tera::Tera::one_off(text, ctx, false).map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        anyhow!(
-            "template error: {}",
-            msg.replace('\n', " ")
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-        )
-    })
 }
 
 /// Additions from a tar(.gz) artifact unpacked under `dest`, every member
