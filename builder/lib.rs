@@ -23,7 +23,6 @@ pub mod oci;
 pub mod parallel;
 pub mod progress;
 pub mod publish;
-pub mod pvesim;
 pub mod recipe;
 pub mod reuse;
 pub mod rootfs;

@@ -829,9 +829,7 @@ fn dispatch(
             }
             m.insert(
                 "digest".into(),
-                json!(crate::util::sha256_hex(
-                    format!("{:?}", vm.config).as_bytes()
-                )),
+                json!(sha256_hex(format!("{:?}", vm.config).as_bytes())),
             );
             Ok(Value::Object(m))
         }
@@ -1253,7 +1251,7 @@ fn upload_checked(
                     cleanup();
                     return Err(format!("pve-sim only verifies sha256, not {algo}"));
                 }
-                let got = crate::util::sha256_file(&tmp).map_err(|e| format!("{e:#}"))?;
+                let got = sha256_file(&tmp).map_err(|e| format!("{e:#}"))?;
                 if got != want.to_ascii_lowercase() {
                     cleanup();
                     return Err(format!("checksum mismatch: got '{got}' != expect '{want}'"));
@@ -2001,6 +1999,31 @@ fn task_status(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
         v["exitstatus"] = json!(x);
     }
     Ok(v)
+}
+
+/// Hex sha256 of bytes (the simulator's config digests).
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Hex sha256 of a file, streamed in 1 MiB chunks (upload checksums).
+fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Parse `--fault` specs for the binary.
