@@ -1,5 +1,5 @@
-//! `pve-sim`: a stand-in for the Proxmox VE API, so publishing can be tested
-//! and tried without a Proxmox cluster. It is a simulator, not Proxmox.
+//! `pve-sim`: a labelled STAND-IN for the Proxmox VE API, so publishing can be
+//! tested and tried without a Proxmox cluster. It is a simulator, not Proxmox.
 
 use anyhow::{Context, Result};
 use clap::Parser;
