@@ -310,15 +310,16 @@ fn a_storage_without_import_content_is_refused_before_any_upload() {
 
 /// The `pve-sim` binary of the workspace's `crates/pve-sim`. Cargo only sets
 /// `CARGO_BIN_EXE_*` for this package's own binaries, so it is found beside
-/// `kiln` in the shared target directory. Plain `cargo test` at the root
-/// builds it before running any test (pve-sim's tests/binary.rs needs it); a
-/// run that selects only kiln's tests does not.
+/// `kiln` in the shared target directory. Cargo builds a package's binary for
+/// that package's integration tests only, so plain `cargo test` at the root
+/// builds it (for pve-sim's tests/binary.rs) before any test runs; a run that
+/// selects only this test needs `--test binary` too, or `cargo build -p pve-sim`.
 fn pve_sim_binary() -> std::path::PathBuf {
     let kiln = std::path::Path::new(env!("CARGO_BIN_EXE_kiln"));
     let sim = kiln.with_file_name(format!("pve-sim{}", std::env::consts::EXE_SUFFIX));
     assert!(
         sim.is_file(),
-        "{} is not built: run `cargo build -p pve-sim` (plain `cargo test` at the root builds it)",
+        "{} is not built: run `cargo build -p pve-sim`, or add `--test binary` (plain `cargo test` at the root builds it)",
         sim.display()
     );
     sim
