@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/publish_upload.sh: kiln publish's upload against `curl -F` to the same
 # pve-sim endpoint on loopback (throughput ratio), and kiln's peak RSS while
-# uploading a 2 GiB sparse image. pve-sim is a Proxmox VE stand-in.
+# uploading a 2 GiB sparse image. pve-sim (crates/pve-sim) is a Proxmox VE
+# stand-in, not Proxmox.
 #
 # Targets (issue 5): kiln throughput >= 90 % of curl; kiln peak RSS <= 100 MiB.
 # Usage: bench/publish_upload.sh [SIZE_GIB=2] [ROUNDS=3]

@@ -10,10 +10,12 @@
 //! | validation | [`validate`] | boot an image in QEMU, check it over SSH |
 //! | image build | [`image`] (`pipeline`: recipe → lock/fetch → rootfs → compose → disk → outputs) | recipes become image directories with a manifest |
 //! | utilities | [`util`] | interrupts, parallel work, progress, host tools, atomic files |
+//!
+//! The Proxmox VE stand-in used by the tests lives outside this library, in
+//! `crates/pve-sim`.
 
 pub mod cli;
 pub mod deploy;
 pub mod image;
-pub mod pvesim;
 pub mod util;
 pub mod validate;

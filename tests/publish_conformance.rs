@@ -186,7 +186,7 @@ fn prop_for<'a>(props: &'a serde_json::Map<String, Value>, name: &str) -> Option
 
 fn check_request(
     schema: &Value,
-    r: &kiln::pvesim::Recorded,
+    r: &pve_sim::Recorded,
     unchecked: &mut BTreeSet<String>,
 ) -> Vec<String> {
     let Some(ep) = schema.get(&r.path).and_then(|m| m.get(&r.method)) else {
@@ -311,7 +311,7 @@ fn every_request_kiln_sends_conforms_to_the_pve_schema() {
 #[test]
 fn the_checker_catches_what_pve_would_refuse() {
     let Some(schema) = schema() else { return };
-    let rec = |params: &[(&str, &str)]| kiln::pvesim::Recorded {
+    let rec = |params: &[(&str, &str)]| pve_sim::Recorded {
         method: "POST".into(),
         path: "/nodes/{node}/qemu".into(),
         params: params

@@ -308,11 +308,28 @@ fn a_storage_without_import_content_is_refused_before_any_upload() {
     assert!(s.state().vms.is_empty());
 }
 
+/// The `pve-sim` binary of the workspace's `crates/pve-sim`. Cargo only sets
+/// `CARGO_BIN_EXE_*` for this package's own binaries, so it is found beside
+/// `kiln` in the shared target directory. Cargo builds a package's binary for
+/// that package's integration tests only, so plain `cargo test` at the root
+/// builds it (for pve-sim's tests/binary.rs) before any test runs; a run that
+/// selects only this test needs `--test binary` too, or `cargo build -p pve-sim`.
+fn pve_sim_binary() -> std::path::PathBuf {
+    let kiln = std::path::Path::new(env!("CARGO_BIN_EXE_kiln"));
+    let sim = kiln.with_file_name(format!("pve-sim{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        sim.is_file(),
+        "{} is not built: run `cargo build -p pve-sim`, or add `--test binary` (plain `cargo test` at the root builds it)",
+        sim.display()
+    );
+    sim
+}
+
 #[test]
 fn the_pve_sim_binary_serves_a_publish() {
     use std::io::BufRead;
     let tmp = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pve-sim"))
+    let mut child = std::process::Command::new(pve_sim_binary())
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -346,9 +363,9 @@ fn the_pve_sim_binary_serves_a_publish() {
 #[test]
 fn an_older_pve_without_ssh_settings_is_refused_clearly() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = kiln::pvesim::SimConfig::new(&token(), &tmp.path().join("sim"));
+    let mut cfg = pve_sim::SimConfig::new(&token(), &tmp.path().join("sim"));
     cfg.version = "8.3.2".into();
-    let s = kiln::pvesim::Sim::start(cfg).unwrap();
+    let s = pve_sim::Sim::start(cfg).unwrap();
     let img = image(tmp.path(), "k3s-server", "1.0.0", true, false);
     let out = kiln(
         tmp.path(),

@@ -5,7 +5,7 @@ mod publish_support;
 use publish_support::*;
 
 /// Publish with one fault injected; returns (success, stderr).
-fn publish_with(fault: &str) -> (bool, String, kiln::pvesim::Sim, tempfile::TempDir) {
+fn publish_with(fault: &str) -> (bool, String, pve_sim::Sim, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let s = sim(&tmp.path().join("sim"));
     s.inject(fault.parse().unwrap());
@@ -18,7 +18,7 @@ fn publish_with(fault: &str) -> (bool, String, kiln::pvesim::Sim, tempfile::Temp
     (out.status.success(), stderr(&out), s, tmp)
 }
 
-fn assert_nothing_left(s: &kiln::pvesim::Sim) {
+fn assert_nothing_left(s: &pve_sim::Sim) {
     let st = s.state();
     assert!(st.vms.is_empty(), "VMs left: {:?}", st.vms.keys());
     assert!(

@@ -36,7 +36,7 @@ fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
     b
 }
 
-fn upload(s: &kiln::pvesim::Sim, body: Vec<u8>) -> (u16, Value) {
+fn upload(s: &pve_sim::Sim, body: Vec<u8>) -> (u16, Value) {
     let r = client()
         .post(format!(
             "{}/api2/json/nodes/pve/storage/local/upload",
@@ -51,7 +51,7 @@ fn upload(s: &kiln::pvesim::Sim, body: Vec<u8>) -> (u16, Value) {
     (code, r.json().unwrap_or(Value::Null))
 }
 
-fn wait(s: &kiln::pvesim::Sim, upid: &str) -> String {
+fn wait(s: &pve_sim::Sim, upid: &str) -> String {
     for _ in 0..200 {
         if let Some(x) = s.state().tasks.get(upid).and_then(|t| t.exitstatus.clone()) {
             return x;
@@ -192,7 +192,7 @@ fn checksum_without_algorithm_is_a_parameter_error() {
     assert!(v["errors"]["checksum-algorithm"].is_string(), "{v}");
 }
 
-fn post(s: &kiln::pvesim::Sim, path: &str, form: &[(&str, &str)]) -> (u16, Value) {
+fn post(s: &pve_sim::Sim, path: &str, form: &[(&str, &str)]) -> (u16, Value) {
     let r = client()
         .post(format!("{}/api2/json{path}", s.url()))
         .header("Authorization", auth())

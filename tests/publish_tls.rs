@@ -83,12 +83,12 @@ fn fingerprint(dir: &Path) -> String {
     s.trim().split_once('=').unwrap().1.to_string()
 }
 
-fn tls_sim(dir: &Path) -> kiln::pvesim::Sim {
+fn tls_sim(dir: &Path) -> pve_sim::Sim {
     certs(dir);
-    let mut cfg = kiln::pvesim::SimConfig::new(&token(), &dir.join("sim"));
+    let mut cfg = pve_sim::SimConfig::new(&token(), &dir.join("sim"));
     cfg.task_delay = std::time::Duration::from_millis(30);
     cfg.tls = Some((dir.join("node.pem"), dir.join("node.key")));
-    kiln::pvesim::Sim::start(cfg).unwrap()
+    pve_sim::Sim::start(cfg).unwrap()
 }
 
 #[test]

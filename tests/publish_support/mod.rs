@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use kiln::image::manifest::*;
-use kiln::pvesim::{Sim, SimConfig};
+use pve_sim::{Sim, SimConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;

@@ -1,5 +1,5 @@
-//! Parameter checks of the simulator, written by hand after the Proxmox VE
-//! API's documented rules (types, enums, formats); errors are per parameter.
+//! Parameter checks written by hand after the Proxmox VE API's documented rules (types,
+//! enums, formats); errors are per parameter. pve-sim is a labelled STAND-IN for Proxmox VE.
 
 use std::collections::BTreeMap;
 

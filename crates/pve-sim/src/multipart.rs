@@ -1,5 +1,5 @@
-//! Streaming `multipart/form-data` parser for the simulator's upload endpoint:
-//! text fields are kept, the file part is streamed to a temp file (like pveproxy).
+//! Streaming `multipart/form-data` parser for uploads: text fields are kept, the file part is
+//! streamed to a temp file (like pveproxy). pve-sim is a labelled STAND-IN for Proxmox VE.
 
 use std::fs::File;
 use std::io::{self, Read, Write};

@@ -1,5 +1,5 @@
-//! A deliberately small HTTP/1.1 server layer for the PVE simulator: request
-//! heads, Content-Length bodies (chunked is refused like pveproxy), JSON replies.
+//! A deliberately small HTTP/1.1 server layer: request heads, Content-Length bodies (chunked
+//! is refused like pveproxy), JSON replies. pve-sim is a labelled STAND-IN for Proxmox VE.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

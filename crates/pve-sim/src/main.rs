@@ -1,5 +1,5 @@
-//! `pve-sim`: a stand-in for the Proxmox VE API, so publishing can be tested
-//! and tried without a Proxmox cluster. It is a simulator, not Proxmox.
+//! `pve-sim`: a labelled STAND-IN for the Proxmox VE API, so publishing can be
+//! tested and tried without a Proxmox cluster. It is a simulator, not Proxmox.
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -50,7 +50,7 @@ fn main() {
 
 fn run() -> Result<()> {
     let a = Args::parse();
-    kiln::pvesim::check_token_shape(&a.token)?;
+    pve_sim::check_token_shape(&a.token)?;
     let tmp;
     let data_dir = match a.data_dir {
         Some(d) => d,
@@ -59,13 +59,13 @@ fn run() -> Result<()> {
             tmp.path().to_path_buf()
         }
     };
-    let mut cfg = kiln::pvesim::SimConfig::new(&a.token, &data_dir);
+    let mut cfg = pve_sim::SimConfig::new(&a.token, &data_dir);
     cfg.listen = a.listen;
     cfg.tls = a.tls_cert.zip(a.tls_key);
     cfg.task_delay = Duration::from_secs_f64(a.task_seconds);
     cfg.version = a.pve_version;
-    cfg.faults = kiln::pvesim::parse_faults(&a.fault)?;
-    let sim = std::sync::Arc::new(kiln::pvesim::Sim::start(cfg)?);
+    cfg.faults = pve_sim::parse_faults(&a.fault)?;
+    let sim = std::sync::Arc::new(pve_sim::Sim::start(cfg)?);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handler")?;

@@ -1,0 +1,204 @@
+//! The simulated node's state: configuration, storages, VMs, volumes, tasks, faults.
+//! Part of pve-sim, a labelled STAND-IN for the Proxmox VE API (not Proxmox).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::faults::Fault;
+use crate::params;
+
+pub const NODE: &str = "pve";
+
+/// A storage of the simulated node.
+#[derive(Debug, Clone, Copy)]
+pub struct StorageDef {
+    pub id: &'static str,
+    pub kind: &'static str,
+    pub content: &'static [&'static str],
+}
+
+pub const STORAGES: &[StorageDef] = &[
+    StorageDef {
+        id: "local",
+        kind: "dir",
+        content: &["iso", "vztmpl", "import", "backup"],
+    },
+    StorageDef {
+        id: "local-lvm",
+        kind: "lvmthin",
+        content: &["images", "rootdir"],
+    },
+];
+
+pub(crate) fn storage(id: &str) -> Option<&'static StorageDef> {
+    STORAGES.iter().find(|s| s.id == id)
+}
+
+/// How to run a simulator.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub listen: SocketAddr,
+    /// `USER@REALM!TOKENID=SECRET`.
+    pub token: String,
+    /// Where uploads and volumes live (`var-tmp/`, `storage/<id>/`).
+    pub data_dir: PathBuf,
+    /// PEM certificate chain and key: serve HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// How long each task runs.
+    pub task_delay: Duration,
+    /// Reported by `/version`.
+    pub version: String,
+    pub faults: Vec<Fault>,
+}
+
+impl SimConfig {
+    pub fn new(token: &str, data_dir: &Path) -> Self {
+        SimConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: token.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            tls: None,
+            task_delay: Duration::from_millis(100),
+            version: "8.4.1".into(),
+            faults: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Vm {
+    pub vmid: u32,
+    /// Config keys as `qm config` shows them (`lock` while a task runs).
+    pub config: BTreeMap<String, String>,
+    pub template: bool,
+    pub running: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub volid: String,
+    pub content: String,
+    pub format: String,
+    pub size: u64,
+    pub ctime: u64,
+    /// The file on disk for file-based storage.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub upid: String,
+    pub kind: String,
+    pub id: String,
+    pub user: String,
+    pub pid: u32,
+    pub pstart: u64,
+    pub starttime: u64,
+    /// None while running.
+    pub exitstatus: Option<String>,
+    pub log: Vec<String>,
+}
+
+/// One API request as the simulator saw it (after auth), for conformance tests.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// The API path template, e.g. `/nodes/{node}/qemu`.
+    pub path: String,
+    /// Path, query and body parameters, merged.
+    pub params: BTreeMap<String, String>,
+}
+
+/// Everything the simulator knows; tests may inspect or seed it.
+#[derive(Debug, Default)]
+pub struct State {
+    pub vms: BTreeMap<u32, Vm>,
+    pub volumes: BTreeMap<String, Volume>,
+    pub tasks: HashMap<String, Task>,
+    pub faults: Vec<Fault>,
+    pub requests: Vec<Recorded>,
+    /// Bytes of upload file parts received (also for failed uploads).
+    pub upload_bytes: u64,
+    pub(crate) next_pid: u32,
+}
+
+impl State {
+    /// Seed a VM (as if someone else created it), e.g. to occupy a VMID.
+    pub fn add_vm(&mut self, vmid: u32, name: &str, tags: &str, template: bool) {
+        let mut config = BTreeMap::new();
+        config.insert("name".into(), name.into());
+        if !tags.is_empty() {
+            config.insert("tags".into(), normalize_tags(tags));
+        }
+        let disk = if template {
+            format!("local-lvm:base-{vmid}-disk-1,size=4G")
+        } else {
+            format!("local-lvm:vm-{vmid}-disk-1,size=4G")
+        };
+        config.insert("scsi0".into(), disk);
+        self.vms.insert(
+            vmid,
+            Vm {
+                vmid,
+                config,
+                template,
+                running: false,
+            },
+        );
+    }
+
+    /// Seed a linked clone of template `base`.
+    pub fn add_linked_clone(&mut self, base: u32, vmid: u32, name: &str) {
+        self.add_vm(vmid, name, "", false);
+        self.vms.get_mut(&vmid).unwrap().config.insert(
+            "scsi0".into(),
+            format!("local-lvm:base-{base}-disk-1/vm-{vmid}-disk-1,size=4G"),
+        );
+    }
+}
+
+/// What the server threads share.
+pub(crate) struct Shared {
+    pub(crate) cfg: SimConfig,
+    pub(crate) token_id: String,
+    pub(crate) secret: String,
+    pub(crate) state: Mutex<State>,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) stopped: AtomicBool,
+}
+
+/// The state, also after a thread panicked while holding it.
+pub(crate) fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    shared.state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) fn normalize_tags(s: &str) -> String {
+    let mut t: Vec<String> = params::split_tags(s)
+        .into_iter()
+        .map(|t| t.to_ascii_lowercase())
+        .collect();
+    t.sort();
+    t.dedup();
+    t.join(";")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_are_stored_lowercased_and_sorted() {
+        assert_eq!(normalize_tags("Kiln;b,a a"), "a;b;kiln");
+    }
+}

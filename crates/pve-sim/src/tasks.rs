@@ -1,0 +1,120 @@
+//! Asynchronous UPID tasks: starting them, their fault-decided plan, status and log.
+//! Part of pve-sim, a labelled STAND-IN for the Proxmox VE API (not Proxmox).
+
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::faults::{FaultKind, FaultOp};
+use crate::routes::{check_node, param_err, ApiResult};
+use crate::state::{lock, now, Shared, State, Task, NODE};
+
+pub(crate) type Work = Box<dyn FnOnce(&mut State) -> Result<(), String> + Send>;
+
+/// Start an asynchronous task; `work` runs after the delay and decides the
+/// exit status.
+pub(crate) fn spawn_task(
+    shared: &Arc<Shared>,
+    st: &mut State,
+    kind: &str,
+    id: &str,
+    user: &str,
+    delay: Duration,
+    work: Work,
+) -> String {
+    st.next_pid += 1;
+    let pid = st.next_pid;
+    let starttime = now();
+    let pstart = 1_000_000 + pid as u64;
+    let upid = format!("UPID:{NODE}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{id}:{user}:");
+    st.tasks.insert(
+        upid.clone(),
+        Task {
+            upid: upid.clone(),
+            kind: kind.into(),
+            id: id.into(),
+            user: user.into(),
+            pid,
+            pstart,
+            starttime,
+            exitstatus: None,
+            log: vec![format!("starting task {kind} {id}")],
+        },
+    );
+    let s2 = shared.clone();
+    let u2 = upid.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        let mut st = lock(&s2);
+        let result = work(&mut st);
+        if let Some(t) = st.tasks.get_mut(&u2) {
+            match result {
+                Ok(()) => {
+                    t.log.push("TASK OK".into());
+                    t.exitstatus = Some("OK".into());
+                }
+                Err(e) => {
+                    t.log.push(format!("TASK ERROR: {e}"));
+                    t.exitstatus = Some(e);
+                }
+            }
+        }
+    });
+    upid
+}
+
+/// Delay and failure decided by faults for a task of this operation.
+pub(crate) fn task_plan(
+    shared: &Shared,
+    st: &mut State,
+    op: FaultOp,
+) -> (Duration, bool, Option<FaultKind>) {
+    let mut delay = shared.cfg.task_delay;
+    let mut fail = false;
+    let kind = st.take_fault(op);
+    match kind {
+        Some(FaultKind::SlowTask(s)) => delay = Duration::from_secs_f64(s),
+        Some(FaultKind::FailTask) => fail = true,
+        _ => {}
+    }
+    (delay, fail, kind)
+}
+
+pub(crate) fn task_status(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
+    check_node(p)?;
+    let mut st = lock(shared);
+    if st.take_fault(FaultOp::TaskStatus) == Some(FaultKind::Transient400) {
+        return Err(param_err("upid", "no such task"));
+    }
+    let upid = p.get("upid").map(String::as_str).unwrap_or("");
+    let t = st
+        .tasks
+        .get(upid)
+        .ok_or_else(|| param_err("upid", "unable to parse worker upid or no such task"))?;
+    let mut v = json!({
+        "upid": t.upid, "node": NODE, "pid": t.pid, "pstart": t.pstart,
+        "starttime": t.starttime, "type": t.kind, "id": t.id, "user": t.user,
+        "status": if t.exitstatus.is_some() { "stopped" } else { "running" },
+    });
+    if let Some(x) = &t.exitstatus {
+        v["exitstatus"] = json!(x);
+    }
+    Ok(v)
+}
+
+pub(crate) fn task_log(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
+    check_node(p)?;
+    let st = lock(shared);
+    let t = st
+        .tasks
+        .get(p.get("upid").map(String::as_str).unwrap_or(""))
+        .ok_or_else(|| param_err("upid", "no such task"))?;
+    Ok(Value::Array(
+        t.log
+            .iter()
+            .enumerate()
+            .map(|(i, l)| json!({"n": i + 1, "t": l}))
+            .collect(),
+    ))
+}

@@ -1,0 +1,860 @@
+//! VM endpoints: create (and its parameter checks), template, clone, start/stop, destroy, views.
+//! Part of pve-sim, a labelled STAND-IN for the Proxmox VE API (not Proxmox).
+
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::faults::{injected_500, refuse_injected, FaultKind, FaultOp};
+use crate::params::{self, Errors};
+use crate::routes::{check_node, check_vmid, err500, param_err, ApiError, ApiResult};
+use crate::state::{lock, normalize_tags, now, storage, Shared, State, Vm, Volume, NODE, STORAGES};
+use crate::tasks::{spawn_task, task_plan};
+
+fn vm_missing(vmid: u32) -> ApiError {
+    err500(format!(
+        "Configuration file 'nodes/{NODE}/qemu-server/{vmid}.conf' does not exist"
+    ))
+}
+
+fn vm_summary(vm: &Vm) -> Value {
+    let mut v = json!({
+        "vmid": vm.vmid,
+        "name": vm.config.get("name").cloned().unwrap_or_default(),
+        "status": if vm.running { "running" } else { "stopped" },
+        "template": if vm.template { 1 } else { 0 },
+        "maxmem": 8u64 << 30,
+        "maxdisk": 4u64 << 30,
+    });
+    if let Some(t) = vm.config.get("tags") {
+        v["tags"] = json!(t);
+    }
+    if let Some(l) = vm.config.get("lock") {
+        v["lock"] = json!(l);
+    }
+    v
+}
+
+pub(crate) fn cluster_resources(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
+    if let Some(t) = p.get("type") {
+        let mut e = Errors::new();
+        params::check_enum(&mut e, "type", t, &["vm", "storage", "node", "sdn"]);
+        if !e.is_empty() {
+            return Err(ApiError::Params(e));
+        }
+    }
+    let st = lock(shared);
+    let mut out = Vec::new();
+    let want = p.get("type").map(String::as_str);
+    if want.is_none() || want == Some("vm") {
+        for vm in st.vms.values() {
+            let mut v = vm_summary(vm);
+            v["id"] = json!(format!("qemu/{}", vm.vmid));
+            v["type"] = json!("qemu");
+            v["node"] = json!(NODE);
+            out.push(v);
+        }
+    }
+    if want.is_none() || want == Some("storage") {
+        for s in STORAGES {
+            out.push(json!({"id": format!("storage/{NODE}/{}", s.id), "type": "storage", "storage": s.id, "node": NODE, "content": s.content.join(","), "status": "available"}));
+        }
+    }
+    if want.is_none() || want == Some("node") {
+        out.push(
+            json!({"id": format!("node/{NODE}"), "type": "node", "node": NODE, "status": "online"}),
+        );
+    }
+    Ok(Value::Array(out))
+}
+
+pub(crate) fn nextid(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
+    let st = lock(shared);
+    if p.contains_key("vmid") {
+        let vmid = check_vmid(p, "vmid")?;
+        if st.vms.contains_key(&vmid) {
+            return Err(param_err("vmid", format!("VM {vmid} already exists")));
+        }
+        return Ok(json!(vmid.to_string()));
+    }
+    let id = (100u32..).find(|i| !st.vms.contains_key(i)).unwrap();
+    // Real PVE returns the number as a string.
+    Ok(json!(id.to_string()))
+}
+
+pub(crate) fn vm_list(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
+    check_node(p)?;
+    let st = lock(shared);
+    Ok(Value::Array(st.vms.values().map(vm_summary).collect()))
+}
+
+pub(crate) fn vm_config(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
+    check_node(p)?;
+    let vmid = check_vmid(p, "vmid")?;
+    let st = lock(shared);
+    let vm = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?;
+    let mut m = serde_json::Map::new();
+    for (k, v) in &vm.config {
+        m.insert(k.clone(), Value::String(v.clone()));
+    }
+    if vm.template {
+        m.insert("template".into(), json!(1));
+    }
+    m.insert(
+        "digest".into(),
+        json!(sha256_hex(format!("{:?}", vm.config).as_bytes())),
+    );
+    Ok(Value::Object(m))
+}
+
+pub(crate) fn vm_status(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
+    check_node(p)?;
+    let vmid = check_vmid(p, "vmid")?;
+    let st = lock(shared);
+    let vm = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?;
+    Ok(vm_summary(vm))
+}
+
+/// Hex sha256 of bytes (the simulator's config digests).
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
+const CREATE_KEYS: &[&str] = &[
+    "vmid",
+    "node",
+    "name",
+    "tags",
+    "description",
+    "bios",
+    "machine",
+    "efidisk0",
+    "scsihw",
+    "boot",
+    "agent",
+    "cores",
+    "sockets",
+    "memory",
+    "cpu",
+    "ostype",
+    "vga",
+    "onboot",
+    "start",
+    "pool",
+    "storage",
+    "ciuser",
+    "sshkeys",
+    "ipconfig0",
+    "numa",
+    "template",
+    "tpmstate0",
+];
+
+fn is_indexed(k: &str, prefix: &str, max: u32) -> bool {
+    k.strip_prefix(prefix)
+        .and_then(|n| n.parse::<u32>().ok())
+        .map(|n| n <= max && k == format!("{prefix}{n}"))
+        .unwrap_or(false)
+}
+
+/// A disk option of `qm create`: `scsiN`, `ideN`, `sataN`, `virtioN`, `efidisk0`.
+fn is_disk_key(k: &str) -> bool {
+    is_indexed(k, "scsi", 30)
+        || is_indexed(k, "ide", 3)
+        || is_indexed(k, "sata", 5)
+        || is_indexed(k, "virtio", 15)
+        || k == "efidisk0"
+}
+
+/// Check one disk option: a new volume (`STORAGE:SIZE`), an import
+/// (`STORAGE:0,import-from=VOLUME`), `STORAGE:cloudinit`, or `none`.
+fn check_disk(st: &State, e: &mut Errors, key: &str, v: &str, efi: bool) -> Result<(), ApiError> {
+    let (file, opts) = match params::property_string(v, "file") {
+        Ok(x) => x,
+        Err(m) => {
+            e.insert(key.into(), format!("invalid format - {m}"));
+            return Ok(());
+        }
+    };
+    let allowed: Vec<&str> = if efi {
+        vec![
+            "file",
+            "efitype",
+            "pre-enrolled-keys",
+            "ms-cert",
+            "format",
+            "size",
+            "import-from",
+        ]
+    } else {
+        params::DRIVE_OPTS.to_vec()
+    };
+    if !params::check_keys(e, key, &opts, &allowed) {
+        return Ok(());
+    }
+    let file = file.unwrap_or_default();
+    if efi {
+        if let Some(t) = opts.get("efitype") {
+            params::check_enum(e, key, t, &["2m", "4m"]);
+        }
+        if let Some(b) = opts.get("pre-enrolled-keys") {
+            params::check_boolean(e, key, b);
+        }
+    }
+    if file == "none" {
+        return Ok(());
+    }
+    let Some((sid, rest)) = file.split_once(':') else {
+        e.insert(
+            key.into(),
+            format!("invalid format - unable to parse volume '{file}'"),
+        );
+        return Ok(());
+    };
+    let Some(s) = storage(sid) else {
+        return Err(err500(format!("storage '{sid}' does not exist")));
+    };
+    if rest == "cloudinit" {
+        if !s.content.contains(&"images") {
+            return Err(err500(format!(
+                "storage '{sid}' does not support content-type 'images'"
+            )));
+        }
+        return Ok(());
+    }
+    if let Some(src) = opts.get("import-from") {
+        if rest != "0" {
+            e.insert(
+                key.into(),
+                "import-from requires the special syntax STORAGE:0".into(),
+            );
+            return Ok(());
+        }
+        if src.starts_with('/') {
+            return Err(ApiError::Status(
+                403,
+                format!(
+                    "Permission check failed (only root may import from an absolute path '{src}')"
+                ),
+            ));
+        }
+        if !st.volumes.contains_key(src) {
+            return Err(err500(format!("volume '{src}' does not exist")));
+        }
+    } else if rest.parse::<f64>().is_err() {
+        // An existing volume used directly: import volumes cannot be.
+        if rest.starts_with("import/") {
+            e.insert(
+                key.into(),
+                format!("'{file}' is an import volume; use STORAGE:0,import-from={file}"),
+            );
+            return Ok(());
+        }
+        if !st.volumes.contains_key(&file) {
+            return Err(err500(format!("volume '{file}' does not exist")));
+        }
+    }
+    if !s.content.contains(&"images") {
+        return Err(err500(format!(
+            "storage '{sid}' does not support content-type 'images'"
+        )));
+    }
+    Ok(())
+}
+
+fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, ApiError> {
+    let mut e = Errors::new();
+    for k in p.keys() {
+        let known = CREATE_KEYS.contains(&k.as_str())
+            || is_indexed(k, "scsi", 30)
+            || is_indexed(k, "ide", 3)
+            || is_indexed(k, "sata", 5)
+            || is_indexed(k, "virtio", 15)
+            || is_indexed(k, "net", 31)
+            || is_indexed(k, "serial", 3);
+        if !known {
+            e.insert(k.clone(), "property is not defined in schema and the schema does not allow additional properties".into());
+        }
+    }
+    let vmid = match p.get("vmid") {
+        None => {
+            e.insert(
+                "vmid".into(),
+                "property is missing and it is not optional".into(),
+            );
+            None
+        }
+        Some(v) => params::check_integer(&mut e, "vmid", v, 100, 999_999_999),
+    };
+    if let Some(n) = p.get("name") {
+        if !params::is_dns_name(n) {
+            e.insert(
+                "name".into(),
+                "invalid format - value does not look like a valid DNS name".into(),
+            );
+        }
+    }
+    if let Some(t) = p.get("tags") {
+        if let Some(bad) = params::split_tags(t)
+            .into_iter()
+            .find(|t| !params::is_tag(t))
+        {
+            e.insert(
+                "tags".into(),
+                format!("invalid format - invalid tag '{bad}'"),
+            );
+        }
+    }
+    if let Some(d) = p.get("description") {
+        if d.chars().count() > 8192 {
+            e.insert(
+                "description".into(),
+                "value may only be 8192 characters long".into(),
+            );
+        }
+    }
+    if let Some(v) = p.get("bios") {
+        params::check_enum(&mut e, "bios", v, &["seabios", "ovmf"]);
+    }
+    if let Some(v) = p.get("scsihw") {
+        params::check_enum(
+            &mut e,
+            "scsihw",
+            v,
+            &[
+                "lsi",
+                "lsi53c810",
+                "virtio-scsi-pci",
+                "virtio-scsi-single",
+                "megasas",
+                "pvscsi",
+            ],
+        );
+    }
+    if let Some(v) = p.get("ostype") {
+        params::check_enum(
+            &mut e,
+            "ostype",
+            v,
+            &[
+                "other", "wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11",
+                "l24", "l26", "solaris",
+            ],
+        );
+    }
+    if let Some(v) = p.get("machine") {
+        if !params::machine_ok(v) {
+            e.insert(
+                "machine".into(),
+                format!(
+                    "invalid format - value does not match the regex pattern ({})",
+                    params::MACHINE_RE_HINT
+                ),
+            );
+        }
+    }
+    for k in ["cores", "sockets"] {
+        if let Some(v) = p.get(k) {
+            params::check_integer(&mut e, k, v, 1, 4096);
+        }
+    }
+    if let Some(v) = p.get("memory") {
+        let v = v.strip_prefix("current=").unwrap_or(v);
+        params::check_integer(&mut e, "memory", v, 16, 1 << 30);
+    }
+    if let Some(v) = p.get("agent") {
+        match params::property_string(v, "enabled") {
+            Ok((h, o)) => {
+                if params::check_keys(
+                    &mut e,
+                    "agent",
+                    &o,
+                    &["enabled", "freeze-fs", "fstrim_cloned_disks", "type"],
+                ) {
+                    params::check_boolean(&mut e, "agent", h.as_deref().unwrap_or(""));
+                }
+            }
+            Err(m) => {
+                e.insert("agent".into(), format!("invalid format - {m}"));
+            }
+        }
+    }
+    for (k, v) in p {
+        if is_indexed(k, "serial", 3) && !(v == "socket" || v.starts_with("/dev/")) {
+            e.insert(
+                k.clone(),
+                "value does not match the regex pattern (/dev/.+|socket)".into(),
+            );
+        }
+        if is_indexed(k, "net", 31) {
+            match params::property_string(v, "model") {
+                Ok((h, o)) => {
+                    let model = h.unwrap_or_default();
+                    let model = model.split('=').next().unwrap_or("");
+                    if params::check_keys(
+                        &mut e,
+                        k,
+                        &o,
+                        &[
+                            "bridge",
+                            "firewall",
+                            "link_down",
+                            "macaddr",
+                            "mtu",
+                            "queues",
+                            "rate",
+                            "tag",
+                            "trunks",
+                            "model",
+                        ],
+                    ) {
+                        params::check_enum(
+                            &mut e,
+                            k,
+                            model,
+                            &["e1000", "e1000e", "rtl8139", "virtio", "vmxnet3"],
+                        );
+                    }
+                }
+                Err(m) => {
+                    e.insert(k.clone(), format!("invalid format - {m}"));
+                }
+            }
+        }
+        if k == "boot" && !(v.starts_with("order=") || v.chars().all(|c| "acdn".contains(c))) {
+            e.insert(k.clone(), "invalid format - format error".into());
+        }
+    }
+    // Disks last: they may fail with non-400 errors (storage, permissions).
+    let mut hard = None;
+    for (k, v) in p {
+        if is_disk_key(k) {
+            if let Err(x) = check_disk(st, &mut e, k, v, k == "efidisk0") {
+                hard.get_or_insert(x);
+            }
+        }
+    }
+    if !e.is_empty() {
+        return Err(ApiError::Params(e));
+    }
+    if let Some(x) = hard {
+        return Err(x);
+    }
+    Ok(vmid.expect("checked") as u32)
+}
+
+pub(crate) fn create_vm(
+    shared: &Arc<Shared>,
+    p: &BTreeMap<String, String>,
+    user: &str,
+) -> ApiResult {
+    check_node(p)?;
+    let mut st = lock(shared);
+    let vmid = check_create_params(&st, p)?;
+    let (delay, fail, kind) = task_plan(shared, &mut st, FaultOp::Create);
+    if kind == Some(FaultKind::Race) {
+        st.add_vm(vmid, "someone-else", "", false);
+    }
+    if st.vms.contains_key(&vmid) {
+        return Err(err500(format!("VM {vmid} already exists on node '{NODE}'")));
+    }
+    match kind {
+        Some(FaultKind::Http500) => return Err(injected_500()),
+        Some(FaultKind::Drop) => return Err(ApiError::Drop),
+        _ => {}
+    }
+    let mut config = BTreeMap::new();
+    for (k, v) in p {
+        if k == "vmid" || k == "node" || k == "start" {
+            continue;
+        }
+        let v = if k == "tags" {
+            normalize_tags(v)
+        } else {
+            v.clone()
+        };
+        config.insert(k.clone(), v);
+    }
+    config.insert("lock".into(), "create".into());
+    st.vms.insert(
+        vmid,
+        Vm {
+            vmid,
+            config,
+            template: false,
+            running: false,
+        },
+    );
+    let lock_timeout_fault = kind == Some(FaultKind::LockTimeout);
+    let upid = spawn_task(
+        shared,
+        &mut st,
+        "qmcreate",
+        &vmid.to_string(),
+        user,
+        delay,
+        Box::new(move |st| {
+            if fail || lock_timeout_fault {
+                // PVE removes the config of a VM whose creation failed.
+                st.vms.remove(&vmid);
+                return Err(if lock_timeout_fault {
+                    format!("unable to create VM {vmid} - can't lock file '/var/lock/qemu-server/lock-{vmid}.conf' - got timeout")
+                } else {
+                    format!(
+                        "unable to create VM {vmid} - import failed (fault injected by pve-sim)"
+                    )
+                });
+            }
+            let Some(vm) = st.vms.get_mut(&vmid) else {
+                return Err(format!("VM {vmid} vanished during creation"));
+            };
+            let mut new_vols = Vec::new();
+            let mut n = 0;
+            let keys: Vec<String> = vm.config.keys().cloned().collect();
+            for k in keys {
+                let v = vm.config[&k].clone();
+                if !is_disk_key(&k) {
+                    continue;
+                }
+                let (file, opts) = params::property_string(&v, "file").unwrap_or_default();
+                let file = file.unwrap_or_default();
+                let Some((sid, rest)) = file.split_once(':') else {
+                    continue;
+                };
+                let new = if rest == "cloudinit" {
+                    format!("{sid}:vm-{vmid}-cloudinit,media=cdrom")
+                } else {
+                    n += 1;
+                    let vol = format!("{sid}:vm-{vmid}-disk-{}", n - 1);
+                    let mut extra: Vec<String> = opts
+                        .iter()
+                        .filter(|(k, _)| k.as_str() != "import-from")
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    extra.insert(0, vol.clone());
+                    new_vols.push(vol);
+                    extra.join(",")
+                };
+                vm.config.insert(k, new);
+            }
+            vm.config.remove("lock");
+            for vol in new_vols {
+                st.volumes.insert(
+                    vol.clone(),
+                    Volume {
+                        volid: vol,
+                        content: "images".into(),
+                        format: "raw".into(),
+                        size: 4 << 30,
+                        ctime: now(),
+                        path: None,
+                    },
+                );
+            }
+            Ok(())
+        }),
+    );
+    Ok(json!(upid))
+}
+
+/// A VM's config lock (`lock: create`, `clone`, ...) refuses other tasks.
+fn not_locked(vm: &Vm) -> Result<(), ApiError> {
+    match vm.config.get("lock") {
+        Some(l) => Err(err500(format!("VM is locked ({l})"))),
+        None => Ok(()),
+    }
+}
+
+/// The task handlers on one existing VM (template, destroy, start, stop) run
+/// this sequence: the VM must exist and pass `check`; with `faults`, the
+/// operation's injected faults apply (a lock timeout or 500 refuses the
+/// request, `fail` ends the task with the given error, `slow` delays it);
+/// then a task of type `kind` runs `work` when it ends.
+fn vm_task(
+    shared: &Arc<Shared>,
+    user: &str,
+    vmid: u32,
+    kind: &str,
+    faults: Option<(FaultOp, String)>,
+    check: impl FnOnce(&Vm) -> Result<(), ApiError>,
+    work: impl FnOnce(&mut State) -> Result<(), String> + Send + 'static,
+) -> ApiResult {
+    let mut st = lock(shared);
+    let vm = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?;
+    check(vm)?;
+    let (delay, failed) = match faults {
+        Some((op, error)) => {
+            let (delay, fail, injected) = task_plan(shared, &mut st, op);
+            refuse_injected(injected, vmid)?;
+            (delay, fail.then_some(error))
+        }
+        None => (shared.cfg.task_delay, None),
+    };
+    let upid = spawn_task(
+        shared,
+        &mut st,
+        kind,
+        &vmid.to_string(),
+        user,
+        delay,
+        Box::new(move |st| match failed {
+            Some(error) => Err(error),
+            None => work(st),
+        }),
+    );
+    Ok(json!(upid))
+}
+
+pub(crate) fn template(
+    shared: &Arc<Shared>,
+    p: &BTreeMap<String, String>,
+    user: &str,
+) -> ApiResult {
+    check_node(p)?;
+    let vmid = check_vmid(p, "vmid")?;
+    let failed = format!("converting VM {vmid} to a template failed (fault injected by pve-sim)");
+    vm_task(
+        shared,
+        user,
+        vmid,
+        "qmtemplate",
+        Some((FaultOp::Template, failed)),
+        |vm| {
+            if vm.template {
+                return Err(err500("you can't convert a template to a template"));
+            }
+            if vm.running {
+                return Err(err500(
+                    "you can't convert a VM to template if VM is running",
+                ));
+            }
+            not_locked(vm)
+        },
+        move |st| {
+            let vm = st.vms.get_mut(&vmid).ok_or(format!("VM {vmid} vanished"))?;
+            vm.template = true;
+            let renamed: Vec<(String, String)> = vm
+                .config
+                .iter()
+                .filter(|(_, v)| v.contains(&format!(":vm-{vmid}-disk-")))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.replace(&format!(":vm-{vmid}-disk-"), &format!(":base-{vmid}-disk-")),
+                    )
+                })
+                .collect();
+            for (k, v) in renamed {
+                vm.config.insert(k, v);
+            }
+            Ok(())
+        },
+    )
+}
+
+pub(crate) fn clone_vm(
+    shared: &Arc<Shared>,
+    p: &BTreeMap<String, String>,
+    user: &str,
+) -> ApiResult {
+    check_node(p)?;
+    let vmid = check_vmid(p, "vmid")?;
+    let newid = check_vmid(p, "newid")?;
+    let mut e = Errors::new();
+    for k in p.keys() {
+        if ![
+            "node",
+            "vmid",
+            "newid",
+            "name",
+            "full",
+            "storage",
+            "target",
+            "pool",
+            "description",
+            "format",
+            "snapname",
+            "bwlimit",
+        ]
+        .contains(&k.as_str())
+        {
+            e.insert(k.clone(), "property is not defined in schema and the schema does not allow additional properties".into());
+        }
+    }
+    if let Some(n) = p.get("name") {
+        if !params::is_dns_name(n) {
+            e.insert(
+                "name".into(),
+                "invalid format - value does not look like a valid DNS name".into(),
+            );
+        }
+    }
+    let full = match p.get("full") {
+        Some(v) => params::check_boolean(&mut e, "full", v),
+        None => None,
+    };
+    if !e.is_empty() {
+        return Err(ApiError::Params(e));
+    }
+    let mut st = lock(shared);
+    let src = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?.clone();
+    if st.vms.contains_key(&newid) {
+        return Err(err500(format!(
+            "unable to create VM {newid}: config file already exists"
+        )));
+    }
+    not_locked(&src)?;
+    let full = full.unwrap_or(!src.template);
+    if !full && !src.template {
+        return Err(err500(
+            "Linked clone feature is not supported for a VM that is not a template",
+        ));
+    }
+    let (delay, fail, kind) = task_plan(shared, &mut st, FaultOp::Clone);
+    if kind == Some(FaultKind::Http500) {
+        return Err(injected_500());
+    }
+    let mut config = src.config.clone();
+    config.remove("template");
+    if let Some(n) = p.get("name") {
+        config.insert("name".into(), n.clone());
+    }
+    for v in config.values_mut() {
+        if v.contains(&format!(":base-{vmid}-disk-")) || v.contains(&format!(":vm-{vmid}-disk-")) {
+            let (vol, rest) = v
+                .split_once(',')
+                .map(|(a, b)| (a.to_string(), format!(",{b}")))
+                .unwrap_or((v.clone(), String::new()));
+            let disk_no = vol.rsplit('-').next().unwrap_or("0").to_string();
+            let sid = vol.split(':').next().unwrap_or("local-lvm");
+            *v = if full {
+                format!("{sid}:vm-{newid}-disk-{disk_no}{rest}")
+            } else {
+                format!("{vol}/vm-{newid}-disk-{disk_no}{rest}")
+            };
+        }
+    }
+    config.insert("lock".into(), "clone".into());
+    st.vms.insert(
+        newid,
+        Vm {
+            vmid: newid,
+            config,
+            template: false,
+            running: false,
+        },
+    );
+    if !src.template {
+        st.vms
+            .get_mut(&vmid)
+            .unwrap()
+            .config
+            .insert("lock".into(), "clone".into());
+    }
+    let upid = spawn_task(
+        shared,
+        &mut st,
+        "qmclone",
+        &vmid.to_string(),
+        user,
+        delay,
+        Box::new(move |st| {
+            if let Some(s) = st.vms.get_mut(&vmid) {
+                if s.config.get("lock").map(|l| l == "clone").unwrap_or(false) {
+                    s.config.remove("lock");
+                }
+            }
+            if fail {
+                st.vms.remove(&newid);
+                return Err("clone failed (fault injected by pve-sim)".into());
+            }
+            if let Some(n) = st.vms.get_mut(&newid) {
+                n.config.remove("lock");
+            }
+            Ok(())
+        }),
+    );
+    Ok(json!(upid))
+}
+
+/// Start or stop a VM (no faults apply).
+pub(crate) fn power(
+    shared: &Arc<Shared>,
+    p: &BTreeMap<String, String>,
+    user: &str,
+    on: bool,
+) -> ApiResult {
+    check_node(p)?;
+    let vmid = check_vmid(p, "vmid")?;
+    vm_task(
+        shared,
+        user,
+        vmid,
+        if on { "qmstart" } else { "qmstop" },
+        None,
+        |vm| {
+            if on && vm.template {
+                return Err(err500("you can't start a vm if it's a template"));
+            }
+            not_locked(vm)
+        },
+        move |st| {
+            let vm = st.vms.get_mut(&vmid).ok_or(format!("VM {vmid} vanished"))?;
+            vm.running = on;
+            Ok(())
+        },
+    )
+}
+
+pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: &str) -> ApiResult {
+    check_node(p)?;
+    let vmid = check_vmid(p, "vmid")?;
+    let mut e = Errors::new();
+    for k in ["purge", "destroy-unreferenced-disks", "skiplock"] {
+        if let Some(v) = p.get(k) {
+            params::check_boolean(&mut e, k, v);
+        }
+    }
+    if !e.is_empty() {
+        return Err(ApiError::Params(e));
+    }
+    let skiplock = p.get("skiplock").map(|v| v == "1").unwrap_or(false);
+    let failed = format!("destroying VM {vmid} failed (fault injected by pve-sim)");
+    vm_task(
+        shared,
+        user,
+        vmid,
+        "qmdestroy",
+        Some((FaultOp::Destroy, failed)),
+        |vm| {
+            if vm.running {
+                return Err(err500(format!("VM {vmid} is running - destroy failed")));
+            }
+            if skiplock {
+                Ok(())
+            } else {
+                not_locked(vm)
+            }
+        },
+        move |st| {
+            let base = format!(":base-{vmid}-disk-");
+            let in_use = st.vms.values().any(|o| {
+                o.vmid != vmid
+                    && o.config
+                        .values()
+                        .any(|v| v.contains(&base) && v.contains('/'))
+            });
+            if in_use {
+                return Err(format!(
+                    "base volume 'local-lvm:base-{vmid}-disk-1' is still in use by linked cloned"
+                ));
+            }
+            st.vms.remove(&vmid);
+            let prefix_vm = format!(":vm-{vmid}-");
+            st.volumes
+                .retain(|k, _| !k.contains(&prefix_vm) && !k.contains(&base));
+            Ok(())
+        },
+    )
+}
