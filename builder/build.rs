@@ -433,7 +433,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         let Some(job) = lxc_job else { return Ok(None) };
         let stats = timer.run(BuildStage::Lxc, || {
             let written = job.join().expect("LXC compression thread panicked")?;
-            crate::reuse::keep(&lxc_reference, &lxc_path, &written.index)?;
+            crate::reuse::keep_or_warn(&lxc_reference, &lxc_path, &written.index);
             let stats = written.stats;
             let all = stats.reused == stats.frames;
             Ok((stats, all))
@@ -550,7 +550,7 @@ fn disk_and_compress(
             .cache
             .reference(&crate::disk::qcow2::reference_name(&recipe.name));
         let written = crate::disk::qcow2::write(raw, qcow2, Some(&reference), show)?;
-        crate::reuse::keep(&reference, qcow2, &written.index)?;
+        crate::reuse::keep_or_warn(&reference, qcow2, &written.index);
         let stats = written.stats;
         let all = stats.reused == stats.data_clusters;
         Ok((stats, all))
