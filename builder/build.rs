@@ -398,8 +398,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         .reference(&crate::lxc::reference_name(&recipe.name));
     // The raw disk lives only until it is compressed: in RAM when there is
     // room (writing and deleting it costs far less there), else in the cache.
-    let ram =
-        crate::disk::ram_scratch(layout.root_start + composed.data_bytes + composed.data_bytes / 8);
+    let ram = crate::disk::ram_scratch(crate::disk::scratch_need(&layout, composed.data_bytes));
     let raw = ram.as_ref().unwrap_or(&scratch).path().join("disk.raw");
     let disk_file = format!("{}-{}.qcow2", recipe.name, recipe.version);
     let qcow2 = staging.path().join(&disk_file);
