@@ -208,6 +208,41 @@ fn cloud_init_render_prints_per_node_user_data() {
 }
 
 #[test]
+fn cloud_init_render_out_file_is_readable_by_its_owner_only() {
+    // User-data holds the node's secrets: unlike lockfiles and manifests
+    // (0644), it stays 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let (p, cache) = project("render-out");
+    std::fs::write(
+        p.join("node.toml"),
+        "hostname = \"lb-2\"\nnode_ip = \"192.0.2.12\"\nvip = \"192.0.2.210\"\npriority = 100\npeers = [\"192.0.2.11\"]\nbackends = [{ name = \"s1\", address = \"192.0.2.21\" }]\n",
+    )
+    .unwrap();
+    let ud = p.join("ud.yaml");
+    ok(kiln(
+        &p,
+        &cache,
+        &[
+            "cloud-init",
+            "render",
+            "--recipe",
+            "recipes/lb.toml",
+            "--role",
+            "lb",
+            "--values",
+            "node.toml",
+            "--out",
+            ud.to_str().unwrap(),
+        ],
+    ));
+    let mode = std::fs::metadata(&ud).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(std::fs::read_to_string(&ud)
+        .unwrap()
+        .starts_with("#cloud-config"));
+}
+
+#[test]
 fn cloud_init_render_names_a_missing_value() {
     let (p, cache) = project("render-missing");
     std::fs::write(p.join("node.toml"), "hostname = \"lb-2\"\n").unwrap();

@@ -268,7 +268,8 @@ pub fn cloud_init(c: CloudInitCommand) -> Result<()> {
             let values = crate::image::cloudinit::load_values(&a.values)?;
             let text = crate::image::cloudinit::render(&recipe, &a.role, &values)?;
             match a.out {
-                Some(p) => crate::util::write_atomic(&p, text.as_bytes())
+                // User-data holds the node's secrets (K3s token, keys).
+                Some(p) => crate::util::write_private(&p, text.as_bytes())
                     .with_context(|| format!("cannot write {}", p.display()))?,
                 None => print!("{text}"),
             }

@@ -433,7 +433,7 @@ fn write_outputs(
     let data_bytes = rootfs.composed.data_bytes;
     // The raw disk lives only until it is compressed: in RAM when there is
     // room (writing and deleting it costs far less there), else in the cache.
-    let ram = crate::image::disk::ram_scratch(layout.root_start + data_bytes + data_bytes / 8);
+    let ram = crate::image::disk::ram_scratch(crate::image::disk::scratch_need(layout, data_bytes));
     let raw = ram.as_ref().unwrap_or(&scratch).path().join("disk.raw");
     let qcow2_name = OutputKind::Disk.file_name(&recipe.name, &recipe.version);
     let qcow2 = staging.path().join(&qcow2_name);
@@ -472,7 +472,7 @@ fn write_outputs(
         let Some(job) = lxc_job else { return Ok(None) };
         let stats = timer.run(BuildStage::Lxc, || {
             let written = job.join().expect("LXC compression thread panicked")?;
-            crate::image::reuse::keep(&lxc_reference, &lxc_path, &written.index)?;
+            crate::image::reuse::keep_or_warn(&lxc_reference, &lxc_path, &written.index);
             let all = written.stats.reused == written.stats.frames;
             Ok((written.stats, all))
         })?;
@@ -532,7 +532,7 @@ fn write_disk(
             &recipe.name,
         ));
         let written = crate::image::outputs::qcow2::write(raw, qcow2, Some(&reference), show)?;
-        crate::image::reuse::keep(&reference, qcow2, &written.index)?;
+        crate::image::reuse::keep_or_warn(&reference, qcow2, &written.index);
         let all = written.stats.reused == written.stats.data_clusters;
         Ok((written.stats, all))
     })?;

@@ -154,16 +154,31 @@ impl Reference {
 /// written first, then the output is hard-linked (no copy, no space) or, on
 /// another filesystem, copied; each lands with a rename. A crash between the
 /// two leaves a pair that does not match, which only costs the next build
-/// its reuse.
+/// its reuse. On failure the temp file is removed.
 pub fn keep(path: &Path, output: &Path, index: &Index) -> Result<()> {
     crate::util::write_hint(&index_path(path), &index.to_bytes())?;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    if std::fs::hard_link(output, &tmp).is_err() {
-        std::fs::copy(output, &tmp)
-            .with_context(|| format!("cannot copy {} to {}", output.display(), tmp.display()))?;
+    let placed = (|| {
+        if std::fs::hard_link(output, &tmp).is_err() {
+            std::fs::copy(output, &tmp).with_context(|| {
+                format!("cannot copy {} to {}", output.display(), tmp.display())
+            })?;
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+    })();
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+    placed
+}
+
+/// [`keep`] for a build: the reference only speeds up the next build, so
+/// failing to keep it (a full cache, say) is a warning, not a failed build.
+pub fn keep_or_warn(path: &Path, output: &Path, index: &Index) {
+    if let Err(e) = keep(path, output, index) {
+        eprintln!("warning: cannot keep the reference for the next build: {e:#} (it will compress everything again)");
+    }
 }
 
 #[cfg(test)]
@@ -219,6 +234,52 @@ mod tests {
         std::fs::write(&reference, b"....COMPRESSED....").unwrap();
         let r = Reference::open(&reference).unwrap();
         assert!(r.piece(0, &fingerprint(b"the content")).is_none());
+    }
+
+    /// The files in `dir` whose names contain `.tmp-`.
+    fn temp_files(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect()
+    }
+
+    #[test]
+    fn a_reference_that_cannot_replace_the_old_one_leaves_no_temp_file() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        std::fs::write(&out, b"output").unwrap();
+        // A directory (not kiln's) stands where the reference goes: the rename fails.
+        let reference = d.path().join("ref");
+        std::fs::create_dir(&reference).unwrap();
+        std::fs::write(reference.join("keep-me"), b"x").unwrap();
+        assert!(keep(&reference, &out, &Index::default()).is_err());
+        assert_eq!(temp_files(d.path()), Vec::<String>::new());
+        assert!(reference.join("keep-me").exists());
+    }
+
+    #[test]
+    fn a_failed_copy_into_the_references_leaves_no_temp_file() {
+        let d = tempfile::tempdir().unwrap();
+        let reference = d.path().join("ref");
+        // Cannot be hard-linked (another filesystem) and fails mid-copy: reading
+        // /proc/self/mem at offset 0 (unmapped) gives EIO after the copy's
+        // destination was created.
+        let out = Path::new("/proc/self/mem");
+        let err = keep(&reference, out, &Index::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot copy"), "{err:#}");
+        assert_eq!(temp_files(d.path()), Vec::<String>::new());
+        assert!(!reference.exists());
+    }
+
+    #[test]
+    fn keeping_a_reference_is_best_effort() {
+        let d = tempfile::tempdir().unwrap();
+        let reference = d.path().join("ref");
+        // Returns nothing to fail the build with; warns and cleans up.
+        let () = keep_or_warn(&reference, Path::new("/proc/self/mem"), &Index::default());
+        assert_eq!(temp_files(d.path()), Vec::<String>::new());
     }
 
     #[test]

@@ -148,27 +148,43 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Mode of the files kiln writes (lockfiles, manifests, SHA256SUMS, reports):
+/// readable by other users and CI artifact steps. The umask still narrows it.
+const SHARED_MODE: u32 = 0o644;
+/// Mode of files that hold secrets: the owner's only.
+const PRIVATE_MODE: u32 = 0o600;
+
 /// Write `contents` to `path` through a temp file in the same directory and a
 /// rename, so readers see the old file or the new one, never half of one.
+/// The file is 0644 (less what the umask removes): never use it for secrets.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    replace_file(path, contents, true)
+    replace_file(path, contents, true, SHARED_MODE)
+}
+
+/// [`write_atomic`] for files holding secrets (rendered user-data): 0600.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    replace_file(path, contents, true, PRIVATE_MODE)
 }
 
 /// [`write_atomic`] without the fsync, for cache hints whose loss after a
 /// crash only costs time (their readers verify what they use): an fsync can
 /// wait for gigabytes of unrelated dirty data on the same filesystem.
 pub fn write_hint(path: &Path, contents: &[u8]) -> Result<()> {
-    replace_file(path, contents, false)
+    replace_file(path, contents, false, SHARED_MODE)
 }
 
-fn replace_file(path: &Path, contents: &[u8], durable: bool) -> Result<()> {
+fn replace_file(path: &Path, contents: &[u8], durable: bool, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // The mode is given at creation (open(2) applies the umask to it), so a
+    // secret is never readable by others, not even for a moment.
     let mut tmp = tempfile::Builder::new()
         .prefix(".kiln-tmp-")
+        .permissions(std::fs::Permissions::from_mode(mode))
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a temp file in {}", dir.display()))?;
     tmp.write_all(contents)?;
@@ -231,6 +247,45 @@ mod tests {
         assert_eq!(parse_size("1024").unwrap(), 1024);
         assert!(parse_size("4X").is_err());
         assert!(parse_size("G").is_err());
+    }
+
+    /// The mode a file created with `mode` gets under this process's umask.
+    fn masked(mode: u32) -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let umask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+            .unwrap();
+        mode & !umask
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn atomic_writes_are_readable_by_other_users() {
+        // Lockfiles, manifests and SHA256SUMS: other users and CI steps read them.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, h) = (dir.path().join("a"), dir.path().join("h"));
+        write_atomic(&a, b"x").unwrap();
+        write_hint(&h, b"x").unwrap();
+        assert_eq!(mode_of(&a), masked(0o644));
+        assert_eq!(mode_of(&h), masked(0o644));
+        // Replacing a file does not keep the old file's mode either.
+        write_atomic(&a, b"y").unwrap();
+        assert_eq!(mode_of(&a), masked(0o644));
+    }
+
+    #[test]
+    fn private_writes_are_for_the_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("user-data");
+        write_private(&p, b"token: s3cret").unwrap();
+        assert_eq!(mode_of(&p), 0o600 & masked(0o600));
+        assert_eq!(std::fs::read(&p).unwrap(), b"token: s3cret");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! the disk over SSH (ssh2) and run `qm create` / `qm disk import` / `qm template`.
 //!
 //! NOT TESTED AGAINST PROXMOX: no PVE host exists here. Unit tests cover the
-//! command lines built; the SSH session itself is untested code.
+//! command lines built, and connecting and running commands against a local
+//! OpenSSH server; the copy (scp) and the qm commands themselves are untested.
 
 use super::{naming, PublishReport, VmEntry};
 use crate::deploy::pve::api::Pve;
@@ -103,10 +104,17 @@ impl Remote {
     fn run(&self, cmd: &str) -> Result<std::result::Result<String, String>> {
         let mut ch = self.sess.channel_session()?;
         ch.exec(cmd)?;
-        let mut out = String::new();
-        ch.read_to_string(&mut out)?;
-        let mut err = String::new();
-        ch.stderr().read_to_string(&mut err)?;
+        // Stdout and stderr share the channel: read them in turn without
+        // blocking, or a remote that fills stderr while kiln waits for the end
+        // of stdout never gets to close it.
+        self.sess.set_blocking(false);
+        let read = read_both(&mut ch.stream(0), &mut ch.stderr(), &mut || ch.eof());
+        self.sess.set_blocking(true);
+        let (out, err) = read.context("reading a command's output over SSH failed")?;
+        let (out, err) = (
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+        );
         ch.wait_close()?;
         Ok(if ch.exit_status()? == 0 {
             Ok(out)
@@ -145,6 +153,45 @@ impl Remote {
         ch.close()?;
         ch.wait_close()?;
         Ok(sent)
+    }
+}
+
+/// Read a command's stdout and stderr to their ends together, so one that
+/// fills either while the other is waited for cannot stall. Both readers must
+/// not block (`WouldBlock` when they have nothing yet); `ended` says the
+/// command has finished writing (an SSH channel's EOF, a child's exit). It is
+/// asked before each round of reads, so a round that then finds nothing has
+/// read all there was.
+fn read_both(
+    out: &mut impl Read,
+    err: &mut impl Read,
+    ended: &mut dyn FnMut() -> bool,
+) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    use std::io::ErrorKind;
+    let (mut out_buf, mut err_buf) = (Vec::new(), Vec::new());
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let was_ended = ended();
+        let mut got = false;
+        for (r, buf) in [
+            (&mut *out as &mut dyn Read, &mut out_buf),
+            (&mut *err as &mut dyn Read, &mut err_buf),
+        ] {
+            match r.read(&mut chunk) {
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    got |= n > 0;
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !got {
+            if was_ended {
+                return Ok((out_buf, err_buf));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
@@ -320,6 +367,179 @@ mod tests {
             Some("local-lvm:vm-9000-disk-1")
         );
         assert_eq!(imported_volume("nothing"), None);
+    }
+
+    fn non_blocking(fd: &impl std::os::fd::AsRawFd) {
+        let fd = fd.as_raw_fd();
+        // SAFETY: fcntl on a pipe this test owns.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            assert!(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0);
+        }
+    }
+
+    #[test]
+    fn both_streams_of_a_child_that_fills_stderr_first_are_read_in_full() {
+        use std::process::{Command, Stdio};
+        // 1 MiB of stderr before a word on stdout: far more than a pipe holds,
+        // so reading stdout to its end first would wait forever.
+        let mut child = Command::new("sh")
+            .args(["-c", "head -c 1048576 /dev/zero >&2; echo done"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        non_blocking(&out);
+        non_blocking(&err);
+        let (o, e) = read_both(&mut out, &mut err, &mut || {
+            child.try_wait().unwrap().is_some()
+        })
+        .unwrap();
+        assert_eq!(o, b"done\n");
+        assert_eq!(e.len(), 1 << 20);
+        assert!(e.iter().all(|b| *b == 0));
+    }
+
+    /// An OpenSSH server on 127.0.0.1 as the current user, for one test.
+    struct Sshd {
+        child: std::process::Child,
+        port: u16,
+        cfg: SshConfig,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Sshd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn sshd() -> Sshd {
+        use crate::validate::keys::ThrowawayKey;
+        use base64::Engine;
+        use std::os::unix::fs::PermissionsExt;
+        let sshd = crate::util::hosttools::which("sshd")
+            .expect("sshd is required for this test (apt install openssh-server)");
+        let dir = tempfile::tempdir().unwrap();
+        let write_private = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            p
+        };
+        let host = ThrowawayKey::generate("host").unwrap();
+        let host_path = write_private("host_key", host.private_openssh());
+        let client = ThrowawayKey::generate("kiln-publish").unwrap();
+        let key_file = write_private("id_ed25519", client.private_openssh());
+        let auth = dir.path().join("authorized_keys");
+        std::fs::write(&auth, format!("{}\n", client.public_openssh())).unwrap();
+        let port = crate::validate::qemu::free_port().unwrap();
+        let conf = dir.path().join("sshd_config");
+        std::fs::write(
+            &conf,
+            format!(
+                "ListenAddress 127.0.0.1:{port}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\n\
+                 UsePAM no\nStrictModes no\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
+                host_path.display(),
+                auth.display()
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all("/run/sshd").ok();
+        let child = std::process::Command::new(sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(&conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("sshd.log")).unwrap())
+            .spawn()
+            .expect("start sshd");
+        // The host key pinned as `ssh-keygen -lf` prints it.
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(host.public_openssh().split_whitespace().nth(1).unwrap())
+            .unwrap();
+        let user = String::from_utf8(
+            std::process::Command::new("id")
+                .arg("-un")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        let cfg = SshConfig {
+            host: "127.0.0.1".into(),
+            port,
+            user: user.trim().into(),
+            key_file: Some(key_file),
+            host_key_sha256: Some(base64_engine::encode(&{
+                use sha2::Digest;
+                sha2::Sha256::digest(&blob)
+            })),
+        };
+        Sshd {
+            child,
+            port,
+            cfg,
+            _dir: dir,
+        }
+    }
+
+    fn connect(s: &Sshd) -> Remote {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Remote::connect(&s.cfg) {
+                Ok(r) => return r,
+                Err(e) if std::time::Instant::now() > until => {
+                    panic!("cannot reach sshd on port {}: {e:#}", s.port)
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// `cmd` run over SSH, or a panic when it has not finished within a minute.
+    fn run_within_a_minute(
+        remote: Remote,
+        cmd: &'static str,
+    ) -> std::result::Result<String, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(remote.run(cmd).map_err(|e| format!("{e:#}")));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the command over SSH did not finish (deadlocked)")
+            .expect("the SSH session failed")
+    }
+
+    #[test]
+    fn a_remote_that_writes_much_to_stderr_before_stdout_does_not_hang() {
+        let s = sshd();
+        // 4 MiB of stderr before stdout closes: more than any pipe or SSH window.
+        let out = run_within_a_minute(
+            connect(&s),
+            "head -c 4194304 /dev/zero | tr '\\0' e >&2; echo done",
+        );
+        assert_eq!(out, Ok("done\n".to_string()));
+    }
+
+    #[test]
+    fn a_failing_remote_command_returns_its_stderr_in_full() {
+        let s = sshd();
+        let err = run_within_a_minute(
+            connect(&s),
+            "head -c 4194304 /dev/zero | tr '\\0' e >&2; echo ' is the error' >&2; exit 2",
+        )
+        .unwrap_err();
+        assert_eq!(err.len(), 4194304 + " is the error".len());
+        assert!(
+            err.ends_with("e is the error"),
+            "{}",
+            &err[err.len() - 40..]
+        );
     }
 
     #[test]

@@ -287,11 +287,26 @@ fn expand_home(p: &Path, env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
 }
 
 fn check_target(name: &str, cfg: &TargetConfig) -> Result<()> {
-    if !(cfg.url.starts_with("https://") || cfg.url.starts_with("http://")) {
-        bail!(
+    let url = reqwest::Url::parse(&cfg.url).map_err(|e| {
+        anyhow::anyhow!(
+            "target `{name}`: url `{}` is not a URL ({e}); write https://HOST:8006",
+            cfg.url
+        )
+    })?;
+    match url.scheme() {
+        "https" => {}
+        // The API token travels in a header of every request: over plain http
+        // only to this machine (pve-sim listens on loopback).
+        "http" if is_loopback(&url) => {}
+        "http" => bail!(
+            "target `{name}`: url `{}` must start with https:// (plain http:// would send \
+             the API token in clear; it is allowed only on loopback: 127.0.0.0/8, [::1], localhost)",
+            cfg.url
+        ),
+        _ => bail!(
             "target `{name}`: url `{}` must start with https://",
             cfg.url
-        );
+        ),
     }
     let [lo, hi] = cfg.vmid_range;
     if lo < 100 || hi < lo || hi > 999_999_999 {
@@ -301,6 +316,20 @@ fn check_target(name: &str, cfg: &TargetConfig) -> Result<()> {
         parse_fingerprint(fp).with_context(|| format!("target `{name}`: bad fingerprint"))?;
     }
     Ok(())
+}
+
+/// Whether `url` names this machine: 127.0.0.0/8, ::1 or `localhost`.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    // The parser has already normalised the host: IPv6 in brackets, IPv4 in
+    // dotted form (`127.1` becomes `127.0.0.1`), domains in lower case.
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host == "localhost",
+    }
 }
 
 /// Parse a SHA-256 fingerprint written `AA:BB:...` or as 64 hex digits.
@@ -474,6 +503,54 @@ mod tests {
             t.cfg.ssh.unwrap().key_file.unwrap(),
             PathBuf::from("/home/op/.ssh/id_ed25519")
         );
+    }
+
+    fn env_with_url(url: &str) -> Vec<(&str, &str)> {
+        let mut e: Vec<(&str, &str)> = FULL_ENV.to_vec();
+        e[0] = ("KILN_PVE_URL", url);
+        e
+    }
+
+    #[test]
+    fn http_target_off_loopback_is_refused() {
+        for url in [
+            "http://pve.example.lan:8006",
+            "http://192.168.1.10:8006",
+            "http://127.0.0.1.example.com:8006",
+            "http://localhost.example.com:8006",
+            "http://[fe80::1]:8006",
+        ] {
+            let err = resolve(None, None, &env_of(&env_with_url(url))).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(
+                msg.contains(url) && msg.contains("https://") && msg.contains("loopback"),
+                "{url}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn http_target_on_loopback_is_accepted() {
+        for url in [
+            "http://127.0.0.1:8006",
+            "http://127.3.2.1:8006",
+            "http://[::1]:8006",
+            "http://localhost:8006",
+            "HTTP://LocalHost:8006/",
+        ] {
+            let t = resolve(None, None, &env_of(&env_with_url(url)));
+            assert!(t.is_ok(), "{url}: {:#}", t.unwrap_err());
+        }
+    }
+
+    #[test]
+    fn https_target_anywhere_is_accepted() {
+        let t = resolve(
+            None,
+            None,
+            &env_of(&env_with_url("https://pve.example.lan:8006")),
+        );
+        assert!(t.is_ok(), "{:#}", t.unwrap_err());
     }
 
     #[test]

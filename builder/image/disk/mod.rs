@@ -288,19 +288,100 @@ pub fn assemble(raw: &Path, d: &DiskInputs<'_>) -> Result<()> {
     .context("cannot run mkfs.ext4")?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let err = err.trim();
-        if err.contains("Could not allocate block")
-            || err.contains("No space left")
-            || err.contains("Could not allocate inode")
-        {
-            return Err(too_big(data_bytes, layout));
-        }
-        if err.contains("libarchive") || err.contains("tarball") {
-            bail!("mkfs.ext4 cannot read the rootfs tarball: {err} (install e2fsprogs >= 1.47.1 and libarchive13)");
-        }
-        bail!("mkfs.ext4 failed: {err}");
+        let host = raw.parent().and_then(statfs);
+        let written = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(raw).map_or(0, |m| m.blocks() * 512)
+        };
+        return Err(mkfs_error(
+            err.trim(),
+            raw,
+            host,
+            written,
+            layout,
+            data_bytes,
+        ));
     }
     Ok(())
+}
+
+/// Less than this left free on the filesystem holding the raw disk after
+/// mkfs ran out of space means that filesystem (the host's), not the image,
+/// is full: a write that fails with ENOSPC there leaves it with less free
+/// than the failed write (mke2fs writes at most a few MiB at once).
+const HOST_FULL_SLACK: u64 = 16 * MIB;
+
+/// What mkfs.ext4 prints when it runs out of space: in the image, libext2fs's
+/// allocation errors (lib/ext2fs/ext2_err.et.in: EXT2_ET_BLOCK_ALLOC_FAIL,
+/// EXT2_ET_INODE_ALLOC_FAIL, EXT2_ET_DIR_NO_SPACE); on the host, ENOSPC from
+/// write(2) on the raw file ("No space left on device") or a partial write
+/// (EXT2_ET_SHORT_WRITE, from lib/ext2fs/unix_io.c).
+const MKFS_NO_SPACE: [&str; 5] = [
+    "Could not allocate block",
+    "Could not allocate inode",
+    "No free space in the directory",
+    "No space left",
+    "short write",
+];
+
+/// About how much the raw disk occupies on the filesystem holding it once
+/// written (it is sparse): the partitions before the root, the root's file
+/// data and an eighth more for ext4's metadata.
+pub fn scratch_need(layout: &Layout, data_bytes: u64) -> u64 {
+    layout.root_start + data_bytes + data_bytes / 8
+}
+
+/// Why mkfs.ext4 failed, from its stderr `err`; `host` is the filesystem
+/// holding `raw` just after the failure and `written` what `raw` occupies on
+/// it. Out of space with that filesystem (nearly) full is the host's fault,
+/// whatever mkfs's wording (the host's ENOSPC can also show as a short write
+/// or pass through libext2fs's messages): the disk size is blamed only when
+/// the host still has room.
+fn mkfs_error(
+    err: &str,
+    raw: &Path,
+    host: Option<FsStat>,
+    written: u64,
+    layout: &Layout,
+    data_bytes: u64,
+) -> anyhow::Error {
+    if MKFS_NO_SPACE.iter().any(|m| err.contains(m)) {
+        let dir = raw.parent().unwrap_or(raw);
+        return match host.filter(|h| h.free < HOST_FULL_SLACK) {
+            Some(h) => {
+                let need = scratch_need(layout, data_bytes);
+                let in_ram = raw.starts_with(RAM_DIR);
+                anyhow::anyhow!(
+                    "the host filesystem holding {} ({}) is full, not the image: {} free, \
+                     the raw disk needs about {} there ({} written so far): \
+                     free {} more on it{} ({})",
+                    dir.display(),
+                    if in_ram {
+                        "the RAM scratch tmpfs"
+                    } else if h.fs_type == TMPFS_MAGIC {
+                        "the kiln cache, a tmpfs"
+                    } else {
+                        "the kiln cache"
+                    },
+                    crate::util::human_bytes(h.free),
+                    crate::util::human_bytes(need),
+                    crate::util::human_bytes(written),
+                    crate::util::human_bytes(need.saturating_sub(written)),
+                    if in_ram {
+                        ", or set KILN_RAM_SCRATCH=0 to write it in the cache"
+                    } else {
+                        ""
+                    },
+                    err.lines().last().unwrap_or(err),
+                )
+            }
+            None => too_big(data_bytes, layout),
+        };
+    }
+    if err.contains("libarchive") || err.contains("tarball") {
+        return anyhow::anyhow!("mkfs.ext4 cannot read the rootfs tarball: {err} (install e2fsprogs >= 1.47.1 and libarchive13)");
+    }
+    anyhow::anyhow!("mkfs.ext4 failed: {err}")
 }
 
 /// Where RAM-backed scratch goes: Debian mounts a tmpfs there.
@@ -336,6 +417,7 @@ fn ram_dir(root: &Path, need: u64, mem_available: Option<u64>) -> Option<tempfil
         .ok()
 }
 
+#[derive(Debug, Clone)]
 struct FsStat {
     fs_type: i64,
     free: u64,
@@ -415,6 +497,91 @@ mod tests {
             let d = ram_dir(shm, 1 << 20, Some(8 << 30)).expect("room for 1 MiB");
             assert!(d.path().starts_with(shm));
         }
+    }
+
+    /// Stderr of mkfs.ext4 1.47.2 filling a 64 MiB sparse image from a 25 MB
+    /// tar on an 8 MiB tmpfs (the host is full), and into an 8 MiB image on a
+    /// roomy disk (the image is full).
+    const HOST_FULL: &str =
+        "__populate_fs_from_tar: No space left on device while looking up \"big\"\n\
+        mkfs.ext4: No space left on device while populating file system";
+    const IMAGE_FULL: &str =
+        "handle_entry: Could not allocate block in ext2 filesystem while writing file \"f41\"\n\
+        mkfs.ext4: Operation not permitted while populating file system";
+
+    fn layout_4g() -> Layout {
+        Layout::new(4 << 30, 256 * MIB, false).unwrap()
+    }
+
+    #[test]
+    fn a_full_host_tmpfs_is_not_blamed_on_the_disk_size() {
+        let host = FsStat {
+            fs_type: TMPFS_MAGIC,
+            free: 0,
+        };
+        let raw = Path::new("/dev/shm/kiln-1-x/disk.raw");
+        let msg =
+            mkfs_error(HOST_FULL, raw, Some(host), 900 * MIB, &layout_4g(), 2 << 30).to_string();
+        assert!(!msg.contains("raise [disk] size"), "{msg}");
+        // Names the filesystem, what it needs and how to avoid it.
+        assert!(msg.contains("/dev/shm/kiln-1-x"), "{msg}");
+        assert!(msg.contains("tmpfs"), "{msg}");
+        // About 257 MiB + 2 GiB + 256 MiB, of which 900 MiB is written.
+        assert!(
+            msg.contains("2.5 GiB") && msg.contains("1.6 GiB more"),
+            "{msg}"
+        );
+        assert!(msg.contains("KILN_RAM_SCRATCH=0"), "{msg}");
+    }
+
+    #[test]
+    fn a_full_cache_filesystem_is_named_as_such() {
+        let host = FsStat {
+            fs_type: 0xEF53,
+            free: 12 * 1024,
+        };
+        let raw = Path::new("/var/cache/kiln/tmp/build-1/disk.raw");
+        let msg =
+            mkfs_error(HOST_FULL, raw, Some(host), 900 * MIB, &layout_4g(), 2 << 30).to_string();
+        assert!(!msg.contains("raise [disk] size"), "{msg}");
+        assert!(msg.contains("/var/cache/kiln/tmp/build-1"), "{msg}");
+        assert!(msg.contains("12.0 KiB free"), "{msg}");
+        assert!(!msg.contains("KILN_RAM_SCRATCH"), "{msg}");
+    }
+
+    #[test]
+    fn a_full_image_with_room_on_the_host_asks_for_a_larger_disk() {
+        // The host filesystem as it really is (a test tmp dir has room).
+        let d = tempfile::tempdir().unwrap();
+        let host = statfs(d.path()).unwrap();
+        assert!(
+            host.free > HOST_FULL_SLACK,
+            "the test needs some free space"
+        );
+        let raw = d.path().join("disk.raw");
+        for err in [IMAGE_FULL, HOST_FULL] {
+            let msg =
+                mkfs_error(err, &raw, Some(host.clone()), 0, &layout_4g(), 2 << 30).to_string();
+            assert!(msg.contains("raise [disk] size"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn other_mkfs_failures_are_not_about_space_even_on_a_full_host() {
+        let host = FsStat {
+            fs_type: TMPFS_MAGIC,
+            free: 0,
+        };
+        let msg = mkfs_error(
+            "mkfs.ext4: Invalid argument while setting up superblock",
+            Path::new("/dev/shm/kiln-1-x/disk.raw"),
+            Some(host),
+            0,
+            &layout_4g(),
+            1 << 30,
+        )
+        .to_string();
+        assert!(msg.starts_with("mkfs.ext4 failed: "), "{msg}");
     }
 
     #[test]
