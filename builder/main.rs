@@ -23,12 +23,12 @@ enum Command {
     /// Build a recipe into images/<name>/<version>/.
     Build(kiln::cli::BuildArgs),
     /// Boot an image in QEMU and run its checks.
-    Validate(kiln::validate::ValidateArgs),
+    Validate(kiln::cli::ValidateArgs),
     /// Publish an image as a Proxmox VE template.
-    Publish(kiln::deploy::publish::PublishArgs),
+    Publish(kiln::cli::PublishArgs),
     /// List or prune published templates.
     #[command(subcommand)]
-    Templates(kiln::deploy::publish::TemplatesCommand),
+    Templates(kiln::cli::TemplatesCommand),
     /// Per-node cloud-init.
     #[command(subcommand, name = "cloud-init")]
     CloudInit(kiln::cli::CloudInitCommand),
@@ -41,9 +41,9 @@ fn main() {
         Command::Check(a) => kiln::cli::check(a),
         Command::Lock(a) => kiln::cli::lock(a),
         Command::Build(a) => kiln::cli::build(a),
-        Command::Validate(a) => kiln::validate::run(a),
-        Command::Publish(a) => kiln::deploy::publish::run(a),
-        Command::Templates(c) => kiln::deploy::publish::run_templates(c),
+        Command::Validate(a) => kiln::cli::validate(a),
+        Command::Publish(a) => kiln::cli::publish(a),
+        Command::Templates(c) => kiln::cli::templates(c),
         Command::CloudInit(c) => kiln::cli::cloud_init(c),
     };
     if let Err(err) = result {

@@ -1,85 +1,21 @@
-//! The verbs behind `kiln check|lock|build|cloud-init`: argument structs for
-//! clap and the code that prints human summaries or `--json` for CI.
+//! The command-line front end's verbs: each turns its arguments (`args`)
+//! into the library's options, runs it, and prints a summary or `--json` for CI.
+
+pub mod args;
+mod publish;
+mod validate;
+
+pub use args::*;
+pub use publish::{publish, templates};
+pub use validate::validate;
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use std::path::PathBuf;
 
 use crate::image::fetch::Cache;
 use crate::image::lock::Lockfile;
 use crate::image::pipeline::{BuildOptions, BuildOutcome};
 use crate::image::recipe::Recipe;
-
-#[derive(clap::Args, Debug)]
-pub struct CheckArgs {
-    /// Recipe file (e.g. recipes/lb.toml).
-    pub recipe: PathBuf,
-    /// Print a JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct LockArgs {
-    pub recipe: PathBuf,
-    /// Re-resolve everything: new SOURCE_DATE_EPOCH, package pins dropped
-    /// (the next build pins them again), artifacts and images re-pinned.
-    #[arg(long)]
-    pub update: bool,
-    /// Registry credentials: a docker `config.json` (default
-    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json` if present).
-    #[arg(long, value_name = "FILE")]
-    pub docker_config: Option<PathBuf>,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct BuildArgs {
-    pub recipe: PathBuf,
-    /// Output directory.
-    #[arg(long, default_value = "images")]
-    pub out: PathBuf,
-    /// Replace an existing image of the same name and version built from other inputs.
-    #[arg(long)]
-    pub force: bool,
-    /// Never write to the lockfile (CI): fail if it lacks package pins.
-    #[arg(long)]
-    pub locked: bool,
-    /// Registry credentials: a docker `config.json` (default
-    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json` if present).
-    #[arg(long, value_name = "FILE")]
-    pub docker_config: Option<PathBuf>,
-    /// Skip booting the image in QEMU before publishing it.
-    #[arg(long)]
-    pub no_validate: bool,
-    /// Accelerator for the validation boot (auto probes KVM, falls back to TCG).
-    #[arg(long, value_enum, default_value_t = crate::validate::Accel::Auto)]
-    pub accel: crate::validate::Accel,
-    /// Print a JSON object (manifest path, id, ...) instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(clap::Subcommand, Debug)]
-pub enum CloudInitCommand {
-    /// Print a node's user-data rendered from a role's template.
-    Render(RenderArgs),
-}
-
-#[derive(clap::Args, Debug)]
-pub struct RenderArgs {
-    #[arg(long)]
-    pub recipe: PathBuf,
-    #[arg(long)]
-    pub role: String,
-    /// Per-node values (TOML, or JSON when the name ends in .json).
-    #[arg(long)]
-    pub values: PathBuf,
-    /// Write to this file (atomically) instead of stdout.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-}
 
 pub fn check(a: CheckArgs) -> Result<()> {
     let recipe = Recipe::load(&a.recipe)?;

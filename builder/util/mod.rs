@@ -303,6 +303,20 @@ pub use interrupt::{
     check as check_interrupted, install_handler as install_interrupt_handler, interrupted,
 };
 
+/// Everything an error says, its sources joined by `: `, each said once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        src = s.source();
+    }
+    parts.join(": ")
+}
+
 /// This process's peak resident set size (VmHWM), for `--json` summaries.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

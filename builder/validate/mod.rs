@@ -37,53 +37,6 @@ pub enum Accel {
     Tcg,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct ValidateArgs {
-    /// Image directory (images/<name>/<version>).
-    #[arg(required = true)]
-    pub image: Vec<PathBuf>,
-    /// Accelerator: auto probes KVM with a short real boot and falls back to TCG.
-    #[arg(long, value_enum, default_value_t = Accel::Auto)]
-    pub accel: Accel,
-    /// Validate this many images at once.
-    #[arg(short = 'j', long, default_value_t = 1)]
-    pub jobs: usize,
-    /// Print the results as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write the results as JUnit XML to this file.
-    #[arg(long, value_name = "FILE")]
-    pub junit: Option<PathBuf>,
-    /// Seconds from QEMU start until SSH must answer.
-    #[arg(long, default_value_t = 300)]
-    pub boot_timeout: u64,
-    /// Seconds `cloud-init status --wait` may take once SSH answers.
-    #[arg(long, default_value_t = 300)]
-    pub cloud_init_timeout: u64,
-    /// Host port on 127.0.0.1 forwarded to the guest's SSH (default: a free one).
-    #[arg(long)]
-    pub ssh_port: Option<u16>,
-    /// The guest user cloud-init gives the throwaway key to.
-    #[arg(long, default_value = "debian")]
-    pub ssh_user: String,
-    #[arg(long, default_value = OVMF_CODE)]
-    pub ovmf_code: PathBuf,
-    /// OVMF vars template with the Microsoft keys enrolled (copied per boot).
-    #[arg(long, default_value = OVMF_VARS)]
-    pub ovmf_vars: PathBuf,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 2048)]
-    pub memory: u32,
-    #[arg(long, default_value_t = 2)]
-    pub cpus: u32,
-    /// Keep each boot's serial console log in this directory.
-    #[arg(long, value_name = "DIR")]
-    pub console_dir: Option<PathBuf>,
-    /// Do not record the result in manifest.json.
-    #[arg(long)]
-    pub no_record: bool,
-}
-
 /// How to validate; `Default` is what `kiln build` uses.
 #[derive(Debug, Clone)]
 pub struct ValidateOptions {
@@ -807,49 +760,6 @@ fn run_checks(
         }
     }
     Ok(outcomes)
-}
-
-/// `kiln validate IMAGE...`.
-pub fn run(args: ValidateArgs) -> Result<()> {
-    // SIGINT/SIGTERM become a flag every wait loop checks, so QEMU and temp
-    // files are cleaned up by the normal error path.
-    if args.ssh_port.is_some() && args.image.len() > 1 {
-        bail!("--ssh-port works with one image only (parallel boots need their own ports)");
-    }
-    let jobs = args.jobs.max(1).min(args.image.len());
-    let opts = ValidateOptions {
-        accel: args.accel,
-        boot_timeout: Duration::from_secs(args.boot_timeout),
-        cloud_init_timeout: Duration::from_secs(args.cloud_init_timeout),
-        ssh_port: args.ssh_port,
-        ssh_user: args.ssh_user.clone(),
-        ovmf_code: args.ovmf_code.clone(),
-        ovmf_vars: args.ovmf_vars.clone(),
-        memory_mib: args.memory,
-        cpus: args.cpus,
-        console_dir: args.console_dir.clone(),
-        record: !args.no_record,
-        progress: crate::util::progress::enabled(args.json) && jobs == 1,
-        ..ValidateOptions::default()
-    };
-    let results = validate_many(&args.image, &opts, jobs, !args.json);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report::json(&results))?);
-    } else {
-        print!("{}", report::human(&results));
-    }
-    if let Some(path) = &args.junit {
-        crate::util::write_atomic(path, report::junit(&results).as_bytes())?;
-    }
-    bail_if_interrupted()?;
-    let failed = results.iter().filter(|r| !r.validated).count();
-    if failed > 0 {
-        if results.len() == 1 {
-            bail!("{}", results[0].error.clone().unwrap_or_default());
-        }
-        bail!("{failed} of {} images failed validation", results.len());
-    }
-    Ok(())
 }
 
 /// Validate several images, `jobs` at a time. Never fails as a whole: each

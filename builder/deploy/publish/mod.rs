@@ -9,15 +9,16 @@
 
 pub mod naming;
 pub mod ssh;
-pub mod templates;
 
-use crate::deploy::pve::api::{seg, ApiError, Pve};
-use crate::deploy::pve::config::{self, Target};
+use crate::deploy::pve::client::{seg, Pve};
+use crate::deploy::pve::config::Target;
+use crate::deploy::pve::errors::ApiError;
+use crate::deploy::pve::vms::{destroy_vm, list_vms, vm_config, VmEntry};
+use crate::deploy::pve::volumes::{check_storage, delete_volume, volume_exists};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use crate::image::manifest::ImageManifest;
 
@@ -32,59 +33,16 @@ pub enum Via {
     Ssh,
 }
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct TargetArgs {
-    /// Target name from kiln.toml or ~/.config/kiln/config.toml; without it the
-    /// target comes from KILN_PVE_URL, KILN_PVE_NODE, KILN_PVE_STORAGE,
-    /// KILN_PVE_IMPORT_STORAGE and KILN_PVE_TOKEN.
-    #[arg(long)]
-    pub target: Option<String>,
-    /// Config file to read targets from (instead of the default places).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Print machine-readable JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct PublishArgs {
+/// What to publish and how.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
     /// Image directory (images/<name>/<version>).
     pub image: PathBuf,
-    #[command(flatten)]
-    pub target: TargetArgs,
     /// Publish even though `kiln validate` has not passed for this image.
-    #[arg(long)]
     pub allow_unvalidated: bool,
-    /// Transport for the disk.
-    #[arg(long, value_enum, default_value_t = Via::Auto)]
     pub via: Via,
-}
-
-#[derive(clap::Subcommand, Debug)]
-pub enum TemplatesCommand {
-    /// List templates kiln published.
-    List(TemplatesListArgs),
-    /// Delete old templates, keeping the newest N per image (and any with linked clones).
-    Prune(TemplatesPruneArgs),
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct TemplatesListArgs {
-    #[command(flatten)]
-    pub target: TargetArgs,
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct TemplatesPruneArgs {
-    #[command(flatten)]
-    pub target: TargetArgs,
-    /// How many of the newest templates of each image to keep.
-    #[arg(long)]
-    pub keep: usize,
-    /// Show what would be deleted without deleting.
-    #[arg(long)]
-    pub dry_run: bool,
+    /// Draw progress bars on stderr.
+    pub progress: bool,
 }
 
 /// What `kiln publish --json` prints.
@@ -108,79 +66,6 @@ pub struct PublishReport {
     /// Half-made VMs of an earlier run that were removed.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub removed_leftovers: Vec<u32>,
-}
-
-fn env_lookup(k: &str) -> Option<String> {
-    std::env::var(k).ok()
-}
-
-pub fn run(args: PublishArgs) -> Result<()> {
-    let target = config::resolve(
-        args.target.target.as_deref(),
-        args.target.config.as_deref(),
-        &env_lookup,
-    )?;
-    let token = target.token.clone();
-    let report =
-        publish(&args, &target).map_err(|e| anyhow!("{}", token.redact(&format!("{e:#}"))))?;
-    if args.target.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else if report.created {
-        println!(
-            "published {} as template {} (vmid {}) on {} [{}], {} uploaded in {:.1} s",
-            report.image_id,
-            report.name,
-            report.vmid,
-            report.node,
-            report.tags.join(";"),
-            crate::util::human_bytes(report.uploaded_bytes),
-            report.upload_seconds
-        );
-    } else {
-        println!(
-            "already published: template {} (vmid {}) on {} carries image {}; nothing uploaded",
-            report.name, report.vmid, report.node, report.image_id
-        );
-    }
-    if let Some(v) = &report.lxc_volume {
-        if !args.target.json {
-            println!("LXC template: {v}");
-        }
-    }
-    Ok(())
-}
-
-pub fn run_templates(cmd: TemplatesCommand) -> Result<()> {
-    let t = match &cmd {
-        TemplatesCommand::List(a) => &a.target,
-        TemplatesCommand::Prune(a) => &a.target,
-    };
-    let target = config::resolve(t.target.as_deref(), t.config.as_deref(), &env_lookup)?;
-    let token = target.token.clone();
-    let res = (|| -> Result<()> {
-        let pve = Pve::connect(&target)?;
-        pve.version().context("cannot reach the Proxmox VE API")?;
-        match cmd {
-            TemplatesCommand::List(a) => {
-                let list = templates::list(&pve)?;
-                if a.target.json {
-                    println!("{}", serde_json::to_string_pretty(&list)?);
-                } else {
-                    print!("{}", templates::table(&list));
-                }
-            }
-            TemplatesCommand::Prune(a) => {
-                let outcome = templates::prune(&pve, a.keep, a.dry_run)?;
-                if a.target.json {
-                    println!("{}", serde_json::to_string_pretty(&outcome)?);
-                } else {
-                    print!("{}", templates::prune_summary(&outcome, a.dry_run));
-                }
-            }
-        }
-        Ok(())
-    })();
-    res.map_err(|e| anyhow!("{}", token.redact(&format!("{e:#}"))))
 }
 
 /// Load the image and check it may be published.
@@ -225,81 +110,6 @@ pub fn load_image(dir: &Path, allow_unvalidated: bool, json: bool) -> Result<Ima
     Ok(m)
 }
 
-/// A VM as `/cluster/resources` lists it.
-#[derive(Debug, Clone)]
-pub struct VmEntry {
-    pub vmid: u32,
-    pub name: String,
-    pub node: String,
-    pub template: bool,
-    pub tags: Vec<String>,
-    pub lock: Option<String>,
-}
-
-pub fn list_vms(pve: &Pve) -> Result<Vec<VmEntry>> {
-    let v = pve.get("/cluster/resources", &[("type", "vm".into())])?;
-    let arr = v
-        .as_array()
-        .context("/cluster/resources did not answer a list")?;
-    Ok(arr
-        .iter()
-        .filter(|e| e.get("type").and_then(Value::as_str) == Some("qemu"))
-        .filter_map(|e| {
-            Some(VmEntry {
-                vmid: as_u64(e.get("vmid")?)? as u32,
-                name: e.get("name").and_then(Value::as_str).unwrap_or("").into(),
-                node: e.get("node").and_then(Value::as_str).unwrap_or("").into(),
-                template: e.get("template").and_then(as_u64).unwrap_or(0) == 1,
-                tags: e
-                    .get("tags")
-                    .and_then(Value::as_str)
-                    .map(|t| {
-                        t.split([';', ',', ' '])
-                            .filter(|x| !x.is_empty())
-                            .map(str::to_string)
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                lock: e.get("lock").and_then(Value::as_str).map(str::to_string),
-            })
-        })
-        .collect())
-}
-
-/// PVE sends numbers sometimes as strings.
-pub fn as_u64(v: &Value) -> Option<u64> {
-    v.as_u64()
-        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-}
-
-pub fn vm_config(pve: &Pve, node: &str, vmid: u32) -> Result<serde_json::Map<String, Value>> {
-    let v = pve.get(&format!("/nodes/{}/qemu/{vmid}/config", seg(node)), &[])?;
-    v.as_object().cloned().context("VM config is not an object")
-}
-
-/// Check a storage exists on the node and allows `content`.
-fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) -> Result<()> {
-    let v = pve.get(
-        &format!("/nodes/{}/storage", seg(&pve.node)),
-        &[("storage", storage.into())],
-    )?;
-    let entry = v
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .find(|e| e.get("storage").and_then(Value::as_str) == Some(storage))
-        })
-        .with_context(|| format!("storage `{storage}` does not exist on node {}", pve.node))?;
-    let contents = entry.get("content").and_then(Value::as_str).unwrap_or("");
-    if !contents.split(',').any(|c| c.trim() == content) {
-        bail!(
-            "storage `{storage}` on node {} does not allow `{content}` content ({why}); it allows: {contents}",
-            pve.node
-        );
-    }
-    Ok(())
-}
-
 /// A template already published from this image, if any.
 fn find_existing(pve: &Pve, vms: &[VmEntry], m: &ImageManifest) -> Result<Option<VmEntry>> {
     let id_tag = naming::id_tag(m);
@@ -316,104 +126,9 @@ fn find_existing(pve: &Pve, vms: &[VmEntry], m: &ImageManifest) -> Result<Option
     Ok(None)
 }
 
-/// Wait until a VM carries no lock (a task of an earlier run may still hold it).
-fn wait_unlocked(pve: &Pve, node: &str, vmid: u32) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let v = match pve.get(
-            &format!("/nodes/{}/qemu/{vmid}/status/current", seg(node)),
-            &[],
-        ) {
-            Ok(v) => v,
-            // Gone already.
-            Err(e)
-                if e.downcast_ref::<ApiError>()
-                    .map(|a| a.mentions("does not exist"))
-                    .unwrap_or(false) =>
-            {
-                return Ok(())
-            }
-            Err(e) => return Err(e),
-        };
-        match v.get("lock").and_then(Value::as_str) {
-            None => return Ok(()),
-            Some(l) if start.elapsed() > pve.task_timeout => {
-                bail!("VM {vmid} stays locked ({l}); not touching it")
-            }
-            Some(_) => std::thread::sleep(Duration::from_millis(300)),
-        }
-    }
-}
-
-/// Destroy a VM kiln created (and its disks).
-pub fn destroy_vm(pve: &Pve, node: &str, vmid: u32) -> Result<()> {
-    wait_unlocked(pve, node, vmid)?;
-    let res = pve.delete(
-        &format!("/nodes/{}/qemu/{vmid}", seg(node)),
-        &[
-            ("purge", "1".into()),
-            ("destroy-unreferenced-disks", "1".into()),
-        ],
-    );
-    let upid = match res {
-        Ok(v) => v,
-        Err(e)
-            if e.downcast_ref::<ApiError>()
-                .map(|a| a.mentions("does not exist"))
-                .unwrap_or(false) =>
-        {
-            return Ok(())
-        }
-        Err(e) => return Err(e.context(format!("cannot destroy VM {vmid}"))),
-    };
-    if let Some(u) = upid.as_str() {
-        pve.wait_task(u, &format!("destroying VM {vmid}"))?;
-    }
-    Ok(())
-}
-
-fn delete_volume(pve: &Pve, storage: &str, volid: &str) -> Result<()> {
-    let res = pve.delete(
-        &format!(
-            "/nodes/{}/storage/{}/content/{}",
-            seg(&pve.node),
-            seg(storage),
-            seg(volid)
-        ),
-        &[],
-    );
-    let v = match res {
-        Ok(v) => v,
-        Err(e)
-            if e.downcast_ref::<ApiError>()
-                .map(|a| a.mentions("does not exist"))
-                .unwrap_or(false) =>
-        {
-            return Ok(())
-        }
-        Err(e) => return Err(e),
-    };
-    if let Some(u) = v.as_str() {
-        pve.wait_task(u, &format!("removing {volid}"))?;
-    }
-    Ok(())
-}
-
-fn volume_exists(pve: &Pve, storage: &str, content: &str, volid: &str) -> Result<Option<u64>> {
-    let v = pve.get(
-        &format!("/nodes/{}/storage/{}/content", seg(&pve.node), seg(storage)),
-        &[("content", content.into())],
-    )?;
-    Ok(v.as_array().and_then(|a| {
-        a.iter()
-            .find(|e| e.get("volid").and_then(Value::as_str) == Some(volid))
-            .map(|e| e.get("size").and_then(as_u64).unwrap_or(0))
-    }))
-}
-
 /// Everything of `kiln publish` after the target is resolved.
-pub fn publish(args: &PublishArgs, target: &Target) -> Result<PublishReport> {
-    let json = args.target.json;
+pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> {
+    let json = !args.progress;
     let m = load_image(&args.image, args.allow_unvalidated, json)?;
     let pve = Pve::connect(target)?;
     let (major, minor, full) = pve.version().with_context(|| {

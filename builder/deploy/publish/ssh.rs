@@ -6,8 +6,8 @@
 //! OpenSSH server; the copy (scp) and the qm commands themselves are untested.
 
 use super::{naming, PublishReport, VmEntry};
-use crate::deploy::pve::api::Pve;
 use crate::deploy::pve::config::{SshConfig, Target};
+use crate::deploy::pve::Pve;
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::TcpStream;

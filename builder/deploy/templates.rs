@@ -1,8 +1,9 @@
 //! `kiln templates list|prune`: the templates kiln published on a target, and
 //! removal of old ones that keeps the newest N per image and any with linked clones.
 
-use super::{list_vms, naming, vm_config};
-use crate::deploy::pve::api::Pve;
+use crate::deploy::publish::naming;
+use crate::deploy::pve::vms::{destroy_vm, list_vms, vm_config, VmEntry};
+use crate::deploy::pve::Pve;
 use anyhow::Result;
 use serde::Serialize;
 use serde_json::Value;
@@ -118,7 +119,7 @@ pub fn prune_plan(list: &[TemplateInfo], keep: usize) -> (Vec<TemplateInfo>, Vec
 
 /// For every VM, the templates its disks are linked clones of
 /// (`<storage>:base-<template>-disk-N/vm-<vmid>-disk-N`), read once before any change.
-fn linked_clone_users(pve: &Pve, vms: &[super::VmEntry]) -> Result<BTreeMap<u32, Vec<u32>>> {
+fn linked_clone_users(pve: &Pve, vms: &[VmEntry]) -> Result<BTreeMap<u32, Vec<u32>>> {
     let mut users: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for vm in vms {
         let cfg = vm_config(pve, &vm.node, vm.vmid)?;
@@ -158,7 +159,7 @@ pub fn prune(pve: &Pve, keep: usize, dry_run: bool) -> Result<PruneOutcome> {
             continue;
         }
         if !dry_run {
-            super::destroy_vm(pve, &t.node, t.vmid)?;
+            destroy_vm(pve, &t.node, t.vmid)?;
         }
         out.deleted.push(t);
     }

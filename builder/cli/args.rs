@@ -1,0 +1,180 @@
+//! Every verb's command-line arguments, in one place: clap parses into these,
+//! and the verbs in `cli` turn them into the library's option structs.
+
+use std::path::PathBuf;
+
+use crate::deploy::publish::Via;
+use crate::validate::{Accel, OVMF_CODE, OVMF_VARS};
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Recipe file (e.g. recipes/lb.toml).
+    pub recipe: PathBuf,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LockArgs {
+    pub recipe: PathBuf,
+    /// Re-resolve everything: new SOURCE_DATE_EPOCH, package pins dropped
+    /// (the next build pins them again), artifacts and images re-pinned.
+    #[arg(long)]
+    pub update: bool,
+    /// Registry credentials: a docker `config.json` (default
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json` if present).
+    #[arg(long, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BuildArgs {
+    pub recipe: PathBuf,
+    /// Output directory.
+    #[arg(long, default_value = "images")]
+    pub out: PathBuf,
+    /// Replace an existing image of the same name and version built from other inputs.
+    #[arg(long)]
+    pub force: bool,
+    /// Never write to the lockfile (CI): fail if it lacks package pins.
+    #[arg(long)]
+    pub locked: bool,
+    /// Registry credentials: a docker `config.json` (default
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json` if present).
+    #[arg(long, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+    /// Skip booting the image in QEMU before publishing it.
+    #[arg(long)]
+    pub no_validate: bool,
+    /// Accelerator for the validation boot (auto probes KVM, falls back to TCG).
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+    /// Print a JSON object (manifest path, id, ...) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CloudInitCommand {
+    /// Print a node's user-data rendered from a role's template.
+    Render(RenderArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RenderArgs {
+    #[arg(long)]
+    pub recipe: PathBuf,
+    #[arg(long)]
+    pub role: String,
+    /// Per-node values (TOML, or JSON when the name ends in .json).
+    #[arg(long)]
+    pub values: PathBuf,
+    /// Write to this file (atomically) instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ValidateArgs {
+    /// Image directory (images/<name>/<version>).
+    #[arg(required = true)]
+    pub image: Vec<PathBuf>,
+    /// Accelerator: auto probes KVM with a short real boot and falls back to TCG.
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+    /// Validate this many images at once.
+    #[arg(short = 'j', long, default_value_t = 1)]
+    pub jobs: usize,
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the results as JUnit XML to this file.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Seconds from QEMU start until SSH must answer.
+    #[arg(long, default_value_t = 300)]
+    pub boot_timeout: u64,
+    /// Seconds `cloud-init status --wait` may take once SSH answers.
+    #[arg(long, default_value_t = 300)]
+    pub cloud_init_timeout: u64,
+    /// Host port on 127.0.0.1 forwarded to the guest's SSH (default: a free one).
+    #[arg(long)]
+    pub ssh_port: Option<u16>,
+    /// The guest user cloud-init gives the throwaway key to.
+    #[arg(long, default_value = "debian")]
+    pub ssh_user: String,
+    #[arg(long, default_value = OVMF_CODE)]
+    pub ovmf_code: PathBuf,
+    /// OVMF vars template with the Microsoft keys enrolled (copied per boot).
+    #[arg(long, default_value = OVMF_VARS)]
+    pub ovmf_vars: PathBuf,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub memory: u32,
+    #[arg(long, default_value_t = 2)]
+    pub cpus: u32,
+    /// Keep each boot's serial console log in this directory.
+    #[arg(long, value_name = "DIR")]
+    pub console_dir: Option<PathBuf>,
+    /// Do not record the result in manifest.json.
+    #[arg(long)]
+    pub no_record: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// Target name from kiln.toml or ~/.config/kiln/config.toml; without it the
+    /// target comes from KILN_PVE_URL, KILN_PVE_NODE, KILN_PVE_STORAGE,
+    /// KILN_PVE_IMPORT_STORAGE and KILN_PVE_TOKEN.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Config file to read targets from (instead of the default places).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PublishArgs {
+    /// Image directory (images/<name>/<version>).
+    pub image: PathBuf,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Publish even though `kiln validate` has not passed for this image.
+    #[arg(long)]
+    pub allow_unvalidated: bool,
+    /// Transport for the disk.
+    #[arg(long, value_enum, default_value_t = Via::Auto)]
+    pub via: Via,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum TemplatesCommand {
+    /// List templates kiln published.
+    List(TemplatesListArgs),
+    /// Delete old templates, keeping the newest N per image (and any with linked clones).
+    Prune(TemplatesPruneArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TemplatesListArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TemplatesPruneArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// How many of the newest templates of each image to keep.
+    #[arg(long)]
+    pub keep: usize,
+    /// Show what would be deleted without deleting.
+    #[arg(long)]
+    pub dry_run: bool,
+}
