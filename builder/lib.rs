@@ -29,3 +29,4 @@ pub mod reuse;
 pub mod rootfs;
 pub mod util;
 pub mod validate;
+pub mod values;
