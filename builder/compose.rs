@@ -604,22 +604,25 @@ pub fn check_symlink_target(rel: &str, target: &str) -> Result<(), String> {
 
 /// Render a Tera template; errors carry Tera's whole explanation on one line.
 pub fn render_template(text: &str, ctx: &tera::Context) -> Result<String> {
-    tera::Tera::one_off(text, ctx, false).map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        anyhow!(
-            "template error: {}",
-            msg.replace('\n', " ")
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-        )
-    })
+    tera::Tera::one_off(text, ctx, false).map_err(template_error)
+}
+
+/// A Tera error with its causes, on one line.
+pub fn template_error(e: tera::Error) -> anyhow::Error {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    anyhow!(
+        "template error: {}",
+        msg.replace('\n', " ")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
 }
 
 /// Additions from a tar(.gz) artifact unpacked under `dest`, every member
