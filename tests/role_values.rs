@@ -477,3 +477,58 @@ fn every_role_template_interpolation_ends_in_a_quoting_filter() {
     }
     assert!(templates >= 4, "found {templates} templates");
 }
+
+#[test]
+fn the_lb_health_check_probes_the_port_the_frontend_binds() {
+    let d = dir("api-port");
+    for (port, values) in [
+        (6443, LB.to_string()),
+        (7443, with(LB, "api_port", "7443").0),
+    ] {
+        let (_, doc) = rendered(&d, "lb", &values);
+        let haproxy = file(&doc, "/etc/haproxy/haproxy.cfg");
+        assert!(
+            haproxy.contains(&format!("\n  bind *:{port}\n")),
+            "{haproxy}"
+        );
+        let keepalived = file(&doc, "/etc/keepalived/keepalived.conf");
+        assert!(
+            keepalived.contains(&format!(
+                "script \"/usr/local/libexec/kiln/check-haproxy {port}\""
+            )),
+            "{keepalived}"
+        );
+    }
+}
+
+/// The baked check script itself: it succeeds when its port accepts, fails
+/// when it does not, whatever 6443 does (systemctl is a stand-in here).
+#[test]
+fn the_check_haproxy_script_connects_to_the_port_it_is_given() {
+    let d = dir("check-script");
+    let bin = d.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let stub = bin.join("systemctl");
+    std::fs::write(&stub, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = repo().join("overlays/lb/usr/local/libexec/kiln/check-haproxy");
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let run = |args: &[&str]| {
+        std::process::Command::new("sh")
+            .arg(&script)
+            .args(args)
+            .env("PATH", &path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .code()
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listener.local_addr().unwrap().port();
+    assert_ne!(open, 6443);
+    assert_eq!(run(&[&open.to_string()]), Some(0), "port {open} accepts");
+    drop(listener);
+    assert_ne!(run(&[&open.to_string()]), Some(0), "port {open} is closed");
+    assert_eq!(run(&[]), Some(2), "no port given");
+    assert_eq!(run(&["6443; reboot"]), Some(2), "not a port");
+}
