@@ -246,5 +246,31 @@ fn cloud_init_render_out_file_is_readable_by_its_owner_only() {
 fn cloud_init_render_names_a_missing_value() {
     let (p, cache) = project("render-missing");
     std::fs::write(p.join("node.toml"), "hostname = \"lb-2\"\n").unwrap();
-    fails_with(render_lb(&p, &cache), &["lb.yaml.tera"]);
+    fails_with(
+        render_lb(&p, &cache),
+        &["node.toml: missing value `node_ip`", "`backends`"],
+    );
+}
+
+#[test]
+fn check_refuses_test_values_not_of_their_type_at_their_line() {
+    let (p, cache) = project("bad-test-values");
+    edit(
+        &p.join("recipes/lb.toml"),
+        "node_ip = \"10.0.2.15\"",
+        "node_ip = \"10.0.2.15\\n  - path: /etc/evil\"",
+    );
+    let line = std::fs::read_to_string(p.join("recipes/lb.toml"))
+        .unwrap()
+        .lines()
+        .position(|l| l.starts_with("node_ip = "))
+        .unwrap()
+        + 1;
+    fails_with(
+        kiln(&p, &cache, &["check", "recipes/lb.toml"]),
+        &[
+            &format!("recipes/lb.toml:{line}:11:"),
+            "role `lb` test_values: value `node_ip`",
+        ],
+    );
 }

@@ -48,8 +48,8 @@ fn write_standin_overlay(project: &Path) {
 
 /// Secrets the tests render into user-data; none may be in the image.
 const TOKEN: &str = "K10kiln-test-token-9f8e7d6c5b4a";
-const SA_KEY_BODY: &str = "MIIEkilnTESTprivateSIGNINGkeyBODYdoNOTship";
-const SA_PUB_BODY: &str = "MIIBkilnTESTpublicKEYbodyONLYinUSERdata";
+const SA_KEY_BODY: &str = "MIIEkilnTESTprivateSIGNINGkeyBODYdoNOTship00";
+const SA_PUB_BODY: &str = "MIIBkilnTESTpublicKEYbodyONLYinUSERdata0";
 
 fn tools_ok(test: &str) -> bool {
     if !have_tools(test, REGISTRY_TOOLS)
@@ -145,12 +145,15 @@ size = "{disk_size}"
 
 [roles.server-init]
 user_data = "roles/k3s-server.yaml.tera"
+value_types = "roles/k3s-server.types.toml"
 
 [roles.server-join]
 user_data = "roles/k3s-server.yaml.tera"
+value_types = "roles/k3s-server.types.toml"
 
 [roles.agent]
 user_data = "roles/k3s-agent.yaml.tera"
+value_types = "roles/k3s-agent.types.toml"
 
 [roles.agent.test_values]
 name = "k3s-test-agent"
@@ -493,14 +496,20 @@ fn sysctls_and_kernel_modules_for_k3s_and_cilium_are_baked() {
     );
 }
 
-fn values_file(dir: &Path, name: &str, generation: Option<u32>) -> PathBuf {
-    let p = dir.join(format!("{name}.toml"));
+/// A node's values file for `role` (agents take no service-account values:
+/// an unknown value is refused).
+fn values_file(dir: &Path, role: &str, name: &str, generation: Option<u32>) -> PathBuf {
+    let p = dir.join(format!("{name}-{role}.toml"));
     let mut text = format!(
-        "name = \"{name}\"\nnode_ip = \"10.0.2.15\"\nvip = \"10.0.2.100\"\ntoken = \"{TOKEN}\"\n\
-         service_account_issuer = \"https://oidc.kiln.test\"\n\
-         service_account_key = \"-----BEGIN PUBLIC KEY-----\\n{SA_PUB_BODY}\\n-----END PUBLIC KEY-----\\n\"\n\
-         service_account_signing_key = \"-----BEGIN PRIVATE KEY-----\\n{SA_KEY_BODY}\\n-----END PRIVATE KEY-----\\n\"\n"
+        "name = \"{name}\"\nnode_ip = \"10.0.2.15\"\nvip = \"10.0.2.100\"\ntoken = \"{TOKEN}\"\n"
     );
+    if role != "agent" {
+        text.push_str(&format!(
+            "service_account_issuer = \"https://oidc.kiln.test\"\n\
+             service_account_key = \"-----BEGIN PUBLIC KEY-----\\n{SA_PUB_BODY}\\n-----END PUBLIC KEY-----\\n\"\n\
+             service_account_signing_key = \"-----BEGIN PRIVATE KEY-----\\n{SA_KEY_BODY}\\n-----END PRIVATE KEY-----\\n\"\n"
+        ));
+    }
     if let Some(g) = generation {
         text.push_str(&format!("generation = {g}\n"));
     }
@@ -535,7 +544,7 @@ fn the_image_holds_none_of_the_secrets_user_data_carries() {
         let out = stdout(&ok(render(
             &b.project,
             role,
-            &values_file(&vals, "k3s-node-1", Some(3)),
+            &values_file(&vals, role, "k3s-node-1", Some(3)),
         )));
         assert!(out.contains(TOKEN), "{role}: {out}");
         if role != "agent" {
@@ -607,7 +616,7 @@ fn rendered_server_init_writes_the_k3s_config_and_cilium_values() {
     let out = stdout(&ok(render(
         &b.project,
         "server-init",
-        &values_file(&vals, "k3s-server-1", Some(7)),
+        &values_file(&vals, "server-init", "k3s-server-1", Some(7)),
     )));
     let doc = parse_yaml(&out);
     assert_eq!(doc["hostname"], "k3s-server-1-g7");
@@ -621,30 +630,32 @@ fn rendered_server_init_writes_the_k3s_config_and_cilium_values() {
             .unwrap()
             .to_string()
     };
-    let config = content("/etc/rancher/k3s/config.yaml");
-    for line in [
-        "node-name: k3s-server-1-g7",
-        "cluster-init: true",
-        "flannel-backend: none",
-        "disable-kube-proxy: true",
-        "disable-network-policy: true",
-        "disable-helm-controller: true",
-        "  - servicelb",
-        "  - traefik",
-        "  - 10.0.2.100",
-        "  - service-account-issuer=https://oidc.kiln.test",
-        "  - service-account-signing-key-file=/etc/rancher/k3s/service-account.key",
-        "  - service-account-key-file=/etc/rancher/k3s/service-account.pub",
+    let config = parse_yaml(&content("/etc/rancher/k3s/config.yaml"));
+    for (key, value) in [
+        ("node-name", serde_json::json!("k3s-server-1-g7")),
+        ("cluster-init", serde_json::json!(true)),
+        ("flannel-backend", serde_json::json!("none")),
+        ("disable-kube-proxy", serde_json::json!(true)),
+        ("disable-network-policy", serde_json::json!(true)),
+        ("disable-helm-controller", serde_json::json!(true)),
+        ("disable", serde_json::json!(["servicelb", "traefik"])),
+        ("tls-san", serde_json::json!(["10.0.2.100"])),
+        (
+            "kube-apiserver-arg",
+            serde_json::json!([
+                "service-account-issuer=https://oidc.kiln.test",
+                "service-account-signing-key-file=/etc/rancher/k3s/service-account.key",
+                "service-account-key-file=/etc/rancher/k3s/service-account.pub",
+            ]),
+        ),
     ] {
-        assert!(
-            config.lines().any(|l| l == line),
-            "`{line}` missing:\n{config}"
-        );
+        assert_eq!(config[key], value, "{key}: {config}");
     }
-    assert!(!config.contains("server: "), "{config}");
+    assert!(config.get("server").is_none(), "{config}");
     assert!(content("/etc/rancher/k3s/service-account.key").contains(SA_KEY_BODY));
-    assert!(
-        content("/etc/rancher/k3s/kiln-cilium-values.yaml").contains("k8sServiceHost: 10.0.2.100")
+    assert_eq!(
+        parse_yaml(&content("/etc/rancher/k3s/kiln-cilium-values.yaml"))["k8sServiceHost"],
+        "10.0.2.100"
     );
     assert_eq!(
         content("/etc/rancher/k3s/kiln-role-server"),
@@ -664,24 +675,24 @@ fn joining_servers_and_agents_register_through_the_vip() {
         let out = stdout(&ok(render(
             &b.project,
             role,
-            &values_file(&vals, "k3s-node-2", Some(1)),
+            &values_file(&vals, role, "k3s-node-2", Some(1)),
         )));
         let doc = parse_yaml(&out);
         assert_eq!(doc["hostname"], "k3s-node-2-g1");
         let files = doc["write_files"].as_array().unwrap();
-        let config = files
-            .iter()
-            .find(|f| f["path"] == "/etc/rancher/k3s/config.yaml")
-            .unwrap()["content"]
-            .as_str()
-            .unwrap();
-        assert!(
-            config
-                .lines()
-                .any(|l| l == "server: https://10.0.2.100:6443"),
+        let config = parse_yaml(
+            files
+                .iter()
+                .find(|f| f["path"] == "/etc/rancher/k3s/config.yaml")
+                .unwrap()["content"]
+                .as_str()
+                .unwrap(),
+        );
+        assert_eq!(
+            config["server"], "https://10.0.2.100:6443",
             "{role}: {config}"
         );
-        assert!(!config.contains("cluster-init"), "{role}: {config}");
+        assert!(config.get("cluster-init").is_none(), "{role}: {config}");
         assert!(
             files
                 .iter()
@@ -703,7 +714,11 @@ fn rendering_without_a_generation_is_refused() {
     let vals = b.dir.join("render-nogen");
     std::fs::create_dir_all(&vals).unwrap();
     for role in ["server-init", "server-join", "agent"] {
-        let out = render(&b.project, role, &values_file(&vals, "k3s-node-3", None));
+        let out = render(
+            &b.project,
+            role,
+            &values_file(&vals, role, "k3s-node-3", None),
+        );
         assert!(
             !out.status.success(),
             "{role} rendered without a generation"
@@ -1095,7 +1110,7 @@ fn shipped_k3s_recipe_names_the_real_upstream_sources_and_awaits_a_lock() {
 fn shipped_k3s_roles_render_valid_user_data_with_generation_suffixed_names() {
     let dir = scratch("k3s-shipped-render");
     for role in ["server-init", "server-join", "agent"] {
-        let values = values_file(&dir, "k3s-server-1", Some(7));
+        let values = values_file(&dir, role, "k3s-server-1", Some(7));
         let out = ok(kiln(
             &repo(),
             &dir.join("cache"),

@@ -6,6 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 
 use crate::image::recipe::Recipe;
+use crate::image::values::Values;
 
 /// `/etc/cloud/cloud.cfg.d/90-kiln.cfg`: what every kiln image's cloud-init does.
 pub const IMAGE_CONFIG_PATH: &str = "/etc/cloud/cloud.cfg.d/90-kiln.cfg";
@@ -54,45 +55,44 @@ pub fn context(recipe: &Recipe, role: &str, values: &toml::Table) -> Result<tera
     Ok(ctx)
 }
 
-/// Read a values file (TOML, or JSON when it ends in `.json`).
-pub fn load_values(path: &Path) -> Result<toml::Table> {
+/// Read a values file (TOML, or JSON when it ends in `.json`), keeping where
+/// each value was written.
+pub fn load_values(path: &Path) -> Result<Values> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read values file {}", path.display()))?;
     if path.extension().is_some_and(|e| e == "json") {
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
-        let t: toml::Table = serde_json::from_value(v)
-            .with_context(|| format!("{}: values must be a JSON object", path.display()))?;
-        return Ok(t);
+        Values::parse_json(&text, path)
+    } else {
+        Values::parse_toml(&text, path)
     }
-    toml::from_str(&text).map_err(|e| {
-        let start = e.span().map(|s| s.start).unwrap_or(0);
-        let before = &text[..start.min(text.len())];
-        let line = before.matches('\n').count() + 1;
-        anyhow::anyhow!("{}:{line}: {}", path.display(), e.message().trim())
-    })
 }
 
-/// Render a role's user-data for one node.
-pub fn render(recipe: &Recipe, role: &str, values: &toml::Table) -> Result<String> {
+/// Render a role's user-data for one node. The values are checked against
+/// the role's `value_types` first; the template quotes each one for its
+/// target format with the filters of [`crate::image::values::register_filters`].
+pub fn render(recipe: &Recipe, role: &str, values: &Values) -> Result<String> {
     let Some(r) = recipe.roles.get(role) else {
         let names: Vec<&str> = recipe.roles.keys().map(String::as_str).collect();
-        let hint = crate::image::recipe::did_you_mean(role, &names)
+        let hint = crate::util::diagnostics::did_you_mean(role, &names)
             .map(|s| format!(" (did you mean `{s}`?)"))
             .unwrap_or_else(|| format!(" (roles: {})", names.join(", ")));
         bail!("{} has no role `{role}`{hint}", recipe.path.display());
     };
-    let Some(tpl) = &r.user_data else {
+    let (Some(tpl), Some(types)) = (&r.user_data, &r.value_types) else {
         bail!(
-            "role `{role}` in {} has no user_data template",
+            "role `{role}` in {} has no user_data template with value_types",
             recipe.path.display()
         );
     };
+    types.check(values)?;
     let text =
         std::fs::read_to_string(tpl).with_context(|| format!("cannot read {}", tpl.display()))?;
-    let ctx = context(recipe, role, values)?;
-    let out =
-        render_template(&text, &ctx).map_err(|e| anyhow::anyhow!("{}: {e}", tpl.display()))?;
+    let ctx = context(recipe, role, &values.to_table())?;
+    let mut tera = tera::Tera::default();
+    crate::image::values::register_filters(&mut tera);
+    let out = tera
+        .render_str(&text, &ctx)
+        .map_err(|e| anyhow::anyhow!("{}: {}", tpl.display(), template_error(e)))?;
     let first = out.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     if !(first.starts_with("#cloud-config")
         || first.starts_with("#!")
@@ -109,22 +109,25 @@ pub fn render(recipe: &Recipe, role: &str, values: &toml::Table) -> Result<Strin
 
 /// Render a Tera template; errors carry Tera's whole explanation on one line.
 pub fn render_template(text: &str, ctx: &tera::Context) -> Result<String> {
-    tera::Tera::one_off(text, ctx, false).map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        anyhow!(
-            "template error: {}",
-            msg.replace('\n', " ")
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-        )
-    })
+    tera::Tera::one_off(text, ctx, false).map_err(template_error)
+}
+
+/// A Tera error with its causes, on one line.
+pub fn template_error(e: tera::Error) -> anyhow::Error {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    anyhow!(
+        "template error: {}",
+        msg.replace('\n', " ")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
 }
 
 #[cfg(test)]
@@ -136,10 +139,19 @@ mod tests {
         std::fs::create_dir_all(d.path().join("overlays")).unwrap();
         std::fs::create_dir_all(d.path().join("recipes/roles")).unwrap();
         std::fs::write(d.path().join("recipes/roles/lb.yaml.tera"), tpl).unwrap();
+        std::fs::write(
+            d.path().join("recipes/roles/lb.types.toml"),
+            "vip = \"ip\"\nport = \"port?\"\nname = \"hostname?\"\n",
+        )
+        .unwrap();
         let p = d.path().join("recipes/r.toml");
-        std::fs::write(&p, "name = \"r\"\nversion = \"1\"\n[base]\nsuite = \"bookworm\"\n[vars]\nport = 6443\n[roles.lb]\nuser_data = \"roles/lb.yaml.tera\"\n").unwrap();
+        std::fs::write(&p, "name = \"r\"\nversion = \"1\"\n[base]\nsuite = \"bookworm\"\n[vars]\nport = 6443\n[roles.lb]\nuser_data = \"roles/lb.yaml.tera\"\nvalue_types = \"roles/lb.types.toml\"\n[roles.lb.test_values]\nvip = \"192.0.2.1\"\n").unwrap();
         let r = Recipe::load(&p).unwrap();
         (d, r)
+    }
+
+    fn values(text: &str) -> Values {
+        Values::parse_toml(text, Path::new("node.toml")).unwrap()
     }
 
     #[test]
@@ -147,8 +159,7 @@ mod tests {
         let (_d, r) = recipe_with_role(
             "#cloud-config\nvip: {{ vip }}\nport: {{ port }}\nimage: {{ recipe.name }}\n",
         );
-        let values: toml::Table = toml::from_str("vip = \"192.0.2.10\"\nport = 7443\n").unwrap();
-        let out = render(&r, "lb", &values).unwrap();
+        let out = render(&r, "lb", &values("vip = \"192.0.2.10\"\nport = 7443\n")).unwrap();
         assert!(
             out.contains("vip: 192.0.2.10\nport: 7443\nimage: r"),
             "{out}"
@@ -156,18 +167,45 @@ mod tests {
     }
 
     #[test]
-    fn missing_value_names_the_variable_and_template() {
+    fn missing_value_is_refused_before_rendering_naming_it_and_the_values_file() {
         let (_d, r) = recipe_with_role("#cloud-config\nvip: {{ vip }}\n");
-        let err = render(&r, "lb", &toml::Table::new())
+        let err = render(&r, "lb", &values("")).unwrap_err().to_string();
+        assert!(err.starts_with("node.toml: missing value `vip`"), "{err}");
+    }
+
+    #[test]
+    fn template_error_names_the_template() {
+        let (_d, r) = recipe_with_role("#cloud-config\nname: {{ name }}\n");
+        let err = render(&r, "lb", &values("vip = \"192.0.2.10\"\n"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("lb.yaml.tera") && err.contains("vip"), "{err}");
+        assert!(
+            err.contains("lb.yaml.tera") && err.contains("name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn quoting_filters_are_available_to_role_templates() {
+        let (_d, r) = recipe_with_role(
+            "#cloud-config\nhostname: {{ name | yaml_str }}\nserver: {{ vip | url_host | conf_word }}:{{ port | integer }}\n",
+        );
+        let out = render(
+            &r,
+            "lb",
+            &values("vip = \"fd00::10\"\nname = \"on\"\nport = 7443\n"),
+        )
+        .unwrap();
+        assert!(
+            out.contains("hostname: \"on\"\nserver: [fd00::10]:7443\n"),
+            "{out}"
+        );
     }
 
     #[test]
     fn unknown_role_suggests_a_known_one() {
         let (_d, r) = recipe_with_role("#cloud-config\n");
-        let err = render(&r, "lbb", &toml::Table::new())
+        let err = render(&r, "lbb", &Values::default())
             .unwrap_err()
             .to_string();
         assert!(err.contains("did you mean `lb`?"), "{err}");
@@ -176,7 +214,7 @@ mod tests {
     #[test]
     fn user_data_must_be_cloud_config() {
         let (_d, r) = recipe_with_role("users: []\n");
-        let err = render(&r, "lb", &toml::Table::new())
+        let err = render(&r, "lb", &values("vip = \"192.0.2.10\"\n"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("#cloud-config"), "{err}");

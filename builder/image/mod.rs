@@ -18,3 +18,4 @@ pub mod promote;
 pub mod recipe;
 pub mod reuse;
 pub mod rootfs;
+pub mod values;

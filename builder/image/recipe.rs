@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use crate::image::contract::CheckSpec;
+use crate::image::values::ValueTypes;
+use crate::util::diagnostics::{did_you_mean, line_col};
 
 /// A recipe with `extends` resolved and every default filled in.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -83,8 +85,12 @@ pub struct Role {
     pub overlay: Option<String>,
     /// Tera template rendered per node into user-data (path from the recipe's directory).
     pub user_data: Option<PathBuf>,
+    /// The type of every value `user_data` takes (`value_types`, a file from
+    /// the recipe's directory). Not in the digest: it shapes no image byte.
+    #[serde(skip)]
+    pub value_types: Option<ValueTypes>,
     /// Values used to render user-data for validation (never real secrets).
-    pub test_values: toml::Table,
+    pub test_values: crate::image::values::Values,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -214,8 +220,8 @@ struct ArtifactFile {
 struct RoleFile {
     overlay: Option<Spanned<String>>,
     user_data: Option<Spanned<String>>,
-    #[serde(default)]
-    test_values: toml::Table,
+    value_types: Option<Spanned<String>>,
+    test_values: Option<Spanned<crate::image::values::RawTable>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -278,6 +284,10 @@ struct Source {
 }
 
 impl Source {
+    fn pos(&self, span: std::ops::Range<usize>) -> crate::image::values::Pos {
+        crate::image::values::Pos::at(&self.path, &self.text, span.start)
+    }
+
     fn error_at(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> RecipeError {
         let (line, column) = line_col(&self.text, span.start);
         RecipeError {
@@ -287,17 +297,6 @@ impl Source {
             message: message.into(),
         }
     }
-}
-
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.len(), |nl| before.len() - nl - 1)
-        + 1;
-    (line, column)
 }
 
 const MAX_EXTENDS_DEPTH: usize = 8;
@@ -454,16 +453,6 @@ fn explain_toml_error(message: &str) -> String {
     message.replace('\n', " ")
 }
 
-/// The closest candidate to a misspelt key, if one is close enough.
-pub fn did_you_mean<'a>(key: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    candidates
-        .iter()
-        .map(|c| (strsim::jaro_winkler(key, c), *c))
-        .filter(|(score, _)| *score >= 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, c)| c)
-}
-
 fn is_sha256(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
@@ -538,6 +527,9 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
     let mut checks: Vec<CheckSpec> = Vec::new();
     let mut lxc = None;
     let mut validate_role: Option<(String, usize, std::ops::Range<usize>)> = None;
+    // Where each role's user_data and value_types were set (chain index, span).
+    let mut user_data_at = BTreeMap::new();
+    let mut value_types_at = BTreeMap::new();
 
     let root = find_root(&leaf);
     for (idx, (src, file)) in chain.iter().enumerate() {
@@ -664,7 +656,8 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
             let mut role = roles.remove(role_name).unwrap_or(Role {
                 overlay: None,
                 user_data: None,
-                test_values: toml::Table::new(),
+                value_types: None,
+                test_values: crate::image::values::Values::default(),
             });
             if let Some(o) = &r.overlay {
                 check_overlay_name(src, o)?;
@@ -692,9 +685,27 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
                     ));
                 }
                 role.user_data = Some(p);
+                user_data_at.insert(role_name.clone(), (idx, u.span()));
             }
-            for (k, v) in &r.test_values {
-                role.test_values.insert(k.clone(), v.clone());
+            if let Some(t) = &r.value_types {
+                let p = dir.join(t.get_ref());
+                if !p.is_file() {
+                    return Err(src.error_at(
+                        t.span(),
+                        format!(
+                            "value_types file {} of role `{role_name}` does not exist",
+                            p.display()
+                        ),
+                    ));
+                }
+                role.value_types = Some(ValueTypes::load(&p).map_err(value_error)?);
+                value_types_at.insert(role_name.clone(), (idx, t.span()));
+            }
+            if let Some(t) = &r.test_values {
+                for (k, node) in t.get_ref().locate(&src.path, &src.text) {
+                    role.test_values.set(&k, node);
+                }
+                role.test_values.origin = src.pos(t.span());
             }
             roles.insert(role_name.clone(), role);
         }
@@ -794,6 +805,49 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
             ));
         }
     }
+    // Every value a template takes has a declared type, and the test values
+    // that will be rendered (the validate role's, and any given) are of it.
+    let rendered_role = validate_role
+        .as_ref()
+        .map(|(r, _, _)| r.clone())
+        .or_else(|| roles.keys().next().cloned());
+    for (name, role) in roles.iter_mut() {
+        let user_data = user_data_at
+            .get(name)
+            .map(|(i, s)| (&chain[*i].0, s.clone()));
+        if role.test_values.origin.file.as_os_str().is_empty() {
+            role.test_values.origin = match &user_data {
+                Some((src, span)) => src.pos(span.clone()),
+                None => leaf_source.pos(0..0),
+            };
+        }
+        match (&user_data, &role.value_types) {
+            (Some((src, span)), None) => {
+                return Err(src.error_at(
+                    span.clone(),
+                    format!("role `{name}`: user_data needs `value_types`, a file declaring the type of each value the template takes (see README, Per-node cloud-init)"),
+                ));
+            }
+            (None, Some(_)) => {
+                let (i, span) = &value_types_at[name];
+                return Err(chain[*i].0.error_at(
+                    span.clone(),
+                    format!("role `{name}`: value_types without a user_data template"),
+                ));
+            }
+            (Some(_), Some(types))
+                if !role.test_values.is_empty() || rendered_role.as_deref() == Some(name) =>
+            {
+                types.check(&role.test_values).map_err(|e| {
+                    value_error(crate::image::values::ValueError {
+                        message: format!("role `{name}` test_values: {}", e.message),
+                        ..e
+                    })
+                })?;
+            }
+            _ => {}
+        }
+    }
     let distribution = distribution.unwrap_or(Distribution::Debian);
     let default_mirror = match distribution {
         Distribution::Debian => "http://deb.debian.org/debian",
@@ -839,6 +893,17 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
         lxc: lxc.unwrap_or(false),
     };
     Ok(recipe)
+}
+
+/// A value or value-types problem as a recipe error (same file:line:col form).
+fn value_error(e: crate::image::values::ValueError) -> RecipeError {
+    let (line, column) = e.at.line_col.unwrap_or((1, 1));
+    RecipeError {
+        file: e.at.file,
+        line,
+        column,
+        message: e.message,
+    }
 }
 
 fn missing_or(src: &Source, msg: &str) -> RecipeError {
@@ -1094,6 +1159,74 @@ mod tests {
         let dir = project(&[("recipes/tiny.toml", &text)]);
         let msg = load_err(&dir, "recipes/tiny.toml");
         assert!(msg.contains("did you mean `lb`?"), "{msg}");
+    }
+
+    const ROLE: &str =
+        "[roles.lb]\nuser_data = \"roles/lb.yaml.tera\"\nvalue_types = \"roles/lb.types.toml\"\n";
+
+    fn role_project(recipe_tail: &str) -> tempfile::TempDir {
+        let text = format!("{MINIMAL}{recipe_tail}");
+        project(&[
+            ("recipes/tiny.toml", &text),
+            ("recipes/roles/lb.yaml.tera", "#cloud-config\n"),
+            (
+                "recipes/roles/lb.types.toml",
+                "node_ip = \"ip\"\npeers = \"[ip]?\"\n",
+            ),
+        ])
+    }
+
+    #[test]
+    fn role_template_without_value_types_is_refused_at_its_user_data() {
+        let dir = role_project("[roles.lb]\nuser_data = \"roles/lb.yaml.tera\"\n");
+        let msg = load_err(&dir, "recipes/tiny.toml");
+        assert!(msg.contains("tiny.toml:6:13:"), "{msg}");
+        assert!(msg.contains("user_data needs `value_types`"), "{msg}");
+    }
+
+    #[test]
+    fn test_values_not_of_their_type_are_refused_at_their_line() {
+        let dir = role_project(&format!(
+            "{ROLE}[roles.lb.test_values]\nnode_ip = \"10.0.2.15\"\npeers = [\"10.0.2.16\\n  - evil\"]\n"
+        ));
+        let msg = load_err(&dir, "recipes/tiny.toml");
+        assert!(msg.contains("tiny.toml:10:10:"), "{msg}");
+        assert!(
+            msg.contains("role `lb` test_values: value `peers[0]`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn validate_role_without_its_test_values_is_refused_naming_them() {
+        let dir = role_project(ROLE);
+        let msg = load_err(&dir, "recipes/tiny.toml");
+        assert!(msg.contains("tiny.toml:6:"), "{msg}");
+        assert!(msg.contains("missing value `node_ip`"), "{msg}");
+    }
+
+    #[test]
+    fn value_types_without_a_template_are_refused_at_their_line() {
+        let dir = role_project("[roles.lb]\nvalue_types = \"roles/lb.types.toml\"\n");
+        let msg = load_err(&dir, "recipes/tiny.toml");
+        assert!(msg.contains("tiny.toml:6:15:"), "{msg}");
+        assert!(
+            msg.contains("value_types without a user_data template"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn value_types_file_mistakes_are_located_in_it() {
+        let dir = role_project(ROLE);
+        std::fs::write(
+            dir.path().join("recipes/roles/lb.types.toml"),
+            "node_ip = \"ip\"\npeers = \"[ipp]\"\n",
+        )
+        .unwrap();
+        let msg = load_err(&dir, "recipes/tiny.toml");
+        assert!(msg.contains("lb.types.toml:2:9:"), "{msg}");
+        assert!(msg.contains("unknown value type `ipp`"), "{msg}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Small shared helpers: sha256 digests of files and streams, and writes that
 //! land atomically (temp file in the same directory, fsync, rename).
 
+pub mod diagnostics;
 pub mod hosttools;
 pub mod interrupt;
 pub mod parallel;
