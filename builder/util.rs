@@ -229,6 +229,49 @@ mod tests {
     }
 
     #[test]
+    fn a_second_ctrl_c_exits_at_once() {
+        use child_test::*;
+        let (mut child, lines) = spawn("util::tests::child_ignores_the_first_ctrl_c", &[]);
+        wait_for_line(&lines, "READY");
+        sigint(&child);
+        // The first one only sets the flag (the child goes on working)...
+        wait_for_line(&lines, "FLAG SET");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "one Ctrl-C ended the child"
+        );
+        // ...the second ends the process without waiting for the work.
+        sigint(&child);
+        let (status, took) = wait_exit(&mut child, std::time::Duration::from_secs(10));
+        assert_eq!(status.code(), Some(130), "{status:?}");
+        assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+    }
+
+    /// Run by `a_second_ctrl_c_exits_at_once`: slow work that does not look
+    /// at the flag for 20 s (installing the handler twice, as nested
+    /// commands may, must not make the first Ctrl-C fatal).
+    #[test]
+    #[ignore = "a child process of a_second_ctrl_c_exits_at_once"]
+    fn child_ignores_the_first_ctrl_c() {
+        if !child_test::is_child() {
+            return;
+        }
+        install_interrupt_handler();
+        install_interrupt_handler();
+        println!("READY");
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut said = false;
+        while std::time::Instant::now() < end {
+            if interrupted() && !said {
+                println!("FLAG SET");
+                said = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
     fn atomic_write_replaces_whole_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
@@ -243,12 +286,21 @@ static INTERRUPTED: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::Atomic
     std::sync::OnceLock::new();
 
 /// Catch SIGINT/SIGTERM so long work can stop at a safe point and clean up
-/// (temp files, staging directories, child processes) instead of dying mid-write.
+/// (temp files, staging directories, child processes) instead of dying
+/// mid-write. A second signal ends the process at once (exit 130), for when
+/// the first one is not honoured soon enough. Installing twice changes nothing.
 pub fn install_interrupt_handler() {
-    let flag = INTERRUPTED.get_or_init(Default::default).clone();
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let _ = signal_hook::flag::register(sig, flag.clone());
-    }
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let flag = INTERRUPTED.get_or_init(Default::default).clone();
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // The shutdown goes first: on the first signal it sees the flag
+            // still unset, then the flag is set and arms it for the second
+            // (signal-hook 0.3 src/flag.rs, `register_conditional_shutdown`).
+            let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
+            let _ = signal_hook::flag::register(sig, flag.clone());
+        }
+    });
 }
 
 /// True once Ctrl-C (or SIGTERM) arrived.
@@ -264,6 +316,90 @@ pub fn check_interrupted() -> Result<()> {
         anyhow::bail!("interrupted");
     }
     Ok(())
+}
+
+/// Tests of real signal handling: a signal would reach every test of the
+/// process, so such a test runs in a child process (this test binary running
+/// one `#[ignore]`d test, with `KILN_TEST_CHILD` set) and the parent signals it.
+#[cfg(test)]
+pub(crate) mod child_test {
+    use std::io::BufRead;
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// Whether this process is the child of [`spawn`] (the ignored test
+    /// should then run; otherwise it returns at once).
+    pub fn is_child() -> bool {
+        std::env::var_os("KILN_TEST_CHILD").is_some()
+    }
+
+    /// Run the ignored test `name` (its full path) alone in a child process,
+    /// with `envs` set; its stdout lines arrive on the returned channel.
+    pub fn spawn(
+        name: &str,
+        envs: &[(&str, String)],
+    ) -> (Child, std::sync::mpsc::Receiver<String>) {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                name,
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("KILN_TEST_CHILD", "1")
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (child, rx)
+    }
+
+    /// Wait (at most 30 s) for a stdout line of the child containing `marker`.
+    pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, marker: &str) {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(l) if l.contains(marker) => return,
+                Ok(_) => {}
+                Err(_) => panic!("the child never printed `{marker}`"),
+            }
+        }
+    }
+
+    pub fn sigint(child: &Child) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    }
+
+    /// The child's exit status and how long it took to come, killing it
+    /// after `limit`.
+    pub fn wait_exit(child: &mut Child, limit: Duration) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let status = child.wait().unwrap();
+                return (status, start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// This process's peak resident set size (VmHWM), for `--json` summaries.
