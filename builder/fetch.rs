@@ -62,16 +62,20 @@ impl Cache {
         self.root.join("references").join(name)
     }
 
-    /// A cached blob, if present.
+    /// A cached blob, if present (not verified: [`Cache::fetch`] does that).
     pub fn get(&self, sha256: &str) -> Option<PathBuf> {
+        if !crate::recipe::is_sha256(sha256) {
+            return None;
+        }
         let p = self.blob_path(sha256);
         p.is_file().then_some(p)
     }
 
-    /// Fetch `url` into the cache. With `expected`, the bytes must hash to it
-    /// (and a cached copy is used without touching the network); without it the
-    /// digest is computed (that is how `kiln lock` pins a new artifact).
-    /// Returns the blob path and its sha256.
+    /// Fetch `url` into the cache. With `expected`, the bytes must hash to it;
+    /// a cached copy is hashed again on every use and served without touching
+    /// the network when it still matches, else evicted and fetched once more.
+    /// Without `expected` the digest is computed (that is how `kiln lock` pins
+    /// a new artifact). Returns the blob path and its sha256.
     pub fn fetch(
         &self,
         what: &str,
@@ -80,8 +84,26 @@ impl Cache {
         show: bool,
     ) -> Result<(PathBuf, String)> {
         if let Some(want) = expected {
+            // It becomes a path: nothing but a digest may name a file here.
+            if !crate::recipe::is_sha256(want) {
+                bail!("{what}: sha256 `{want}` is not 64 lowercase hex digits");
+            }
             if let Some(p) = self.get(want) {
-                return Ok((p, want.to_string()));
+                // Every use, not only the first: a cached copy may have rotted
+                // or been replaced since (an extracted archive is never hashed
+                // again later). Artifacts are small next to the base rootfs,
+                // so this costs a fraction of a second.
+                let actual = crate::util::sha256_file(&p)?;
+                if actual == want {
+                    return Ok((p, actual));
+                }
+                if show {
+                    eprintln!(
+                        "{what}: the cached copy {} is corrupt (sha256 {actual}); fetching it again",
+                        p.display()
+                    );
+                }
+                self.evict(want);
             }
         }
         let mut tmp = tempfile::Builder::new()
@@ -108,9 +130,11 @@ impl Cache {
         Ok((dest, digest))
     }
 
-    /// Remove a blob that turned out corrupt, so it is fetched again next time.
+    /// Remove a blob that turned out corrupt, so it is fetched again.
     pub fn evict(&self, sha256: &str) {
-        let _ = std::fs::remove_file(self.blob_path(sha256));
+        if crate::recipe::is_sha256(sha256) {
+            let _ = std::fs::remove_file(self.blob_path(sha256));
+        }
     }
 }
 
@@ -273,5 +297,68 @@ mod tests {
             )
             .unwrap();
         assert_eq!(std::fs::read(p).unwrap(), b"cached");
+    }
+
+    #[test]
+    fn a_corrupt_cached_artifact_is_evicted_and_fetched_again() {
+        let (d, c) = cache();
+        let src = d.path().join("a");
+        std::fs::write(&src, b"good").unwrap();
+        let want = crate::util::sha256_hex(b"good");
+        std::fs::write(c.blob_path(&want), b"rotten").unwrap();
+        let (p, got) = c
+            .fetch(
+                "a",
+                &format!("file://{}", src.display()),
+                Some(&want),
+                false,
+            )
+            .unwrap();
+        assert_eq!(got, want);
+        assert_eq!(std::fs::read(p).unwrap(), b"good");
+    }
+
+    #[test]
+    fn a_corrupt_cached_artifact_whose_refetch_is_wrong_too_names_url_and_digests() {
+        let (d, c) = cache();
+        let src = d.path().join("a");
+        std::fs::write(&src, b"also bad").unwrap();
+        let url = format!("file://{}", src.display());
+        let want = crate::util::sha256_hex(b"good");
+        std::fs::write(c.blob_path(&want), b"rotten").unwrap();
+        let err = c
+            .fetch("a", &url, Some(&want), false)
+            .unwrap_err()
+            .to_string();
+        let actual = crate::util::sha256_hex(b"also bad");
+        assert!(
+            err.contains(&url) && err.contains(&want) && err.contains(&actual),
+            "{err}"
+        );
+        // Evicted, so the next build fetches it again.
+        assert!(c.get(&want).is_none());
+    }
+
+    #[test]
+    fn a_sha256_that_is_not_a_digest_is_never_used_as_a_path() {
+        let (d, c) = cache();
+        // What `blobs/sha256/../../x.tar` names.
+        std::fs::write(c.root.join("x.tar"), b"host file").unwrap();
+        let src = d.path().join("a");
+        std::fs::write(&src, b"a").unwrap();
+        let err = c
+            .fetch(
+                "x",
+                &format!("file://{}", src.display()),
+                Some("../../x.tar"),
+                false,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("../../x.tar") && err.contains("64 lowercase hex"),
+            "{err}"
+        );
+        assert!(c.get("../../x.tar").is_none());
     }
 }
