@@ -121,6 +121,18 @@ impl<W: Write> HashingWriter<W> {
             written: 0,
         }
     }
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+    /// Forget what was hashed, for an inner writer that starts over.
+    pub fn reset(&mut self) {
+        self.hasher = Sha256::new();
+        self.written = 0;
+    }
     /// The inner writer, the hex digest and the byte count.
     pub fn finish(self) -> (W, String, u64) {
         (
@@ -316,6 +328,118 @@ pub fn check_interrupted() -> Result<()> {
         anyhow::bail!("interrupted");
     }
     Ok(())
+}
+
+/// How often work blocked on the network looks for Ctrl-C.
+const INTERRUPT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Run `work` (a blocking network call) on a thread of its own and wait for
+/// it, giving up with "interrupted" within a tenth of a second of Ctrl-C. A
+/// blocked socket call cannot be cancelled: the abandoned thread ends at its
+/// own timeout, or with the process.
+pub fn interruptible<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(work());
+    });
+    loop {
+        check_interrupted()?;
+        match rx.recv_timeout(INTERRUPT_POLL) {
+            Ok(v) => return Ok(v),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                anyhow::bail!("a network worker thread panicked")
+            }
+        }
+    }
+}
+
+/// Sleep for `d`, but fail with "interrupted" within a tenth of a second of Ctrl-C.
+pub fn sleep_interruptible(d: std::time::Duration) -> Result<()> {
+    let end = std::time::Instant::now() + d;
+    loop {
+        check_interrupted()?;
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(INTERRUPT_POLL));
+    }
+}
+
+/// A reader over a network stream that Ctrl-C can stop even while a read is
+/// stuck on a stalled peer: the stream is read on a thread of its own, and
+/// `read` fails with "interrupted" within a tenth of a second of Ctrl-C
+/// (callers then see [`interrupted`] true). Errors and the end of the stream
+/// pass through unchanged; timeouts are the stream's own.
+pub struct InterruptibleReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl InterruptibleReader {
+    pub fn new(mut inner: impl Read + Send + 'static) -> Self {
+        // A few chunks ahead at most: memory stays bounded when the consumer
+        // is slower than the network. The thread ends at the end of the
+        // stream, on an error, or when the reader is dropped (its next send fails).
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let msg = match inner.read(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Ok(n) => Ok(buf[..n].to_vec()),
+                    Err(e) => Err(e),
+                };
+                let last = !matches!(&msg, Ok(b) if !b.is_empty());
+                if tx.send(msg).is_err() || last {
+                    return;
+                }
+            }
+        });
+        InterruptibleReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            done: false,
+        }
+    }
+}
+
+impl Read for InterruptibleReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            if self.done {
+                return Ok(0);
+            }
+            if interrupted() {
+                // Not ErrorKind::Interrupted: std's read loops retry that.
+                return Err(io::Error::other("interrupted"));
+            }
+            match self.rx.recv_timeout(INTERRUPT_POLL) {
+                Ok(Ok(bytes)) => {
+                    self.done = bytes.is_empty();
+                    self.chunk = bytes;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    self.done = true;
+                    return Err(io::Error::other("the network reader thread panicked"));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// Tests of real signal handling: a signal would reach every test of the
