@@ -75,6 +75,7 @@ impl Lockfile {
         if lock.format != LOCK_FORMAT {
             bail!("{}: lock format {} is not supported (this kiln writes {LOCK_FORMAT}); run `kiln lock`", path.display(), lock.format);
         }
+        check_pins(&text, path)?;
         Ok(Some(lock))
     }
 
@@ -152,6 +153,47 @@ impl Lockfile {
     pub fn artifact_sha(&self, name: &str) -> Option<&str> {
         self.artifacts.get(name).map(|p| p.sha256.as_str())
     }
+}
+
+/// Refuse pins that are not digests: an artifact's sha256 names a file in the
+/// cache (`../../x.tar` would name any file on the host), and an image digest
+/// names blobs. The error points at the line of the bad pin.
+fn check_pins(text: &str, path: &Path) -> Result<()> {
+    #[derive(Deserialize)]
+    struct Pins {
+        #[serde(default)]
+        artifacts: BTreeMap<String, ArtifactSha>,
+        #[serde(default)]
+        images: BTreeMap<String, toml::Spanned<String>>,
+    }
+    #[derive(Deserialize)]
+    struct ArtifactSha {
+        sha256: toml::Spanned<String>,
+    }
+    let pins: Pins = toml::from_str(text)
+        .with_context(|| format!("{}: cannot read its pins", path.display()))?;
+    let at = |span: std::ops::Range<usize>, msg: String| {
+        let (line, col) = line_col(text, span.start);
+        anyhow::anyhow!(
+            "{}:{line}:{col}: {msg}; run `kiln lock` to pin it again",
+            path.display()
+        )
+    };
+    for (name, pin) in &pins.artifacts {
+        let sha = pin.sha256.get_ref();
+        if !crate::image::recipe::is_sha256(sha) {
+            return Err(at(
+                pin.sha256.span(),
+                format!("artifact `{name}`: sha256 `{sha}` is not 64 lowercase hex digits"),
+            ));
+        }
+    }
+    for (reference, digest) in &pins.images {
+        if let Err(e) = crate::image::oci::check_digest(digest.get_ref()) {
+            return Err(at(digest.span(), format!("image `{reference}`: {e}")));
+        }
+    }
+    Ok(())
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -325,17 +367,80 @@ mod tests {
             ..Default::default()
         };
         lock.packages.insert("libc6".into(), "2.36-9".into());
+        let digest = format!("sha256:{}", "ab".repeat(32));
         lock.images
-            .insert("quay.io/cilium/cilium:v1.18.2".into(), "sha256:abc".into());
+            .insert("quay.io/cilium/cilium:v1.18.2".into(), digest.clone());
         let p = d.path().join("r.lock");
         lock.save(&p).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.contains("\nlibc6 = \"2.36-9\"\n"), "{text}");
         assert!(
-            text.contains("\n\"quay.io/cilium/cilium:v1.18.2\" = \"sha256:abc\"\n"),
+            text.contains(&format!(
+                "\n\"quay.io/cilium/cilium:v1.18.2\" = \"{digest}\"\n"
+            )),
             "{text}"
         );
         assert_eq!(Lockfile::load(&p).unwrap().unwrap(), lock);
+    }
+
+    /// A lock file whose line 7 is `line`.
+    fn lock_with(dir: &Path, section: &str, line: &str) -> std::path::PathBuf {
+        let p = dir.join("r.toml.lock");
+        std::fs::write(
+            &p,
+            format!("# kiln lockfile\nformat = 1\nrecipe = \"sha256:x\"\nsource_date_epoch = 7\nmirror = \"http://m\"\n[{section}]\n{line}\n"),
+        )
+        .unwrap();
+        p
+    }
+
+    #[test]
+    fn an_artifact_sha256_that_is_not_64_lowercase_hex_is_refused_at_its_line() {
+        let d = tempfile::tempdir().unwrap();
+        for bad in ["../../x.tar", &"AB".repeat(32), &"ab".repeat(31), ""] {
+            let p = lock_with(
+                d.path(),
+                "artifacts",
+                &format!("tool = {{ url = \"https://example.invalid/t\", sha256 = \"{bad}\" }}"),
+            );
+            let err = Lockfile::load(&p).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("{}:7:", p.display()))
+                    && err.contains("artifact `tool`")
+                    && err.contains("64 lowercase hex"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_image_digest_that_is_not_sha256_and_64_hex_is_refused_at_its_line() {
+        let d = tempfile::tempdir().unwrap();
+        let good = "ab".repeat(32);
+        for bad in [
+            "sha256:abc".to_string(),
+            good.clone(),
+            format!("sha512:{good}"),
+            format!("sha256:../../{}", &good[..58]),
+        ] {
+            let p = lock_with(
+                d.path(),
+                "images",
+                &format!("\"quay.io/x/y:v1\" = \"{bad}\""),
+            );
+            let err = Lockfile::load(&p).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("{}:7:", p.display()))
+                    && err.contains("image `quay.io/x/y:v1`"),
+                "{err}"
+            );
+        }
+        let p = lock_with(
+            d.path(),
+            "images",
+            &format!("\"quay.io/x/y:v1\" = \"sha256:{good}\""),
+        );
+        assert!(Lockfile::load(&p).unwrap().is_some());
     }
 
     #[test]

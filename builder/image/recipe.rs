@@ -453,7 +453,7 @@ fn explain_toml_error(message: &str) -> String {
     message.replace('\n', " ")
 }
 
-fn is_sha256(s: &str) -> bool {
+pub(crate) fn is_sha256(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())

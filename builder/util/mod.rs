@@ -127,6 +127,18 @@ impl<W: Write> HashingWriter<W> {
             written: 0,
         }
     }
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+    /// Forget what was hashed, for an inner writer that starts over.
+    pub fn reset(&mut self) {
+        self.hasher = Sha256::new();
+        self.written = 0;
+    }
     /// The inner writer, the hex digest and the byte count.
     pub fn finish(self) -> (W, String, u64) {
         (
@@ -290,6 +302,49 @@ mod tests {
     }
 
     #[test]
+    fn a_second_ctrl_c_exits_at_once() {
+        use child_test::*;
+        let (mut child, lines) = spawn("util::tests::child_ignores_the_first_ctrl_c", &[]);
+        wait_for_line(&lines, "READY");
+        sigint(&child);
+        // The first one only sets the flag (the child goes on working)...
+        wait_for_line(&lines, "FLAG SET");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "one Ctrl-C ended the child"
+        );
+        // ...the second ends the process without waiting for the work.
+        sigint(&child);
+        let (status, took) = wait_exit(&mut child, std::time::Duration::from_secs(10));
+        assert_eq!(status.code(), Some(130), "{status:?}");
+        assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+    }
+
+    /// Run by `a_second_ctrl_c_exits_at_once`: slow work that does not look
+    /// at the flag for 20 s (installing the handler twice, as nested
+    /// commands may, must not make the first Ctrl-C fatal).
+    #[test]
+    #[ignore = "a child process of a_second_ctrl_c_exits_at_once"]
+    fn child_ignores_the_first_ctrl_c() {
+        if !child_test::is_child() {
+            return;
+        }
+        install_interrupt_handler();
+        install_interrupt_handler();
+        println!("READY");
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut said = false;
+        while std::time::Instant::now() < end {
+            if interrupted() && !said {
+                println!("FLAG SET");
+                said = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
     fn atomic_write_replaces_whole_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
@@ -316,6 +371,202 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     parts.join(": ")
+}
+
+/// How often work blocked on the network looks for Ctrl-C.
+const INTERRUPT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Run `work` (a blocking network call) on a thread of its own and wait for
+/// it, giving up with "interrupted" within a tenth of a second of Ctrl-C. A
+/// blocked socket call cannot be cancelled: the abandoned thread ends at its
+/// own timeout, or with the process.
+pub fn interruptible<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(work());
+    });
+    loop {
+        check_interrupted()?;
+        match rx.recv_timeout(INTERRUPT_POLL) {
+            Ok(v) => return Ok(v),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                anyhow::bail!("a network worker thread panicked")
+            }
+        }
+    }
+}
+
+/// Sleep for `d`, but fail with "interrupted" within a tenth of a second of Ctrl-C.
+pub fn sleep_interruptible(d: std::time::Duration) -> Result<()> {
+    let end = std::time::Instant::now() + d;
+    loop {
+        check_interrupted()?;
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(INTERRUPT_POLL));
+    }
+}
+
+/// A reader over a network stream that Ctrl-C can stop even while a read is
+/// stuck on a stalled peer: the stream is read on a thread of its own, and
+/// `read` fails with "interrupted" within a tenth of a second of Ctrl-C
+/// (callers then see [`interrupted`] true). Errors and the end of the stream
+/// pass through unchanged; timeouts are the stream's own.
+pub struct InterruptibleReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl InterruptibleReader {
+    pub fn new(mut inner: impl Read + Send + 'static) -> Self {
+        // A few chunks ahead at most: memory stays bounded when the consumer
+        // is slower than the network. The thread ends at the end of the
+        // stream, on an error, or when the reader is dropped (its next send fails).
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let msg = match inner.read(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Ok(n) => Ok(buf[..n].to_vec()),
+                    Err(e) => Err(e),
+                };
+                let last = !matches!(&msg, Ok(b) if !b.is_empty());
+                if tx.send(msg).is_err() || last {
+                    return;
+                }
+            }
+        });
+        InterruptibleReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            done: false,
+        }
+    }
+}
+
+impl Read for InterruptibleReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            if self.done {
+                return Ok(0);
+            }
+            if interrupted() {
+                // Not ErrorKind::Interrupted: std's read loops retry that.
+                return Err(io::Error::other("interrupted"));
+            }
+            match self.rx.recv_timeout(INTERRUPT_POLL) {
+                Ok(Ok(bytes)) => {
+                    self.done = bytes.is_empty();
+                    self.chunk = bytes;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    self.done = true;
+                    return Err(io::Error::other("the network reader thread panicked"));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Tests of real signal handling: a signal would reach every test of the
+/// process, so such a test runs in a child process (this test binary running
+/// one `#[ignore]`d test, with `KILN_TEST_CHILD` set) and the parent signals it.
+#[cfg(test)]
+pub(crate) mod child_test {
+    use std::io::BufRead;
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// Whether this process is the child of [`spawn`] (the ignored test
+    /// should then run; otherwise it returns at once).
+    pub fn is_child() -> bool {
+        std::env::var_os("KILN_TEST_CHILD").is_some()
+    }
+
+    /// Run the ignored test `name` (its full path) alone in a child process,
+    /// with `envs` set; its stdout lines arrive on the returned channel.
+    pub fn spawn(
+        name: &str,
+        envs: &[(&str, String)],
+    ) -> (Child, std::sync::mpsc::Receiver<String>) {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                name,
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("KILN_TEST_CHILD", "1")
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (child, rx)
+    }
+
+    /// Wait (at most 30 s) for a stdout line of the child containing `marker`.
+    pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, marker: &str) {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(l) if l.contains(marker) => return,
+                Ok(_) => {}
+                Err(_) => panic!("the child never printed `{marker}`"),
+            }
+        }
+    }
+
+    pub fn sigint(child: &Child) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    }
+
+    /// The child's exit status and how long it took to come, killing it
+    /// after `limit`.
+    pub fn wait_exit(child: &mut Child, limit: Duration) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let status = child.wait().unwrap();
+                return (status, start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// This process's peak resident set size (VmHWM), for `--json` summaries.

@@ -117,6 +117,10 @@ impl BlobCache {
         while !eof {
             let mut filled = 0;
             while filled < buf.len() {
+                // Ctrl-C stops the pull here; `reader` returns within a
+                // fraction of a second of it even when the registry stalls
+                // (see `util::InterruptibleReader`).
+                crate::util::check_interrupted().map_err(StoreError::Io)?;
                 match reader.read(&mut buf[filled..]) {
                     Ok(0) => {
                         eof = true;
@@ -128,10 +132,11 @@ impl BlobCache {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
+                        crate::util::check_interrupted().map_err(StoreError::Io)?;
                         return Err(StoreError::Read {
                             got: got + filled as u64,
-                            error: super::registry::error_chain(&e),
-                        })
+                            error: crate::util::error_chain(&e),
+                        });
                     }
                 }
                 if got + filled as u64 > size {

@@ -333,9 +333,10 @@ fn fetch_blob(
 ) -> Result<()> {
     let what = format!("blob {}", desc.digest);
     with_retries(|| {
-        let mut resp = reg.get(image, "blobs", &desc.digest, None, &what)?;
+        let resp = reg.get(image, "blobs", &desc.digest, None, &what)?;
+        let mut body = crate::util::InterruptibleReader::new(resp);
         let credited = std::cell::Cell::new(0u64);
-        let result = cache.store(&desc.digest, desc.size, &mut resp, &|n| {
+        let result = cache.store(&desc.digest, desc.size, &mut body, &|n| {
             credited.set(credited.get() + n);
             bar.inc(n);
         });
@@ -366,8 +367,8 @@ fn with_retries<T>(mut f: impl FnMut() -> Result<T, Fault>) -> Result<T> {
     loop {
         match f() {
             Ok(v) => return Ok(v),
-            Err(Fault::Retry(_)) if attempt < ATTEMPTS => {
-                std::thread::sleep(Duration::from_millis(250 << (attempt - 1)));
+            Err(Fault::Retry(_)) if attempt < ATTEMPTS && !crate::util::interrupted() => {
+                crate::util::sleep_interruptible(Duration::from_millis(250 << (attempt - 1)))?;
                 attempt += 1;
             }
             Err(Fault::Retry(e)) => {
@@ -393,10 +394,14 @@ fn read_limited(
     what: &str,
 ) -> Result<Vec<u8>, Fault> {
     let mut bytes = Vec::new();
-    resp.take(limit + 1).read_to_end(&mut bytes).map_err(|e| {
+    let body = crate::util::InterruptibleReader::new(resp);
+    body.take(limit + 1).read_to_end(&mut bytes).map_err(|e| {
+        if let Err(stop) = crate::util::check_interrupted() {
+            return Fault::Fatal(stop);
+        }
         Fault::Retry(anyhow!(
             "{what} is truncated: {}",
-            registry::error_chain(&e)
+            crate::util::error_chain(&e)
         ))
     })?;
     if bytes.len() as u64 > limit {
@@ -422,6 +427,83 @@ mod tests {
             .to_string();
         assert!(err.contains("127.0.0.1:9/kiln/app:v1"), "{err}");
         assert!(err.contains("no locked digest"), "{err}");
+    }
+
+    #[test]
+    fn ctrl_c_stops_a_pull_whose_blob_stalls_within_a_second() {
+        use crate::util::child_test::*;
+        use crate::util::sha256_hex;
+        let digest = |b: &[u8]| format!("sha256:{}", sha256_hex(b));
+        let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+        let layer = vec![7u8; 1000];
+        let desc = |media: &str, b: &[u8]| serde_json::json!({"mediaType": media, "digest": digest(b), "size": b.len()});
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": manifest::OCI_MANIFEST,
+            "config": desc("application/vnd.oci.image.config.v1+json", &config),
+            "layers": [desc("application/vnd.oci.image.layer.v1.tar", &layer)],
+        }))
+        .unwrap();
+        let (m, c, l) = (digest(&manifest), digest(&config), digest(&layer));
+        let layer_path = format!("/v2/kiln/app/blobs/{l}");
+        let routes = (m.clone(), c.clone(), layer_path.clone());
+        // A registry that stalls in the middle of the layer.
+        let s = crate::image::fetch::test_http::Server::start(move |_, req, conn| {
+            let (m, c, l) = &routes;
+            if req.path == format!("/v2/kiln/app/manifests/{m}") {
+                let ct = ("Content-Type", manifest::OCI_MANIFEST.to_string());
+                conn.respond("200 OK", &[ct], &manifest);
+            } else if req.path == format!("/v2/kiln/app/blobs/{c}") {
+                conn.respond("200 OK", &[], &config);
+            } else if &req.path == l {
+                conn.head("200 OK", &[], 1000);
+                conn.body(&[7u8; 100]);
+                conn.stall();
+            } else {
+                conn.respond("404 Not Found", &[], b"");
+            }
+        });
+        let (mut child, _lines) = spawn(
+            "image::oci::tests::child_pulls_from_a_stalled_registry",
+            &[(
+                "KILN_TEST_IMAGE",
+                format!("127.0.0.1:{}/kiln/app@{m}", s.port),
+            )],
+        );
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while !s.requests().iter().any(|r| r.path == layer_path) {
+            assert!(
+                std::time::Instant::now() < end,
+                "the layer was never asked for"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Well into the stalled read.
+        std::thread::sleep(Duration::from_millis(300));
+        sigint(&child);
+        let (status, took) = wait_exit(&mut child, Duration::from_secs(10));
+        assert!(status.success(), "the child failed: {status:?}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+    }
+
+    /// Run by `ctrl_c_stops_a_pull_whose_blob_stalls_within_a_second`.
+    #[test]
+    #[ignore = "a child process of ctrl_c_stops_a_pull_whose_blob_stalls_within_a_second"]
+    fn child_pulls_from_a_stalled_registry() {
+        if !crate::util::child_test::is_child() {
+            return;
+        }
+        crate::util::install_interrupt_handler();
+        let t = tempfile::tempdir().unwrap();
+        let image = ImageRef::parse(&std::env::var("KILN_TEST_IMAGE").unwrap()).unwrap();
+        let err = pull(&[image], &PullOptions::new(t.path())).unwrap_err();
+        assert!(
+            err.chain().any(|e| e.to_string() == "interrupted"),
+            "{err:#}"
+        );
+        // Only the verified manifest and config are cached, no partial layer.
+        let cache = BlobCache::open(t.path()).unwrap();
+        assert_eq!(std::fs::read_dir(cache.dir()).unwrap().count(), 2);
     }
 
     #[test]

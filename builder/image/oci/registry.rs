@@ -9,7 +9,6 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
 
 /// Whether trying again may help (5xx, 429, dropped connections, short
 /// bodies) or cannot (401/404, digest mismatch, malformed documents).
@@ -43,11 +42,13 @@ pub(crate) struct Registry {
 
 impl Registry {
     pub fn new(auth: &Auth) -> anyhow::Result<Self> {
+        // The artifact downloads' timeouts (and their environment overrides).
+        let policy = crate::image::fetch::FetchPolicy::from_env()?;
         let http = Client::builder()
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(30))
+            .connect_timeout(policy.connect_timeout)
             // Per read, not per request: big layers may take minutes.
-            .timeout(Duration::from_secs(120))
+            .timeout(policy.read_timeout)
             .build()
             .context("cannot build the HTTP client")?;
         Ok(Self {
@@ -81,11 +82,11 @@ impl Registry {
             if let Some(z) = authz {
                 rb = rb.header(AUTHORIZATION, z);
             }
-            rb.send().map_err(|e| {
+            send(rb)?.map_err(|e| {
                 Fault::Retry(anyhow!(
                     "cannot reach registry {}: {}",
                     image.registry(),
-                    error_chain(&e)
+                    crate::util::error_chain(&e)
                 ))
             })
         };
@@ -182,10 +183,10 @@ impl Registry {
                 if let Some(c) = cred {
                     rb = rb.header(AUTHORIZATION, c.basic_header());
                 }
-                let token_resp = rb.send().map_err(|e| {
+                let token_resp = send(rb)?.map_err(|e| {
                     Fault::Retry(anyhow!(
                         "cannot reach the token service {realm} of {registry}: {}",
-                        error_chain(&e)
+                        crate::util::error_chain(&e)
                     ))
                 })?;
                 let status = token_resp.status();
@@ -226,16 +227,8 @@ impl Registry {
     }
 }
 
-/// reqwest hides the useful part (connection refused, …) in its sources.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut src = e.source();
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
-            parts.push(t);
-        }
-        src = s.source();
-    }
-    parts.join(": ")
+/// Send a request, giving up at once on Ctrl-C (a stalled registry would
+/// otherwise hold the pull until the read timeout).
+fn send(rb: reqwest::blocking::RequestBuilder) -> Result<reqwest::Result<Response>, Fault> {
+    crate::util::interruptible(move || rb.send()).map_err(Fault::Fatal)
 }
