@@ -244,23 +244,26 @@ fn key_material_follows(rest: &[u8]) -> bool {
         i += 1;
     }
     lines.push(&rest[from..]);
+    // Every line up to the END line (or as far as the window reaches) must be
+    // key material: documentation that shows a key cut short ("...", as
+    // cloud-init's cc_ssh.py does) is not a key.
     let mut base64 = 0usize;
     for line in lines.into_iter().skip(1).take(8) {
         let line = line.trim_ascii();
         let line = line.strip_suffix(b"\\r").unwrap_or(line);
+        if line.starts_with(b"-----END ") {
+            break;
+        }
         if line.contains(&b':') || line.is_empty() {
             continue;
         }
         if line.iter().all(|c| is_base64(*c) || *c == b'\\') {
             base64 += line.iter().filter(|c| is_base64(**c)).count();
-            if base64 >= 40 {
-                return true;
-            }
         } else {
             return false;
         }
     }
-    false
+    base64 >= 40
 }
 
 /// Is the `PRIVATE KEY` at `p` the label of real key material? Returns what
@@ -572,6 +575,21 @@ mod tests {
 
     fn found(path: &str, text: &str) -> HygieneReport {
         scan(&Hygiene::default(), path, &[text.as_bytes()])
+    }
+
+    #[test]
+    fn documentation_showing_a_key_cut_short_passes() {
+        // cloud-init's cc_ssh.py carries this example (one base64 line, then "...").
+        let label = format!("RSA PRIVATE{}KEY", "\x20");
+        let text = format!(
+            "    ssh_keys:\n      rsa_private: |\n        -----BEGIN {label}-----\n        MIIBxwIBAAJhAKD0YSHy73nUgysO13XsJmd4fHiFyQ+00R7VVu2iV9Qco\n        ...\n        -----END {label}-----\n"
+        );
+        assert!(found(
+            "/usr/lib/python3/dist-packages/cloudinit/config/cc_ssh.py",
+            &text
+        )
+        .violations
+        .is_empty());
     }
 
     #[test]
