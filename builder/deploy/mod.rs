@@ -2,5 +2,5 @@
 //! top of it publishing images as templates and listing/pruning them.
 
 pub mod publish;
-pub mod pve;
-pub mod templates;
+pub(crate) mod pve;
+pub(crate) mod templates;

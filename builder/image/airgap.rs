@@ -75,21 +75,9 @@ pub fn space_left(root_size: u64, used: u64) -> u64 {
     (root_size - root_size / 20).saturating_sub(used)
 }
 
-/// One baked image archive.
-#[derive(Debug, Clone)]
-pub struct BakedImage {
-    pub reference: String,
-    pub digest: String,
-    /// Path in the image.
-    pub path: String,
-    pub sha256: String,
-    pub bytes: u64,
-}
-
 /// What [`bake`] produced: archives written under `scratch`, as compose additions.
 #[derive(Default)]
 pub struct Baked {
-    pub images: Vec<BakedImage>,
     pub additions: Vec<Addition>,
     /// No blob had to be downloaded.
     pub all_cached: bool,
@@ -135,7 +123,6 @@ pub fn bake(recipe: &Recipe, lock: &Lockfile, opts: &BakeOptions<'_>) -> Result<
         Some(pulled.len() as u64),
         "writing image archives",
     );
-    let mut images = Vec::new();
     let mut additions = Vec::new();
     let mut names: BTreeMap<String, String> = BTreeMap::new();
     for (spec, p) in recipe.images.iter().zip(&pulled) {
@@ -151,28 +138,20 @@ pub fn bake(recipe: &Recipe, lock: &Lockfile, opts: &BakeOptions<'_>) -> Result<
         let info = crate::image::oci::write_archive(p, &host)?;
         let path = format!("{AIRGAP_DIR}/{file}");
         additions.push(Addition {
-            path: path.clone(),
+            path,
             kind: AddKind::File {
                 content: Content::Path {
                     path: host,
-                    sha256: Some(info.sha256.clone()),
+                    sha256: Some(info.sha256),
                 },
                 mode: 0o644,
             },
             origin: format!("image `{}`", spec.reference),
         });
-        images.push(BakedImage {
-            reference: spec.reference.clone(),
-            digest: p.target.digest.clone(),
-            path,
-            sha256: info.sha256,
-            bytes: info.bytes,
-        });
         bar.inc(1);
     }
     bar.finish_and_clear();
     Ok(Baked {
-        images,
         additions,
         all_cached,
     })

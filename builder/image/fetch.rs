@@ -8,7 +8,7 @@
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::util::HashingWriter;
@@ -461,11 +461,6 @@ fn copy_with_progress(
         pb.inc(k as u64);
     }
     Ok(n)
-}
-
-/// A path is in the cache's scratch area (used by tests to look for leftovers).
-pub fn is_scratch(cache: &Cache, p: &Path) -> bool {
-    p.starts_with(cache.root.join("tmp"))
 }
 
 /// A loopback HTTP/1.1 server for tests, scripted per request: it can

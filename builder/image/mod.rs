@@ -1,21 +1,21 @@
 //! The image half: recipe → lock/fetch → rootfs → compose → disk → outputs,
 //! run by `pipeline`, recorded in the `manifest` that validation and deployment read.
 
-pub mod airgap;
-pub mod cloudinit;
+pub(crate) mod airgap;
+pub(crate) mod cloudinit;
 pub mod compose;
-pub mod contract;
+pub(crate) mod contract;
 pub mod disk;
-pub mod fetch;
-pub mod hygiene;
-pub mod inputs;
-pub mod lock;
+pub(crate) mod fetch;
+pub(crate) mod hygiene;
+pub(crate) mod inputs;
+pub(crate) mod lock;
 pub mod manifest;
 pub mod oci;
-pub mod outputs;
+pub(crate) mod outputs;
 pub mod pipeline;
-pub mod promote;
-pub mod recipe;
-pub mod reuse;
-pub mod rootfs;
+pub(crate) mod promote;
+pub(crate) mod recipe;
+pub(crate) mod reuse;
+pub(crate) mod rootfs;
 pub mod values;

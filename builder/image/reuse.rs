@@ -56,14 +56,6 @@ impl Index {
         self.pieces.insert(position, piece);
     }
 
-    pub fn len(&self) -> usize {
-        self.pieces.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
-    }
-
     /// The index file's bytes: entries sorted by position (so the same output
     /// gives the same file), then a BLAKE3 of everything before it.
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -1,11 +1,11 @@
 //! Small shared helpers: sha256 digests of files and streams, and writes that
 //! land atomically (temp file in the same directory, fsync, rename).
 
-pub mod diagnostics;
+pub(crate) mod diagnostics;
 pub mod hosttools;
 pub mod interrupt;
-pub mod parallel;
-pub mod progress;
+pub(crate) mod parallel;
+pub(crate) mod progress;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};

@@ -102,6 +102,7 @@ pub fn classify(line: &str) -> Option<FindingKind> {
 }
 
 /// Scan a whole console text at once.
+#[cfg(test)]
 pub fn scan_text(text: &str) -> Vec<Finding> {
     let mut s = Scanner::default();
     s.feed(text.as_bytes());

@@ -4,13 +4,13 @@
 //! The library entry is [`validate_image`]; `kiln build` calls it at its end and
 //! the `kiln validate` verb ([`run`]) calls it once per image directory.
 
-pub mod checks;
-pub mod console;
+pub(crate) mod checks;
+pub(crate) mod console;
 pub mod keys;
 pub mod qemu;
-pub mod qmp;
-pub mod report;
-pub mod seed;
+pub(crate) mod qmp;
+pub(crate) mod report;
+pub(crate) mod seed;
 pub mod ssh;
 
 use crate::image::manifest::{CheckOutcome, CheckSpec, ImageManifest, ValidationRecord};

@@ -7,8 +7,8 @@
 //! remove the import file; the LB appliance's LXC rootfs goes up as
 //! `vztmpl`. Anything half-made is destroyed on failure or by the next run.
 
-pub mod naming;
-pub mod ssh;
+pub(crate) mod naming;
+pub(crate) mod ssh;
 
 use crate::deploy::pve::client::{seg, Pve};
 use crate::deploy::pve::config::Target;

@@ -199,11 +199,12 @@ pub fn create_params(
     p
 }
 
-pub use crate::util::{now_rfc3339, rfc3339};
+pub use crate::util::now_rfc3339;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::rfc3339;
 
     #[test]
     fn vm_names_are_dns_labels() {

@@ -179,10 +179,6 @@ impl Pve {
         })
     }
 
-    pub fn token(&self) -> &Token {
-        &self.token
-    }
-
     fn send(
         &self,
         method: reqwest::Method,

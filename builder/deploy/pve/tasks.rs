@@ -8,17 +8,10 @@ use std::time::{Duration, Instant};
 use super::client::{seg, Pve};
 use super::errors::ApiError;
 
-/// The end of a task.
-#[derive(Debug, Clone)]
-pub struct TaskEnd {
-    pub upid: String,
-    /// `OK` or `WARNINGS: N`.
-    pub exitstatus: String,
-}
 
 impl Pve {
     /// Wait for a task to stop; `OK` and `WARNINGS: N` are success.
-    pub fn wait_task(&self, upid: &str, what: &str) -> Result<TaskEnd> {
+    pub fn wait_task(&self, upid: &str, what: &str) -> Result<()> {
         let node = upid
             .split(':')
             .nth(1)
@@ -44,10 +37,7 @@ impl Pve {
                             .unwrap_or("unknown")
                             .to_string();
                         if exit == "OK" || exit.starts_with("WARNINGS:") {
-                            return Ok(TaskEnd {
-                                upid: upid.into(),
-                                exitstatus: exit,
-                            });
+                            return Ok(());
                         }
                         bail!("{what} failed: {exit}");
                     }

@@ -188,10 +188,6 @@ impl MultipartBody {
         self.prefix.len() as u64 + self.file_len + self.suffix.len() as u64
     }
 
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
     /// A reader over the whole body that never holds more than a buffer.
     pub fn reader(
         &self,

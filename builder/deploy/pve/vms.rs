@@ -16,7 +16,6 @@ pub struct VmEntry {
     pub node: String,
     pub template: bool,
     pub tags: Vec<String>,
-    pub lock: Option<String>,
 }
 
 pub fn list_vms(pve: &Pve) -> Result<Vec<VmEntry>> {
@@ -43,7 +42,6 @@ pub fn list_vms(pve: &Pve) -> Result<Vec<VmEntry>> {
                             .collect()
                     })
                     .unwrap_or_default(),
-                lock: e.get("lock").and_then(Value::as_str).map(str::to_string),
             })
         })
         .collect())

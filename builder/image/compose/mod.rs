@@ -8,7 +8,7 @@
 //! addition writes is resolved through the image's own symlinks; anything that
 //! would land outside the root is refused with its origin named.
 
-pub mod defaults;
+pub(crate) mod defaults;
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -10,8 +10,8 @@
 //! protective MBR its boot.img, so SeaBIOS boots it too; the root stays last.
 
 pub mod bios;
-pub mod boot;
-pub mod fat;
+pub(crate) mod boot;
+pub(crate) mod fat;
 
 pub use crate::image::inputs::Identities;
 
