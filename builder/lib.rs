@@ -14,6 +14,8 @@
 //! The Proxmox VE stand-in used by the tests lives outside this library, in
 //! `crates/pve-sim`.
 
+#![warn(unreachable_pub)]
+
 pub mod cli;
 pub mod deploy;
 pub mod image;

@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct TemplateInfo {
+pub(crate) struct TemplateInfo {
     pub image: String,
     pub version: String,
     pub image_id: String,
@@ -22,7 +22,7 @@ pub struct TemplateInfo {
 }
 
 /// Templates tagged `kiln`, newest first within each image.
-pub fn list(pve: &Pve) -> Result<Vec<TemplateInfo>> {
+pub(crate) fn list(pve: &Pve) -> Result<Vec<TemplateInfo>> {
     let mut out = Vec::new();
     for vm in list_vms(pve)?
         .into_iter()
@@ -51,7 +51,7 @@ pub fn list(pve: &Pve) -> Result<Vec<TemplateInfo>> {
     Ok(out)
 }
 
-pub fn table(list: &[TemplateInfo]) -> String {
+pub(crate) fn table(list: &[TemplateInfo]) -> String {
     let mut rows = vec![[
         "IMAGE".to_string(),
         "VERSION".into(),
@@ -90,7 +90,7 @@ pub fn table(list: &[TemplateInfo]) -> String {
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct PruneOutcome {
+pub(crate) struct PruneOutcome {
     pub kept: Vec<TemplateInfo>,
     pub deleted: Vec<TemplateInfo>,
     /// Templates past the newest N that stay because linked clones use them.
@@ -98,7 +98,10 @@ pub struct PruneOutcome {
 }
 
 /// Which templates a prune removes: all but the newest `keep` of each image.
-pub fn prune_plan(list: &[TemplateInfo], keep: usize) -> (Vec<TemplateInfo>, Vec<TemplateInfo>) {
+pub(crate) fn prune_plan(
+    list: &[TemplateInfo],
+    keep: usize,
+) -> (Vec<TemplateInfo>, Vec<TemplateInfo>) {
     let mut by_image: BTreeMap<&str, Vec<&TemplateInfo>> = BTreeMap::new();
     for t in list {
         by_image.entry(&t.image).or_default().push(t);
@@ -138,14 +141,14 @@ fn linked_clone_users(pve: &Pve, vms: &[VmEntry]) -> Result<BTreeMap<u32, Vec<u3
 }
 
 /// The template VMID a disk value is a linked clone of.
-pub fn linked_base(disk: &str) -> Option<u32> {
+pub(crate) fn linked_base(disk: &str) -> Option<u32> {
     let vol = disk.split(',').next()?;
     let (_, path) = vol.split_once(':')?;
     let (base, _clone) = path.split_once('/')?;
     base.strip_prefix("base-")?.split('-').next()?.parse().ok()
 }
 
-pub fn prune(pve: &Pve, keep: usize, dry_run: bool) -> Result<PruneOutcome> {
+pub(crate) fn prune(pve: &Pve, keep: usize, dry_run: bool) -> Result<PruneOutcome> {
     let list = list(pve)?;
     let (kept, candidates) = prune_plan(&list, keep);
     let users = linked_clone_users(pve, &list_vms(pve)?)?;
@@ -166,7 +169,7 @@ pub fn prune(pve: &Pve, keep: usize, dry_run: bool) -> Result<PruneOutcome> {
     Ok(out)
 }
 
-pub fn prune_summary(o: &PruneOutcome, dry_run: bool) -> String {
+pub(crate) fn prune_summary(o: &PruneOutcome, dry_run: bool) -> String {
     let verb = if dry_run { "would delete" } else { "deleted" };
     let mut s = String::new();
     for t in &o.deleted {

@@ -14,14 +14,14 @@ use crate::image::oci::{Auth, ImageRef, PullOptions};
 use crate::image::recipe::Recipe;
 
 /// Where K3s's containerd imports image archives from at start (airgap).
-pub const AIRGAP_DIR: &str = "/var/lib/rancher/k3s/agent/images";
+pub(crate) const AIRGAP_DIR: &str = "/var/lib/rancher/k3s/agent/images";
 
 /// Registry credentials: `--docker-config FILE` when given, else
 /// `$DOCKER_CONFIG/config.json` when `DOCKER_CONFIG` is set, else
 /// `~/.docker/config.json` when it exists, else anonymous (public images;
 /// bearer tokens are still fetched when a registry asks for them).
 /// Registries on loopback are spoken to over plain HTTP.
-pub fn registry_auth(docker_config: Option<&Path>) -> Result<Auth> {
+pub(crate) fn registry_auth(docker_config: Option<&Path>) -> Result<Auth> {
     let path = match docker_config {
         Some(p) => Some(p.to_path_buf()),
         None => default_docker_config(
@@ -46,14 +46,14 @@ fn default_docker_config(docker_config: Option<PathBuf>, home: Option<PathBuf>) 
 
 /// Pin one recipe reference (`kiln lock`): a tag is resolved to the digest
 /// the registry serves now; a reference with a digest keeps it.
-pub fn resolve_reference(reference: &str, auth: &Auth) -> Result<String> {
+pub(crate) fn resolve_reference(reference: &str, auth: &Auth) -> Result<String> {
     let image = ImageRef::parse(reference)
         .with_context(|| format!("image `{reference}` is not a valid reference"))?;
     crate::image::oci::resolve(&image, auth)
 }
 
 /// The recipe's images pinned to their locked digests, in recipe order.
-pub fn locked_refs(recipe: &Recipe, lock: &Lockfile) -> Result<Vec<ImageRef>> {
+pub(crate) fn locked_refs(recipe: &Recipe, lock: &Lockfile) -> Result<Vec<ImageRef>> {
     recipe
         .images
         .iter()
@@ -71,20 +71,20 @@ pub fn locked_refs(recipe: &Recipe, lock: &Lockfile) -> Result<Vec<ImageRef>> {
 
 /// Bytes `disk.size` leaves for image archives: the root partition less the
 /// base rootfs and the artifacts, with 5 % kept for ext4's own metadata.
-pub fn space_left(root_size: u64, used: u64) -> u64 {
+pub(crate) fn space_left(root_size: u64, used: u64) -> u64 {
     (root_size - root_size / 20).saturating_sub(used)
 }
 
 /// What [`bake`] produced: archives written under `scratch`, as compose additions.
 #[derive(Default)]
-pub struct Baked {
+pub(crate) struct Baked {
     pub additions: Vec<Addition>,
     /// No blob had to be downloaded.
     pub all_cached: bool,
 }
 
 /// Settings for [`bake`].
-pub struct BakeOptions<'a> {
+pub(crate) struct BakeOptions<'a> {
     /// The kiln cache root; blobs live in `<cache>/oci/blobs/sha256/`.
     pub cache_root: &'a Path,
     pub auth: Auth,
@@ -100,7 +100,7 @@ pub struct BakeOptions<'a> {
 /// are all cached makes no request), then write one OCI-layout `.tar` per
 /// image for [`AIRGAP_DIR`]. Plain `.tar`, not `.tar.zst`: the layers are
 /// already compressed, and Debian's `ctr` imports a plain tar directly.
-pub fn bake(recipe: &Recipe, lock: &Lockfile, opts: &BakeOptions<'_>) -> Result<Baked> {
+pub(crate) fn bake(recipe: &Recipe, lock: &Lockfile, opts: &BakeOptions<'_>) -> Result<Baked> {
     let refs = locked_refs(recipe, lock)?;
     if refs.is_empty() {
         return Ok(Baked {
@@ -165,7 +165,7 @@ fn cached_blobs(cache_dir: &Path) -> usize {
 }
 
 /// The OCI blob cache inside the kiln cache.
-pub fn oci_cache_dir(cache_root: &Path) -> PathBuf {
+pub(crate) fn oci_cache_dir(cache_root: &Path) -> PathBuf {
     cache_root.join("oci")
 }
 

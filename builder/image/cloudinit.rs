@@ -9,9 +9,9 @@ use crate::image::recipe::Recipe;
 use crate::image::values::Values;
 
 /// `/etc/cloud/cloud.cfg.d/90-kiln.cfg`: what every kiln image's cloud-init does.
-pub const IMAGE_CONFIG_PATH: &str = "/etc/cloud/cloud.cfg.d/90-kiln.cfg";
+pub(crate) const IMAGE_CONFIG_PATH: &str = "/etc/cloud/cloud.cfg.d/90-kiln.cfg";
 
-pub fn image_config() -> String {
+pub(crate) fn image_config() -> String {
     "# Written by kiln. Nodes are immutable images: nothing is upgraded at boot.\n\
      # Proxmox's cloud-init drive is NoCloud (or ConfigDrive for some setups).\n\
      datasource_list: [ NoCloud, ConfigDrive, None ]\n\
@@ -41,7 +41,7 @@ pub fn image_config() -> String {
 }
 
 /// Values for rendering a role: the recipe's vars, overridden by `values`.
-pub fn context(recipe: &Recipe, role: &str, values: &toml::Table) -> Result<tera::Context> {
+pub(crate) fn context(recipe: &Recipe, role: &str, values: &toml::Table) -> Result<tera::Context> {
     let mut merged = recipe.vars.clone();
     for (k, v) in values {
         merged.insert(k.clone(), v.clone());
@@ -57,7 +57,7 @@ pub fn context(recipe: &Recipe, role: &str, values: &toml::Table) -> Result<tera
 
 /// Read a values file (TOML, or JSON when it ends in `.json`), keeping where
 /// each value was written.
-pub fn load_values(path: &Path) -> Result<Values> {
+pub(crate) fn load_values(path: &Path) -> Result<Values> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read values file {}", path.display()))?;
     if path.extension().is_some_and(|e| e == "json") {
@@ -70,7 +70,7 @@ pub fn load_values(path: &Path) -> Result<Values> {
 /// Render a role's user-data for one node. The values are checked against
 /// the role's `value_types` first; the template quotes each one for its
 /// target format with the filters of [`crate::image::values::register_filters`].
-pub fn render(recipe: &Recipe, role: &str, values: &Values) -> Result<String> {
+pub(crate) fn render(recipe: &Recipe, role: &str, values: &Values) -> Result<String> {
     let Some(r) = recipe.roles.get(role) else {
         let names: Vec<&str> = recipe.roles.keys().map(String::as_str).collect();
         let hint = crate::util::diagnostics::did_you_mean(role, &names)
@@ -108,12 +108,12 @@ pub fn render(recipe: &Recipe, role: &str, values: &Values) -> Result<String> {
 }
 
 /// Render a Tera template; errors carry Tera's whole explanation on one line.
-pub fn render_template(text: &str, ctx: &tera::Context) -> Result<String> {
+pub(crate) fn render_template(text: &str, ctx: &tera::Context) -> Result<String> {
     tera::Tera::one_off(text, ctx, false).map_err(template_error)
 }
 
 /// A Tera error with its causes, on one line.
-pub fn template_error(e: tera::Error) -> anyhow::Error {
+pub(crate) fn template_error(e: tera::Error) -> anyhow::Error {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {

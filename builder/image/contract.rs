@@ -15,7 +15,7 @@ pub enum Node {
 }
 
 /// Check a path meant for the image: absolute, no `..`, no empty or `.` parts.
-pub fn check_image_path(p: &str) -> Result<(), String> {
+pub(crate) fn check_image_path(p: &str) -> Result<(), String> {
     if !p.starts_with('/') {
         return Err(format!("`{p}` must be an absolute path in the image"));
     }
@@ -44,7 +44,7 @@ pub fn check_image_path(p: &str) -> Result<(), String> {
 /// whether a file is executable, so a clone's modes follow its umask (0644
 /// under 022, 0664 under 002); without those bits every clone gives the same
 /// image, and no umask makes an image's files group-writable.
-pub fn overlay_mode(meta: &std::fs::Metadata) -> u32 {
+pub(crate) fn overlay_mode(meta: &std::fs::Metadata) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     meta.permissions().mode() & !0o022
 }

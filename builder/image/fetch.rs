@@ -215,7 +215,7 @@ impl Fault {
 /// 9110 §14.2, §15.3.7). `If-Range` carries the first answer's validator, so
 /// a file that changed on the server in between is sent whole instead of
 /// being spliced. Ctrl-C stops the download within a fraction of a second.
-pub fn download(
+pub(crate) fn download(
     what: &str,
     url: &str,
     file: &mut File,
@@ -474,14 +474,14 @@ pub(crate) mod test_http {
     use std::time::{Duration, Instant};
 
     #[derive(Debug, Clone)]
-    pub struct Request {
+    pub(crate) struct Request {
         pub path: String,
         /// Lowercase names.
         pub headers: Vec<(String, String)>,
     }
 
     impl Request {
-        pub fn header(&self, name: &str) -> Option<&str> {
+        pub(crate) fn header(&self, name: &str) -> Option<&str> {
             self.headers
                 .iter()
                 .find(|(k, _)| k == name)
@@ -490,14 +490,14 @@ pub(crate) mod test_http {
     }
 
     /// One connection, one request.
-    pub struct Conn {
+    pub(crate) struct Conn {
         pub stream: TcpStream,
         stop: Arc<AtomicBool>,
     }
 
     impl Conn {
         /// Status line, headers, `Content-Length: len` and `Connection: close`.
-        pub fn head(&mut self, status: &str, headers: &[(&str, String)], len: usize) {
+        pub(crate) fn head(&mut self, status: &str, headers: &[(&str, String)], len: usize) {
             let mut head =
                 format!("HTTP/1.1 {status}\r\nContent-Length: {len}\r\nConnection: close\r\n");
             for (k, v) in headers {
@@ -507,19 +507,19 @@ pub(crate) mod test_http {
             let _ = self.stream.write_all(head.as_bytes());
         }
 
-        pub fn body(&mut self, bytes: &[u8]) {
+        pub(crate) fn body(&mut self, bytes: &[u8]) {
             let _ = self.stream.write_all(bytes);
             let _ = self.stream.flush();
         }
 
-        pub fn respond(&mut self, status: &str, headers: &[(&str, String)], body: &[u8]) {
+        pub(crate) fn respond(&mut self, status: &str, headers: &[(&str, String)], body: &[u8]) {
             self.head(status, headers, body.len());
             self.body(body);
         }
 
         /// Send nothing more, keeping the connection open, until the server
         /// is dropped (at most a minute).
-        pub fn stall(&mut self) {
+        pub(crate) fn stall(&mut self) {
             let end = Instant::now() + Duration::from_secs(60);
             while !self.stop.load(Ordering::SeqCst) && Instant::now() < end {
                 std::thread::sleep(Duration::from_millis(20));
@@ -527,7 +527,7 @@ pub(crate) mod test_http {
         }
     }
 
-    pub struct Server {
+    pub(crate) struct Server {
         pub port: u16,
         requests: Arc<Mutex<Vec<Request>>>,
         stop: Arc<AtomicBool>,
@@ -536,7 +536,7 @@ pub(crate) mod test_http {
     impl Server {
         /// Serve every connection on a thread of its own with
         /// `handle(n, request, conn)`, `n` counting requests from 0.
-        pub fn start(
+        pub(crate) fn start(
             handle: impl Fn(usize, &Request, &mut Conn) + Send + Sync + 'static,
         ) -> Server {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -572,16 +572,16 @@ pub(crate) mod test_http {
             }
         }
 
-        pub fn url(&self, path: &str) -> String {
+        pub(crate) fn url(&self, path: &str) -> String {
             format!("http://127.0.0.1:{}{path}", self.port)
         }
 
-        pub fn requests(&self) -> Vec<Request> {
+        pub(crate) fn requests(&self) -> Vec<Request> {
             self.requests.lock().unwrap().clone()
         }
 
         /// Wait (at most 30 s) until `n` requests arrived.
-        pub fn wait_for_requests(&self, n: usize) {
+        pub(crate) fn wait_for_requests(&self, n: usize) {
             let end = Instant::now() + Duration::from_secs(30);
             while self.requests.lock().unwrap().len() < n {
                 assert!(Instant::now() < end, "fewer than {n} requests came");

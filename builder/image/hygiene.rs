@@ -2,16 +2,16 @@
 //! state, apt lists, logs, histories, seeds, private keys), cleaned from the
 //! base and then enforced on every entry of the final rootfs.
 
-pub use crate::image::contract::HygieneReport;
+pub(crate) use crate::image::contract::HygieneReport;
 use crate::image::contract::Node;
-pub use crate::image::recipe::Hygiene;
+pub(crate) use crate::image::recipe::Hygiene;
 
 /// Files up to this size are scanned for private-key material.
-pub const SCAN_LIMIT: u64 = 4 << 20;
+pub(crate) const SCAN_LIMIT: u64 = 4 << 20;
 
 /// Why a base path is cleaned, or None to keep it. Device nodes are dropped
 /// too: devtmpfs provides them at boot.
-pub fn clean_reason(path: &str, node: &Node) -> Option<&'static str> {
+pub(crate) fn clean_reason(path: &str, node: &Node) -> Option<&'static str> {
     let is_dir = *node == Node::Dir;
     if *node == Node::Other && path.starts_with("dev/") {
         return Some("device node");
@@ -111,7 +111,7 @@ fn path_violation(path: &str, node: &Node, size: u64) -> Option<&'static str> {
 }
 
 /// Checks every entry written to the final rootfs.
-pub struct Scanner<'a> {
+pub(crate) struct Scanner<'a> {
     allow: &'a [String],
     pub report: HygieneReport,
 }
@@ -169,7 +169,7 @@ fn k3s_config_has_token(text: &[u8]) -> bool {
 /// (Programs that merely mention a marker, like ssh-keygen, do not count.)
 /// Most files cost one SIMD substring search per needle (memchr's memmem);
 /// the judges run only where a needle occurs.
-pub struct ContentScan {
+pub(crate) struct ContentScan {
     path: String,
     active: bool,
     carry: Vec<u8>,
@@ -308,7 +308,7 @@ fn base64_key_at(w: &[u8], p: usize) -> Option<&'static str> {
 }
 
 impl ContentScan {
-    pub fn feed(&mut self, chunk: &[u8]) {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
         if !self.active || self.found.is_some() || chunk.is_empty() {
             return;
         }
@@ -380,7 +380,7 @@ impl ContentScan {
 }
 
 impl<'a> Scanner<'a> {
-    pub fn new(h: &'a Hygiene) -> Self {
+    pub(crate) fn new(h: &'a Hygiene) -> Self {
         Scanner {
             allow: &h.allow_private_keys,
             report: HygieneReport::default(),
@@ -388,7 +388,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Record a violation if `path` (normalized, image-relative) may not ship.
-    pub fn check_path(&mut self, path: &str, node: &Node, size: u64) {
+    pub(crate) fn check_path(&mut self, path: &str, node: &Node, size: u64) {
         if let Some(why) = path_violation(path, node, size) {
             self.report.violations.push(format!("/{path}: {why}"));
         }
@@ -410,7 +410,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Start scanning a file's content; `active` false skips the scan.
-    pub fn content_scan(&self, path: &str, active: bool) -> ContentScan {
+    pub(crate) fn content_scan(&self, path: &str, active: bool) -> ContentScan {
         ContentScan {
             path: path.to_string(),
             active,
@@ -424,14 +424,14 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    pub fn finish_content(&mut self, mut scan: ContentScan) {
+    pub(crate) fn finish_content(&mut self, mut scan: ContentScan) {
         scan.finish();
         if let Some(what) = scan.found {
             self.secret(&scan.path, what);
         }
     }
 
-    pub fn into_report(mut self) -> HygieneReport {
+    pub(crate) fn into_report(mut self) -> HygieneReport {
         self.report.cleaned.sort();
         self.report.violations.sort();
         self.report.allowed.sort();

@@ -10,7 +10,7 @@ use crate::image::manifest::InputDigests;
 use crate::image::recipe::Recipe;
 
 /// sha256 over an overlay tree: paths, kinds, modes, contents and link targets.
-pub fn overlay_digest(dir: &Path) -> Result<String> {
+pub(crate) fn overlay_digest(dir: &Path) -> Result<String> {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -45,7 +45,7 @@ pub fn overlay_digest(dir: &Path) -> Result<String> {
 }
 
 /// Inputs known before any heavy work; equal inputs mean an equal image.
-pub fn digests(recipe: &Recipe, lock: &Lockfile, lock_bytes: &[u8]) -> Result<InputDigests> {
+pub(crate) fn digests(recipe: &Recipe, lock: &Lockfile, lock_bytes: &[u8]) -> Result<InputDigests> {
     let mut overlays = BTreeMap::new();
     for o in recipe.all_overlays() {
         overlays.insert(o.clone(), overlay_digest(&recipe.overlay_dir(&o))?);
@@ -116,7 +116,7 @@ impl Identities {
 
 /// The seed every identity derives from: the image's inputs (not the base
 /// tarball's digest, which is informational; see `promote::existing`).
-pub fn seed(inputs: &InputDigests) -> Result<String> {
+pub(crate) fn seed(inputs: &InputDigests) -> Result<String> {
     Ok(crate::util::sha256_hex(
         serde_json::to_string(inputs)?.as_bytes(),
     ))

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use crate::image::recipe::Recipe;
 
-pub const LOCK_FORMAT: u32 = 1;
+pub(crate) const LOCK_FORMAT: u32 = 1;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -43,7 +43,7 @@ pub struct ArtifactPin {
 
 /// The recipe settings a lock pins: base packages and sources, artifacts, images.
 /// Overlays, vars, roles and checks are not in it: changing them needs no relock.
-pub fn fingerprint(r: &Recipe) -> String {
+pub(crate) fn fingerprint(r: &Recipe) -> String {
     let v = serde_json::json!({
         "distribution": r.base.distribution,
         "suite": r.base.suite,
@@ -222,13 +222,13 @@ fn toml_key(k: &str) -> String {
 /// What `kiln lock` does: keep pins that still apply, pin new artifacts by
 /// downloading them (recipe digests are taken as given), and drop package pins
 /// when the base changed so the next build resolves them again.
-pub struct LockOptions {
+pub(crate) struct LockOptions {
     /// Drop package pins and take a new SOURCE_DATE_EPOCH (`kiln lock --update`).
     pub update: bool,
     pub show_progress: bool,
 }
 
-pub fn relock(
+pub(crate) fn relock(
     r: &Recipe,
     old: Option<&Lockfile>,
     cache: &crate::image::fetch::Cache,
@@ -306,7 +306,7 @@ fn same_base(old: &Lockfile, r: &Recipe) -> bool {
 }
 
 /// `repo@sha256:...` already names its digest.
-pub fn embedded_digest(reference: &str) -> Option<&str> {
+pub(crate) fn embedded_digest(reference: &str) -> Option<&str> {
     reference.split_once('@').map(|(_, d)| d)
 }
 

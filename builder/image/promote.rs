@@ -8,7 +8,7 @@ use crate::image::manifest::{ImageManifest, InputDigests};
 
 /// A staging directory in `out`, named so that a later build can sweep it
 /// away when this process died before promoting it.
-pub fn staging_dir(out: &Path) -> Result<tempfile::TempDir> {
+pub(crate) fn staging_dir(out: &Path) -> Result<tempfile::TempDir> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     crate::util::remove_stale_dirs(out, ".kiln-staging-");
     tempfile::Builder::new()
@@ -19,7 +19,11 @@ pub fn staging_dir(out: &Path) -> Result<tempfile::TempDir> {
 
 /// An existing image built from exactly these inputs, or an error if one
 /// with the same name and version differs (unless `force`).
-pub fn existing(dest: &Path, inputs: &InputDigests, force: bool) -> Result<Option<ImageManifest>> {
+pub(crate) fn existing(
+    dest: &Path,
+    inputs: &InputDigests,
+    force: bool,
+) -> Result<Option<ImageManifest>> {
     if !dest.join(crate::image::manifest::MANIFEST_FILE).exists() {
         return Ok(None);
     }
@@ -45,7 +49,7 @@ pub fn existing(dest: &Path, inputs: &InputDigests, force: bool) -> Result<Optio
 }
 
 /// Move the staging directory into place in one rename.
-pub fn promote(staging: tempfile::TempDir, dest: &Path) -> Result<()> {
+pub(crate) fn promote(staging: tempfile::TempDir, dest: &Path) -> Result<()> {
     let parent = dest.parent().expect("dest has a parent");
     std::fs::create_dir_all(parent)?;
     let staged = staging.keep();

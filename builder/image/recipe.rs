@@ -136,7 +136,7 @@ pub struct Hygiene {
 
 /// A recipe problem located in its file: `file:line:col: message`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RecipeError {
+pub(crate) struct RecipeError {
     pub file: PathBuf,
     pub line: usize,
     pub column: usize,
@@ -421,7 +421,7 @@ impl Recipe {
 }
 
 /// `RECIPE.lock` beside `RECIPE.toml`.
-pub fn lock_path_for(recipe: &Path) -> PathBuf {
+pub(crate) fn lock_path_for(recipe: &Path) -> PathBuf {
     let mut s = recipe.as_os_str().to_owned();
     s.push(".lock");
     PathBuf::from(s)

@@ -25,15 +25,15 @@ const ENTRY: usize = 8 + 8 + 4 + 1 + 32 + 32;
 
 /// A BLAKE3 digest: fast enough to fingerprint every byte of an image on
 /// each build, and collision-resistant, so equal fingerprints mean equal data.
-pub type Fingerprint = [u8; 32];
+pub(crate) type Fingerprint = [u8; 32];
 
-pub fn fingerprint(data: &[u8]) -> Fingerprint {
+pub(crate) fn fingerprint(data: &[u8]) -> Fingerprint {
     blake3::hash(data).into()
 }
 
 /// One compressed piece of an output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Piece {
+pub(crate) struct Piece {
     /// Byte offset of the piece in the output file.
     pub offset: u64,
     pub len: u32,
@@ -47,18 +47,18 @@ pub struct Piece {
 
 /// The index of an output's pieces by position.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Index {
+pub(crate) struct Index {
     pieces: HashMap<u64, Piece>,
 }
 
 impl Index {
-    pub fn insert(&mut self, position: u64, piece: Piece) {
+    pub(crate) fn insert(&mut self, position: u64, piece: Piece) {
         self.pieces.insert(position, piece);
     }
 
     /// The index file's bytes: entries sorted by position (so the same output
     /// gives the same file), then a BLAKE3 of everything before it.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
         let mut positions: Vec<_> = self.pieces.keys().copied().collect();
         positions.sort_unstable();
         let mut out = Vec::with_capacity(16 + positions.len() * ENTRY + 32);
@@ -79,7 +79,7 @@ impl Index {
     }
 
     /// Parse an index file; `None` for anything truncated or altered.
-    pub fn from_bytes(data: &[u8]) -> Option<Index> {
+    pub(crate) fn from_bytes(data: &[u8]) -> Option<Index> {
         let (body, sum) = data.split_at_checked(data.len().checked_sub(32)?)?;
         if fingerprint(body) != sum || !body.starts_with(MAGIC) {
             return None;
@@ -108,14 +108,14 @@ impl Index {
 }
 
 /// Where the index of the reference output `reference` lives.
-pub fn index_path(reference: &Path) -> PathBuf {
+pub(crate) fn index_path(reference: &Path) -> PathBuf {
     let mut name = reference.as_os_str().to_owned();
     name.push(".idx");
     PathBuf::from(name)
 }
 
 /// A previous output and its index, opened for a rebuild.
-pub struct Reference {
+pub(crate) struct Reference {
     file: File,
     index: Index,
 }
@@ -123,7 +123,7 @@ pub struct Reference {
 impl Reference {
     /// The reference at `path` with its index; `None` when either is missing
     /// or unreadable (the build then compresses everything).
-    pub fn open(path: &Path) -> Option<Reference> {
+    pub(crate) fn open(path: &Path) -> Option<Reference> {
         let index = Index::from_bytes(&std::fs::read(index_path(path)).ok()?)?;
         let file = File::open(path).ok()?;
         Some(Reference { file, index })
@@ -131,7 +131,7 @@ impl Reference {
 
     /// The reference's piece at `position`, with its bytes, if it holds
     /// exactly the content fingerprinted `content` and its bytes are intact.
-    pub fn piece(&self, position: u64, content: &Fingerprint) -> Option<(Piece, Vec<u8>)> {
+    pub(crate) fn piece(&self, position: u64, content: &Fingerprint) -> Option<(Piece, Vec<u8>)> {
         let p = self.index.pieces.get(&position)?;
         if p.content != *content || p.len > MAX_PIECE {
             return None;
@@ -147,7 +147,7 @@ impl Reference {
 /// another filesystem, copied; each lands with a rename. A crash between the
 /// two leaves a pair that does not match, which only costs the next build
 /// its reuse. On failure the temp file is removed.
-pub fn keep(path: &Path, output: &Path, index: &Index) -> Result<()> {
+pub(crate) fn keep(path: &Path, output: &Path, index: &Index) -> Result<()> {
     crate::util::write_hint(&index_path(path), &index.to_bytes())?;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
@@ -167,7 +167,7 @@ pub fn keep(path: &Path, output: &Path, index: &Index) -> Result<()> {
 
 /// [`keep`] for a build: the reference only speeds up the next build, so
 /// failing to keep it (a full cache, say) is a warning, not a failed build.
-pub fn keep_or_warn(path: &Path, output: &Path, index: &Index) {
+pub(crate) fn keep_or_warn(path: &Path, output: &Path, index: &Index) {
     if let Err(e) = keep(path, output, index) {
         eprintln!("warning: cannot keep the reference for the next build: {e:#} (it will compress everything again)");
     }

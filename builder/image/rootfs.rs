@@ -20,7 +20,7 @@ const BASE_FORMAT: u32 = 3;
 
 /// A cached base rootfs tarball and what is known about it.
 #[derive(Debug, Clone)]
-pub struct BaseRootfs {
+pub(crate) struct BaseRootfs {
     pub tar: PathBuf,
     pub meta: BaseMeta,
     /// True when it came from the cache.
@@ -29,7 +29,7 @@ pub struct BaseRootfs {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BaseMeta {
+pub(crate) struct BaseMeta {
     pub key: String,
     pub sha256: String,
     pub size: u64,
@@ -41,7 +41,7 @@ pub struct BaseMeta {
 }
 
 /// The mmdebstrap mirror argument (snapshot URL when the recipe pins one).
-pub fn mirror_url(r: &Recipe) -> String {
+pub(crate) fn mirror_url(r: &Recipe) -> String {
     match (&r.base.snapshot, r.base.distribution) {
         (Some(ts), crate::image::recipe::Distribution::Debian) => {
             format!("http://snapshot.debian.org/archive/debian/{ts}")
@@ -67,7 +67,7 @@ fn include_list(r: &Recipe, lock: &Lockfile) -> Vec<String> {
 }
 
 /// The cache key: a digest of every input of the base stage.
-pub fn base_key(r: &Recipe, lock: &Lockfile) -> String {
+pub(crate) fn base_key(r: &Recipe, lock: &Lockfile) -> String {
     let v = serde_json::json!({
         "format": BASE_FORMAT,
         "distribution": r.base.distribution,
@@ -127,7 +127,12 @@ fn write_meta(path: &std::path::Path, meta: &BaseMeta) -> Result<()> {
 
 /// Return the base rootfs for this recipe and lock, building it when the
 /// cache has none.
-pub fn ensure_base(r: &Recipe, lock: &Lockfile, cache: &Cache, show: bool) -> Result<BaseRootfs> {
+pub(crate) fn ensure_base(
+    r: &Recipe,
+    lock: &Lockfile,
+    cache: &Cache,
+    show: bool,
+) -> Result<BaseRootfs> {
     let key = base_key(r, lock);
     if let Some(b) = lookup(cache, &key) {
         return Ok(b);
@@ -189,7 +194,7 @@ pub fn ensure_base(r: &Recipe, lock: &Lockfile, cache: &Cache, show: bool) -> Re
 /// The exact mmdebstrap arguments for this recipe and lock (after the program
 /// name; SOURCE_DATE_EPOCH goes in the environment). The benchmark runs these
 /// bare to compare against kiln.
-pub fn mmdebstrap_args(r: &Recipe, lock: &Lockfile, out: &std::path::Path) -> Vec<String> {
+pub(crate) fn mmdebstrap_args(r: &Recipe, lock: &Lockfile, out: &std::path::Path) -> Vec<String> {
     let mut args = vec![
         "--mode=root".to_string(),
         "--variant=apt".to_string(),
@@ -218,7 +223,7 @@ pub fn mmdebstrap_args(r: &Recipe, lock: &Lockfile, out: &std::path::Path) -> Ve
 
 /// Kernel modules a VM's initramfs needs to find its root disk on the
 /// controllers Proxmox and QEMU offer (dependencies are added by mkinitramfs).
-pub const VIRTUAL_INITRD_MODULES: &[&str] = &[
+pub(crate) const VIRTUAL_INITRD_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_scsi",
     "virtio_blk",
@@ -309,7 +314,7 @@ fn run_mmdebstrap(
 }
 
 /// Installed packages and versions, from dpkg's status database in the tar.
-pub fn read_packages(tar_path: &std::path::Path) -> Result<BTreeMap<String, String>> {
+pub(crate) fn read_packages(tar_path: &std::path::Path) -> Result<BTreeMap<String, String>> {
     let info = crate::image::compose::index_base(tar_path, &|p| p == "var/lib/dpkg/status")?;
     let status = info
         .captured
@@ -319,7 +324,7 @@ pub fn read_packages(tar_path: &std::path::Path) -> Result<BTreeMap<String, Stri
 }
 
 /// `Package` → `Version` for every installed stanza.
-pub fn parse_dpkg_status(text: &str) -> BTreeMap<String, String> {
+pub(crate) fn parse_dpkg_status(text: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for stanza in text.split("\n\n") {
         let mut name = None;

@@ -496,13 +496,13 @@ pub(crate) mod child_test {
 
     /// Whether this process is the child of [`spawn`] (the ignored test
     /// should then run; otherwise it returns at once).
-    pub fn is_child() -> bool {
+    pub(crate) fn is_child() -> bool {
         std::env::var_os("KILN_TEST_CHILD").is_some()
     }
 
     /// Run the ignored test `name` (its full path) alone in a child process,
     /// with `envs` set; its stdout lines arrive on the returned channel.
-    pub fn spawn(
+    pub(crate) fn spawn(
         name: &str,
         envs: &[(&str, String)],
     ) -> (Child, std::sync::mpsc::Receiver<String>) {
@@ -534,7 +534,7 @@ pub(crate) mod child_test {
     }
 
     /// Wait (at most 30 s) for a stdout line of the child containing `marker`.
-    pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, marker: &str) {
+    pub(crate) fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, marker: &str) {
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             let left = end.saturating_duration_since(Instant::now());
@@ -546,14 +546,14 @@ pub(crate) mod child_test {
         }
     }
 
-    pub fn sigint(child: &Child) {
+    pub(crate) fn sigint(child: &Child) {
         // SAFETY: kill(2) on our own child, not yet reaped.
         assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     }
 
     /// The child's exit status and how long it took to come, killing it
     /// after `limit`.
-    pub fn wait_exit(child: &mut Child, limit: Duration) -> (ExitStatus, Duration) {
+    pub(crate) fn wait_exit(child: &mut Child, limit: Duration) -> (ExitStatus, Duration) {
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {

@@ -20,7 +20,7 @@ const INIT_FAILED: u64 = u64::MAX;
 const WINDOW_PER_THREAD: usize = 4;
 
 /// How many workers to run: one per core.
-pub fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -30,7 +30,7 @@ pub fn threads() -> usize {
 /// worker or the consumer failed); the producer should then return. After a
 /// job fails no new job starts; the error returned is the earliest failing
 /// job's (in sending order), else the consumer's, else the producer's.
-pub fn map_ordered<J, R, St>(
+pub(crate) fn map_ordered<J, R, St>(
     threads: usize,
     produce: impl FnOnce(&mut dyn FnMut(J) -> bool) -> Result<()> + Send,
     init: impl Fn() -> Result<St> + Sync,
@@ -149,7 +149,7 @@ fn consume_in_order<R>(
 /// Run `f` over `items` on up to `workers` threads. Results keep the input
 /// order; after a failure no new item starts, and the earliest failing item's
 /// error is returned.
-pub fn map_slice<T: Sync, R: Send>(
+pub(crate) fn map_slice<T: Sync, R: Send>(
     items: &[T],
     workers: usize,
     f: impl Fn(&T) -> Result<R> + Sync,

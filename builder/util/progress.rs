@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 /// Whether bars are drawn: only on a terminal and not when `--json` is on.
-pub fn enabled(json: bool) -> bool {
+pub(crate) fn enabled(json: bool) -> bool {
     !json && std::io::stderr().is_terminal() && std::env::var_os("KILN_NO_PROGRESS").is_none()
 }
 
@@ -19,7 +19,7 @@ fn target(show: bool) -> ProgressDrawTarget {
 }
 
 /// A byte counter (downloads, uploads, copies).
-pub fn bytes(show: bool, total: Option<u64>, msg: impl Into<String>) -> ProgressBar {
+pub(crate) fn bytes(show: bool, total: Option<u64>, msg: impl Into<String>) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(total, target(show));
     let style = if total.is_some() {
         "{spinner} {msg:30} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
@@ -37,7 +37,7 @@ pub fn bytes(show: bool, total: Option<u64>, msg: impl Into<String>) -> Progress
 }
 
 /// A counter of items (packages, files, checks).
-pub fn items(show: bool, total: Option<u64>, msg: impl Into<String>) -> ProgressBar {
+pub(crate) fn items(show: bool, total: Option<u64>, msg: impl Into<String>) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(total, target(show));
     let style = if total.is_some() {
         "{spinner} {msg:30} [{bar:30}] {pos}/{len} {elapsed}"
@@ -55,7 +55,7 @@ pub fn items(show: bool, total: Option<u64>, msg: impl Into<String>) -> Progress
 }
 
 /// A spinner for work with no countable unit (a child process).
-pub fn spinner(show: bool, msg: impl Into<String>) -> ProgressBar {
+pub(crate) fn spinner(show: bool, msg: impl Into<String>) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(None, target(show));
     pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").unwrap());
     pb.set_message(msg.into());

@@ -18,7 +18,7 @@ pub struct CommandResult {
 
 /// Facts about this boot the default checks compare against.
 #[derive(Debug, Clone)]
-pub struct BootFacts {
+pub(crate) struct BootFacts {
     /// The hostname given to cloud-init in the seed's meta-data.
     pub hostname: String,
     /// Whether the image claims Secure Boot (and this boot is UEFI).
@@ -26,7 +26,7 @@ pub struct BootFacts {
 }
 
 /// Checks every image must pass. They run as root (through `sudo -n`).
-pub fn default_checks(facts: &BootFacts) -> Vec<CheckSpec> {
+pub(crate) fn default_checks(facts: &BootFacts) -> Vec<CheckSpec> {
     let mut checks = vec![
         CheckSpec {
             name: "system running, no failed units".into(),
@@ -132,7 +132,7 @@ pub fn default_checks(facts: &BootFacts) -> Vec<CheckSpec> {
 
 /// The hostname cloud-init should apply: user-data's `hostname:` wins over
 /// the seed's `local-hostname` (as cloud-init's set_hostname module does).
-pub fn expected_hostname(user_data: Option<&str>, seeded: &str) -> String {
+pub(crate) fn expected_hostname(user_data: Option<&str>, seeded: &str) -> String {
     let re =
         Regex::new(r#"(?m)^hostname:[ \t]*["']?([A-Za-z0-9][A-Za-z0-9.-]*)["']?[ \t]*(#.*)?$"#)
             .expect("hostname pattern");
@@ -145,7 +145,7 @@ pub fn expected_hostname(user_data: Option<&str>, seeded: &str) -> String {
 
 /// Check that a recipe's checks are well formed (names unique, regexes valid)
 /// before booting anything.
-pub fn check_specs(specs: &[CheckSpec]) -> Result<()> {
+pub(crate) fn check_specs(specs: &[CheckSpec]) -> Result<()> {
     let mut seen = std::collections::BTreeSet::new();
     for s in specs {
         if !seen.insert(s.name.as_str()) {
@@ -163,7 +163,7 @@ pub fn check_specs(specs: &[CheckSpec]) -> Result<()> {
 }
 
 /// Decide whether a command's result satisfies a check.
-pub fn evaluate(spec: &CheckSpec, result: &CommandResult) -> CheckOutcome {
+pub(crate) fn evaluate(spec: &CheckSpec, result: &CommandResult) -> CheckOutcome {
     let verdict: Result<(), String> = (|| {
         if result.timed_out {
             return Err(format!("timed out after {} s", spec.timeout));
@@ -217,18 +217,18 @@ fn clip(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-pub fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
 /// Quote a string for a POSIX shell.
-pub fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// The remote command line for a check: root through sudo, bounded by
 /// `timeout` inside the guest as well as by the SSH deadline outside it.
-pub fn remote_command(spec: &CheckSpec) -> String {
+pub(crate) fn remote_command(spec: &CheckSpec) -> String {
     format!(
         "sudo -n timeout -k 5 {} sh -c {}",
         spec.timeout,

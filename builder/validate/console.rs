@@ -82,7 +82,7 @@ fn patterns() -> &'static [(FindingKind, Regex)] {
 
 /// Remove ANSI escape sequences and carriage returns (systemd colours its
 /// status lines; the console also carries cursor movements).
-pub fn strip_escapes(line: &str) -> String {
+pub(crate) fn strip_escapes(line: &str) -> String {
     static ESC: OnceLock<Regex> = OnceLock::new();
     let esc = ESC.get_or_init(|| {
         Regex::new(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>c]").unwrap()
@@ -94,7 +94,7 @@ pub fn strip_escapes(line: &str) -> String {
 }
 
 /// Classify one (already stripped) console line.
-pub fn classify(line: &str) -> Option<FindingKind> {
+pub(crate) fn classify(line: &str) -> Option<FindingKind> {
     patterns()
         .iter()
         .find(|(_, re)| re.is_match(line))
@@ -103,7 +103,7 @@ pub fn classify(line: &str) -> Option<FindingKind> {
 
 /// Scan a whole console text at once.
 #[cfg(test)]
-pub fn scan_text(text: &str) -> Vec<Finding> {
+pub(crate) fn scan_text(text: &str) -> Vec<Finding> {
     let mut s = Scanner::default();
     s.feed(text.as_bytes());
     s.finish();
@@ -227,7 +227,7 @@ impl ConsoleLog {
 }
 
 /// The last `n` lines of a console log, escapes removed.
-pub fn tail_lines(path: &Path, n: usize) -> String {
+pub(crate) fn tail_lines(path: &Path, n: usize) -> String {
     let bytes = std::fs::read(path).unwrap_or_default();
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<String> = text.lines().map(strip_escapes).collect();

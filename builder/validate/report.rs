@@ -16,7 +16,7 @@ pub struct ImageResult {
 }
 
 /// A readable summary: one line per image, one per check with its time.
-pub fn human(results: &[ImageResult]) -> String {
+pub(crate) fn human(results: &[ImageResult]) -> String {
     let mut s = String::new();
     for r in results {
         let verdict = if r.validated { "PASSED" } else { "FAILED" };
@@ -55,7 +55,7 @@ pub fn human(results: &[ImageResult]) -> String {
 }
 
 /// Machine-readable output for `--json`.
-pub fn json(results: &[ImageResult]) -> serde_json::Value {
+pub(crate) fn json(results: &[ImageResult]) -> serde_json::Value {
     serde_json::json!({ "images": results })
 }
 
@@ -78,7 +78,7 @@ fn xml_escape(s: &str) -> String {
 
 /// JUnit XML: a testsuite per image, a testcase per check. An image that
 /// could not boot gets a single failing `boot` testcase carrying the error.
-pub fn junit(results: &[ImageResult]) -> String {
+pub(crate) fn junit(results: &[ImageResult]) -> String {
     let mut s = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let total: usize = results.iter().map(|r| cases(r).len()).sum();
     let failed: usize = results

@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// What the seed carries to cloud-init.
 #[derive(Debug, Clone)]
-pub struct Seed {
+pub(crate) struct Seed {
     pub instance_id: String,
     pub hostname: String,
     /// `ssh-ed25519 AAAA…` keys for cloud-init's default user.
@@ -17,7 +17,7 @@ pub struct Seed {
 }
 
 /// User-data used when an image declares none.
-pub const MINIMAL_USER_DATA: &str = "#cloud-config\n{}\n";
+pub(crate) const MINIMAL_USER_DATA: &str = "#cloud-config\n{}\n";
 
 /// Size of the seed volume: small, but large enough for FAT12 and big
 /// user-data documents.
@@ -26,7 +26,7 @@ const SEED_BYTES: u64 = 4 << 20;
 impl Seed {
     /// NoCloud meta-data (YAML): the instance id, hostname and SSH keys. Keys
     /// go here, not into user-data, so the role's user-data stays as written.
-    pub fn meta_data(&self) -> String {
+    pub(crate) fn meta_data(&self) -> String {
         let mut s = format!(
             "instance-id: {}\nlocal-hostname: {}\n",
             yaml_str(&self.instance_id),
@@ -42,7 +42,7 @@ impl Seed {
     }
 
     /// Write the seed volume to `path` (atomically).
-    pub fn write(&self, path: &Path) -> Result<()> {
+    pub(crate) fn write(&self, path: &Path) -> Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut tmp = tempfile::Builder::new()
             .prefix(".kiln-seed-")

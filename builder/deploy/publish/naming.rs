@@ -5,13 +5,13 @@ use crate::deploy::pve::config::Target;
 use crate::image::manifest::ImageManifest;
 
 /// Tag every kiln template carries.
-pub const KILN_TAG: &str = "kiln";
+pub(crate) const KILN_TAG: &str = "kiln";
 /// Prefix of the tag holding the short image id.
-pub const ID_TAG_PREFIX: &str = "id-";
+pub(crate) const ID_TAG_PREFIX: &str = "id-";
 
 /// `<name>-<version>` as a DNS label: lowercase letters, digits and inner
 /// hyphens, at most 63 characters.
-pub fn vm_name(name: &str, version: &str) -> String {
+pub(crate) fn vm_name(name: &str, version: &str) -> String {
     let raw = format!("{name}-{version}").to_ascii_lowercase();
     let mut out = String::new();
     for c in raw.chars() {
@@ -31,7 +31,7 @@ pub fn vm_name(name: &str, version: &str) -> String {
 }
 
 /// Make a string fit PVE's tag pattern `[a-z0-9_][a-z0-9_\-+.]*`.
-pub fn tag(s: &str) -> String {
+pub(crate) fn tag(s: &str) -> String {
     let mut out: String = s
         .to_ascii_lowercase()
         .chars()
@@ -50,12 +50,12 @@ pub fn tag(s: &str) -> String {
 }
 
 /// The id tag for an image.
-pub fn id_tag(m: &ImageManifest) -> String {
+pub(crate) fn id_tag(m: &ImageManifest) -> String {
     format!("{ID_TAG_PREFIX}{}", tag(m.short_id()))
 }
 
 /// Tags of a template: kiln, the image name, the version, the short id.
-pub fn tags(m: &ImageManifest) -> Vec<String> {
+pub(crate) fn tags(m: &ImageManifest) -> Vec<String> {
     let mut t = vec![
         KILN_TAG.to_string(),
         tag(&m.name),
@@ -79,7 +79,7 @@ fn safe_file_part(s: &str) -> String {
 }
 
 /// Upload name of the disk: only PVE's safe characters, `.qcow2`/`.raw`.
-pub fn import_file_name(m: &ImageManifest) -> String {
+pub(crate) fn import_file_name(m: &ImageManifest) -> String {
     let ext = if m.disk.format == "raw" {
         "raw"
     } else {
@@ -94,7 +94,7 @@ pub fn import_file_name(m: &ImageManifest) -> String {
 }
 
 /// Upload name of the LXC rootfs archive.
-pub fn lxc_file_name(m: &ImageManifest) -> String {
+pub(crate) fn lxc_file_name(m: &ImageManifest) -> String {
     format!(
         "kiln-{}-{}-{}.tar.zst",
         safe_file_part(&m.name),
@@ -104,15 +104,15 @@ pub fn lxc_file_name(m: &ImageManifest) -> String {
 }
 
 /// Machine-readable lines kiln reads back from a template's description.
-pub mod keys {
-    pub const IMAGE: &str = "kiln-image";
-    pub const VERSION: &str = "kiln-version";
-    pub const ID: &str = "kiln-id";
-    pub const CREATED: &str = "kiln-created";
+pub(crate) mod keys {
+    pub(crate) const IMAGE: &str = "kiln-image";
+    pub(crate) const VERSION: &str = "kiln-version";
+    pub(crate) const ID: &str = "kiln-id";
+    pub(crate) const CREATED: &str = "kiln-created";
 }
 
 /// Description with the manifest summary (PVE allows 8 KiB).
-pub fn description(m: &ImageManifest, created: &str) -> String {
+pub(crate) fn description(m: &ImageManifest, created: &str) -> String {
     let validated = match &m.validation {
         Some(v) if v.validated => {
             format!("yes ({}, {} checks, {})", v.when, v.checks.len(), v.accel)
@@ -151,7 +151,7 @@ pub fn description(m: &ImageManifest, created: &str) -> String {
 }
 
 /// Parse the `kiln-*: value` lines of a description.
-pub fn parse_description(d: &str) -> std::collections::BTreeMap<String, String> {
+pub(crate) fn parse_description(d: &str) -> std::collections::BTreeMap<String, String> {
     d.lines()
         .filter_map(|l| l.split_once(": "))
         .filter(|(k, _)| k.starts_with("kiln-"))
@@ -160,7 +160,7 @@ pub fn parse_description(d: &str) -> std::collections::BTreeMap<String, String> 
 }
 
 /// Parameters of `POST /nodes/{node}/qemu` for a template from an imported disk.
-pub fn create_params(
+pub(crate) fn create_params(
     t: &Target,
     m: &ImageManifest,
     vmid: u32,
@@ -199,7 +199,7 @@ pub fn create_params(
     p
 }
 
-pub use crate::util::now_rfc3339;
+pub(crate) use crate::util::now_rfc3339;
 
 #[cfg(test)]
 mod tests {

@@ -16,7 +16,7 @@ use std::path::Path;
 use crate::image::manifest::ImageManifest;
 
 /// Quote for a POSIX shell.
-pub fn sh_quote(s: &str) -> String {
+pub(crate) fn sh_quote(s: &str) -> String {
     if !s.is_empty()
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@+%".contains(c))
@@ -28,7 +28,7 @@ pub fn sh_quote(s: &str) -> String {
 }
 
 /// `qm create` with the API create parameters minus the imported disk.
-pub fn qm_create(vmid: u32, params: &[(String, String)]) -> String {
+pub(crate) fn qm_create(vmid: u32, params: &[(String, String)]) -> String {
     let mut cmd = format!("qm create {vmid}");
     for (k, v) in params {
         if k == "vmid" || k == "scsi0" {
@@ -39,7 +39,7 @@ pub fn qm_create(vmid: u32, params: &[(String, String)]) -> String {
     cmd
 }
 
-pub fn qm_disk_import(vmid: u32, remote_file: &str, storage: &str, format: &str) -> String {
+pub(crate) fn qm_disk_import(vmid: u32, remote_file: &str, storage: &str, format: &str) -> String {
     format!(
         "qm disk import {vmid} {} {} --format {}",
         sh_quote(remote_file),
@@ -50,7 +50,7 @@ pub fn qm_disk_import(vmid: u32, remote_file: &str, storage: &str, format: &str)
 
 /// The volume `qm disk import` created, from its last output line
 /// (`Successfully imported disk as 'unused0:local-lvm:vm-9000-disk-1'`).
-pub fn imported_volume(output: &str) -> Option<String> {
+pub(crate) fn imported_volume(output: &str) -> Option<String> {
     let line = output
         .lines()
         .rev()
@@ -60,18 +60,18 @@ pub fn imported_volume(output: &str) -> Option<String> {
     Some(vol.to_string())
 }
 
-pub fn qm_attach(vmid: u32, volume: &str) -> String {
+pub(crate) fn qm_attach(vmid: u32, volume: &str) -> String {
     format!(
         "qm set {vmid} --scsi0 {} --boot order=scsi0",
         sh_quote(&format!("{volume},discard=on,iothread=1"))
     )
 }
 
-pub fn qm_template(vmid: u32) -> String {
+pub(crate) fn qm_template(vmid: u32) -> String {
     format!("qm template {vmid}")
 }
 
-pub fn qm_destroy(vmid: u32) -> String {
+pub(crate) fn qm_destroy(vmid: u32) -> String {
     format!("qm destroy {vmid} --purge 1 --destroy-unreferenced-disks 1")
 }
 
@@ -232,7 +232,7 @@ fn verify_host_key(sess: &ssh2::Session, c: &SshConfig) -> Result<()> {
 
 /// Minimal standard base64 (no padding) for host key fingerprints.
 mod base64_engine {
-    pub fn encode(data: &[u8]) -> String {
+    pub(super) fn encode(data: &[u8]) -> String {
         const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut s = String::new();
         for ch in data.chunks(3) {
@@ -248,7 +248,7 @@ mod base64_engine {
 
 /// Publish over SSH: copy, create, import, attach, template. The API is
 /// still used for discovery and idempotency (older PVE has those endpoints).
-pub fn publish(
+pub(crate) fn publish(
     pve: &Pve,
     target: &Target,
     dir: &Path,

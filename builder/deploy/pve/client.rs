@@ -16,12 +16,12 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// Percent-encode one path segment (UPIDs and volume ids contain `:` and `/`).
-pub fn seg(s: &str) -> String {
+pub(crate) fn seg(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 /// A connected API client for one target.
-pub struct Pve {
+pub(crate) struct Pve {
     pub(super) http: reqwest::blocking::Client,
     /// Async client for uploads; keeps no idle connections because each
     /// upload runs on its own short-lived runtime.
@@ -94,7 +94,7 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCert {
     }
 }
 
-pub fn colon_hex(b: &[u8]) -> String {
+pub(crate) fn colon_hex(b: &[u8]) -> String {
     b.iter()
         .map(|x| format!("{x:02X}"))
         .collect::<Vec<_>>()
@@ -142,7 +142,7 @@ impl TlsSetup {
 }
 
 impl Pve {
-    pub fn connect(target: &Target) -> Result<Pve> {
+    pub(crate) fn connect(target: &Target) -> Result<Pve> {
         let cfg = &target.cfg;
         let tls = TlsSetup::from_target(target)?;
         let agent = concat!("kiln/", env!("CARGO_PKG_VERSION"));
@@ -249,7 +249,7 @@ impl Pve {
         .into())
     }
 
-    pub fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
+    pub(crate) fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
         let rb = self
             .http
             .get(format!("{}{path}", self.base))
@@ -258,7 +258,7 @@ impl Pve {
         self.send(reqwest::Method::GET, path, rb)
     }
 
-    pub fn post(&self, path: &str, form: &[(String, String)]) -> Result<Value> {
+    pub(crate) fn post(&self, path: &str, form: &[(String, String)]) -> Result<Value> {
         let rb = self
             .http
             .post(format!("{}{path}", self.base))
@@ -267,7 +267,7 @@ impl Pve {
         self.send(reqwest::Method::POST, path, rb)
     }
 
-    pub fn delete(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
+    pub(crate) fn delete(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
         let rb = self
             .http
             .delete(format!("{}{path}", self.base))
@@ -277,7 +277,7 @@ impl Pve {
     }
 
     /// `(major, minor)` of the PVE release.
-    pub fn version(&self) -> Result<(u32, u32, String)> {
+    pub(crate) fn version(&self) -> Result<(u32, u32, String)> {
         let v = self.get("/version", &[])?;
         let full = v
             .get("version")
@@ -299,7 +299,7 @@ pub(super) fn reason_of(ext: &http::Extensions) -> Option<String> {
 /// hyper keeps a non-canonical reason phrase (PVE's error text) in the
 /// response extensions; reqwest passes extensions through.
 mod hyper_reason {
-    pub use hyper::ext::ReasonPhrase;
+    pub(super) use hyper::ext::ReasonPhrase;
 }
 
 #[cfg(test)]

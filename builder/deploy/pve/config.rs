@@ -6,11 +6,11 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub const DEFAULT_TOKEN_ENV: &str = "KILN_PVE_TOKEN";
+pub(crate) const DEFAULT_TOKEN_ENV: &str = "KILN_PVE_TOKEN";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+pub(crate) struct ConfigFile {
     #[serde(default)]
     pub targets: BTreeMap<String, TargetConfig>,
 }
@@ -195,7 +195,7 @@ impl Target {
 }
 
 /// Where config files are looked for, in order.
-pub fn config_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
+pub(crate) fn config_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
     if let Some(p) = explicit {
         return vec![p.to_path_buf()];
     }
@@ -206,7 +206,7 @@ pub fn config_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
     v
 }
 
-pub fn load_config(path: &Path) -> Result<ConfigFile> {
+pub(crate) fn load_config(path: &Path) -> Result<ConfigFile> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("{} is not a valid kiln config", path.display()))
@@ -214,7 +214,7 @@ pub fn load_config(path: &Path) -> Result<ConfigFile> {
 
 /// Resolve `--target NAME` from the config, or without it a target made
 /// wholly from `KILN_PVE_*` variables. `env` is the environment lookup.
-pub fn resolve(
+pub(crate) fn resolve(
     target: Option<&str>,
     config: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
@@ -333,7 +333,7 @@ fn is_loopback(url: &reqwest::Url) -> bool {
 }
 
 /// Parse a SHA-256 fingerprint written `AA:BB:...` or as 64 hex digits.
-pub fn parse_fingerprint(s: &str) -> Result<[u8; 32]> {
+pub(crate) fn parse_fingerprint(s: &str) -> Result<[u8; 32]> {
     let hexs: String = s.chars().filter(|c| *c != ':').collect();
     let bytes = hex::decode(hexs.trim())
         .ok()

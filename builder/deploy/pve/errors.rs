@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 /// An error answer of the API, decoded from PVE's conventions.
 #[derive(Debug, thiserror::Error)]
 #[error("{method} {path}: {status} {message}{}", fmt_errors(.errors))]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub method: String,
     pub path: String,
     pub status: u16,
@@ -27,7 +27,7 @@ fn fmt_errors(e: &BTreeMap<String, String>) -> String {
 }
 
 impl ApiError {
-    pub fn mentions(&self, needle: &str) -> bool {
+    pub(crate) fn mentions(&self, needle: &str) -> bool {
         self.message.contains(needle) || self.errors.values().any(|v| v.contains(needle))
     }
 }
@@ -35,7 +35,7 @@ impl ApiError {
 /// Whether an error is PVE saying the VM, volume or storage does not exist
 /// (PVE answers 500 with "... does not exist" for a missing VM config,
 /// `PVE/QemuConfig.pm` via `PVE::AbstractConfig::load_config`, and for missing volumes).
-pub fn is_missing(e: &anyhow::Error) -> bool {
+pub(crate) fn is_missing(e: &anyhow::Error) -> bool {
     e.downcast_ref::<ApiError>()
         .is_some_and(|a| a.mentions("does not exist"))
 }

@@ -9,4 +9,4 @@ pub(crate) mod upload;
 pub(crate) mod vms;
 pub(crate) mod volumes;
 
-pub use client::Pve;
+pub(crate) use client::Pve;

@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 use super::client::{seg, Pve};
 use super::errors::ApiError;
 
-
 impl Pve {
     /// Wait for a task to stop; `OK` and `WARNINGS: N` are success.
-    pub fn wait_task(&self, upid: &str, what: &str) -> Result<()> {
+    pub(crate) fn wait_task(&self, upid: &str, what: &str) -> Result<()> {
         let node = upid
             .split(':')
             .nth(1)

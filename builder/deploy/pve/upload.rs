@@ -15,7 +15,7 @@ use super::errors::ApiError;
 impl Pve {
     /// Stream a file as `multipart/form-data` to the upload endpoint: fields
     /// first, the file part (`filename`) last, with a Content-Length.
-    pub fn upload(
+    pub(crate) fn upload(
         &self,
         storage: &str,
         content: &str,
@@ -143,7 +143,7 @@ impl Pve {
     }
 }
 
-pub struct UploadOutcome {
+pub(crate) struct UploadOutcome {
     pub upid: String,
     /// Bytes of the file sent.
     pub bytes: u64,
@@ -152,7 +152,7 @@ pub struct UploadOutcome {
 }
 
 /// A multipart body whose length is known before a byte is sent.
-pub struct MultipartBody {
+pub(crate) struct MultipartBody {
     pub boundary: String,
     pub prefix: Vec<u8>,
     pub suffix: Vec<u8>,
@@ -160,7 +160,7 @@ pub struct MultipartBody {
 }
 
 impl MultipartBody {
-    pub fn new(fields: &[(&str, &str)], filename: &str, file_len: u64) -> MultipartBody {
+    pub(crate) fn new(fields: &[(&str, &str)], filename: &str, file_len: u64) -> MultipartBody {
         use rand_boundary as rb;
         let boundary = rb();
         let mut prefix = Vec::new();
@@ -184,12 +184,12 @@ impl MultipartBody {
         }
     }
 
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.prefix.len() as u64 + self.file_len + self.suffix.len() as u64
     }
 
     /// A reader over the whole body that never holds more than a buffer.
-    pub fn reader(
+    pub(crate) fn reader(
         &self,
         file: std::fs::File,
         sent: Arc<std::sync::atomic::AtomicU64>,

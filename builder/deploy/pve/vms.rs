@@ -10,7 +10,7 @@ use super::errors::is_missing;
 
 /// A VM as `/cluster/resources` lists it.
 #[derive(Debug, Clone)]
-pub struct VmEntry {
+pub(crate) struct VmEntry {
     pub vmid: u32,
     pub name: String,
     pub node: String,
@@ -18,7 +18,7 @@ pub struct VmEntry {
     pub tags: Vec<String>,
 }
 
-pub fn list_vms(pve: &Pve) -> Result<Vec<VmEntry>> {
+pub(crate) fn list_vms(pve: &Pve) -> Result<Vec<VmEntry>> {
     let v = pve.get("/cluster/resources", &[("type", "vm".into())])?;
     let arr = v
         .as_array()
@@ -48,19 +48,23 @@ pub fn list_vms(pve: &Pve) -> Result<Vec<VmEntry>> {
 }
 
 /// PVE sends numbers sometimes as strings.
-pub fn as_u64(v: &Value) -> Option<u64> {
+pub(crate) fn as_u64(v: &Value) -> Option<u64> {
     v.as_u64()
         .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
 }
 
 /// A VM's current configuration (`GET /nodes/{node}/qemu/{vmid}/config`).
-pub fn vm_config(pve: &Pve, node: &str, vmid: u32) -> Result<serde_json::Map<String, Value>> {
+pub(crate) fn vm_config(
+    pve: &Pve,
+    node: &str,
+    vmid: u32,
+) -> Result<serde_json::Map<String, Value>> {
     let v = pve.get(&format!("/nodes/{}/qemu/{vmid}/config", seg(node)), &[])?;
     v.as_object().cloned().context("VM config is not an object")
 }
 
 /// Wait until a VM carries no lock (a task of an earlier run may still hold it).
-pub fn wait_unlocked(pve: &Pve, node: &str, vmid: u32) -> Result<()> {
+pub(crate) fn wait_unlocked(pve: &Pve, node: &str, vmid: u32) -> Result<()> {
     let start = Instant::now();
     loop {
         let v = match pve.get(
@@ -83,7 +87,7 @@ pub fn wait_unlocked(pve: &Pve, node: &str, vmid: u32) -> Result<()> {
 }
 
 /// Destroy a VM kiln created (and its disks).
-pub fn destroy_vm(pve: &Pve, node: &str, vmid: u32) -> Result<()> {
+pub(crate) fn destroy_vm(pve: &Pve, node: &str, vmid: u32) -> Result<()> {
     wait_unlocked(pve, node, vmid)?;
     let res = pve.delete(
         &format!("/nodes/{}/qemu/{vmid}", seg(node)),

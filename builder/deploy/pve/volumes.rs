@@ -9,7 +9,7 @@ use super::errors::is_missing;
 use super::vms::as_u64;
 
 /// Check a storage exists on the node and allows `content`.
-pub fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) -> Result<()> {
+pub(crate) fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) -> Result<()> {
     let v = pve.get(
         &format!("/nodes/{}/storage", seg(&pve.node)),
         &[("storage", storage.into())],
@@ -32,7 +32,7 @@ pub fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) -> Resu
 }
 
 /// Delete a volume (gone already counts as done).
-pub fn delete_volume(pve: &Pve, storage: &str, volid: &str) -> Result<()> {
+pub(crate) fn delete_volume(pve: &Pve, storage: &str, volid: &str) -> Result<()> {
     let res = pve.delete(
         &format!(
             "/nodes/{}/storage/{}/content/{}",
@@ -54,7 +54,12 @@ pub fn delete_volume(pve: &Pve, storage: &str, volid: &str) -> Result<()> {
 }
 
 /// The size of a volume, or None when the storage does not list it.
-pub fn volume_exists(pve: &Pve, storage: &str, content: &str, volid: &str) -> Result<Option<u64>> {
+pub(crate) fn volume_exists(
+    pve: &Pve,
+    storage: &str,
+    content: &str,
+    volid: &str,
+) -> Result<Option<u64>> {
     let v = pve.get(
         &format!("/nodes/{}/storage/{}/content", seg(&pve.node), seg(storage)),
         &[("content", content.into())],

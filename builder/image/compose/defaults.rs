@@ -7,7 +7,7 @@ use super::{AddKind, Addition, BaseInfo, Content};
 use crate::image::recipe::Recipe;
 
 /// Unit files compose must capture from the base to enable the recipe's units.
-pub fn unit_paths(recipe: &Recipe) -> Vec<String> {
+pub(crate) fn unit_paths(recipe: &Recipe) -> Vec<String> {
     recipe
         .units
         .enable
@@ -46,7 +46,7 @@ fn mask(unit: &str) -> Addition {
 
 /// Files kiln writes into every image: identity reset, fstab, cloud-init
 /// config, and immutability (no apt timers, no unattended upgrades).
-pub fn kiln_defaults(recipe: &Recipe, root_fs_uuid: &str, info: &BaseInfo) -> Vec<Addition> {
+pub(crate) fn kiln_defaults(recipe: &Recipe, root_fs_uuid: &str, info: &BaseInfo) -> Vec<Addition> {
     let origin = "kiln defaults";
     let mut v = vec![
         file("/etc/machine-id", String::new(), origin),
@@ -103,7 +103,7 @@ fn install_targets(text: &str) -> Vec<(String, &'static str)> {
 
 /// Enable units as `systemctl enable` would (symlinks in `*.wants`), and
 /// disable ones the recipe names, without running anything in the image.
-pub fn unit_additions(
+pub(crate) fn unit_additions(
     recipe: &Recipe,
     info: &BaseInfo,
     added: &[Addition],
@@ -155,7 +155,7 @@ pub fn unit_additions(
 }
 
 /// Whether a base entry is a `*.wants`/`*.requires` link to a disabled unit.
-pub fn is_disabled_link(recipe: &Recipe, path: &str) -> bool {
+pub(crate) fn is_disabled_link(recipe: &Recipe, path: &str) -> bool {
     path.starts_with("etc/systemd/system/")
         && (path.contains(".wants/") || path.contains(".requires/"))
         && recipe

@@ -8,7 +8,7 @@ use crate::image::compose::{BaseInfo, Node};
 use crate::image::recipe::Recipe;
 
 /// Whether compose must capture `path` from the base rootfs for the disk.
-pub fn wanted(path: &str, bios: bool) -> bool {
+pub(crate) fn wanted(path: &str, bios: bool) -> bool {
     path == super::SHIM
         || path == super::GRUB_SIGNED
         || path == super::MOK_MANAGER
@@ -17,7 +17,7 @@ pub fn wanted(path: &str, bios: bool) -> bool {
 
 /// Shim, signed grub, the kernel version and (for BIOS boot) GRUB's i386-pc
 /// images made from the base rootfs's grub-pc-bin, in `scratch`.
-pub fn files(info: &BaseInfo, recipe: &Recipe, scratch: &Path) -> Result<super::BootFiles> {
+pub(crate) fn files(info: &BaseInfo, recipe: &Recipe, scratch: &Path) -> Result<super::BootFiles> {
     let need = |p: &str, pkg: &str| {
         info.captured.get(p).cloned().with_context(|| {
             format!("the rootfs has no /{p} (package {pkg}); it is needed to boot with Secure Boot")

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
 /// A window `[start, start+len)` of a file, seen as a whole device.
-pub struct Slice<'a> {
+pub(crate) struct Slice<'a> {
     file: &'a mut File,
     start: u64,
     len: u64,
@@ -14,7 +14,7 @@ pub struct Slice<'a> {
 }
 
 impl<'a> Slice<'a> {
-    pub fn new(file: &'a mut File, start: u64, len: u64) -> Self {
+    pub(crate) fn new(file: &'a mut File, start: u64, len: u64) -> Self {
         Slice {
             file,
             start,
@@ -104,7 +104,7 @@ fn fat_time(epoch: u64) -> fatfs::DateTime {
 /// Format `[start, start+len)` of `file` as FAT with `label` and `volume_id`,
 /// and write `files` (paths like `EFI/BOOT/BOOTX64.EFI`) with every timestamp
 /// set to `epoch`. The same inputs give the same bytes.
-pub fn write_volume(
+pub(crate) fn write_volume(
     file: &mut File,
     start: u64,
     len: u64,

@@ -24,7 +24,7 @@ pub(crate) struct Credential {
 
 impl Credential {
     /// The `Authorization: Basic …` header value.
-    pub fn basic_header(&self) -> String {
+    pub(crate) fn basic_header(&self) -> String {
         let raw = format!("{}:{}", self.username, self.password);
         format!(
             "Basic {}",

@@ -45,7 +45,7 @@ pub(crate) enum StoreError {
 }
 
 impl BlobCache {
-    pub fn open(cache_dir: &Path) -> Result<Self> {
+    pub(super) fn open(cache_dir: &Path) -> Result<Self> {
         let dir = cache_dir.join("blobs").join("sha256");
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create the image cache {}", dir.display()))?;
@@ -53,18 +53,18 @@ impl BlobCache {
     }
 
     #[cfg(test)]
-    pub fn dir(&self) -> &Path {
+    pub(super) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// Path of a blob; the digest is checked so it cannot name anything else.
-    pub fn path(&self, digest: &str) -> Result<PathBuf> {
+    pub(super) fn path(&self, digest: &str) -> Result<PathBuf> {
         check_digest(digest).map_err(|e| anyhow!(e))?;
         Ok(self.dir.join(&digest["sha256:".len()..]))
     }
 
     /// Whether the blob is cached with the expected size (see the module policy).
-    pub fn has(&self, digest: &str, size: u64) -> bool {
+    pub(super) fn has(&self, digest: &str, size: u64) -> bool {
         self.path(digest)
             .ok()
             .and_then(|p| p.metadata().ok())
@@ -72,7 +72,7 @@ impl BlobCache {
     }
 
     /// A small cached blob (a manifest), re-verified; a corrupt entry is removed.
-    pub fn read_verified(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+    pub(super) fn read_verified(&self, digest: &str) -> Result<Option<Vec<u8>>> {
         let path = self.path(digest)?;
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -88,13 +88,13 @@ impl BlobCache {
     }
 
     /// Keep verified bytes already in memory (manifests).
-    pub fn put_verified(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+    pub(super) fn put_verified(&self, digest: &str, bytes: &[u8]) -> Result<()> {
         crate::util::write_atomic(&self.path(digest)?, bytes)
     }
 
     /// Stream `size` bytes from `reader` into the cache, hashing as they pass;
     /// the entry appears only if size and digest match. `progress` sees each chunk.
-    pub fn store(
+    pub(super) fn store(
         &self,
         digest: &str,
         size: u64,

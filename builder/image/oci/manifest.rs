@@ -7,16 +7,16 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(super) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(super) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(super) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(super) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
 /// The `Accept` header for manifest requests: every type kiln understands.
-pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+pub(super) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
 /// Manifests and indexes are small; a registry sending more is refused.
-pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+pub(super) const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
 /// A content descriptor: what a manifest says about a blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +88,7 @@ impl fmt::Display for Platform {
 /// A parsed manifest document: either an index of per-platform manifests or
 /// one image manifest (config + layers).
 #[derive(Debug, Clone)]
-pub enum Document {
+pub(super) enum Document {
     Index {
         media_type: String,
         manifests: Vec<Descriptor>,
@@ -103,7 +103,7 @@ pub enum Document {
 impl Document {
     /// Parse manifest bytes. The media type comes from the document's own
     /// `mediaType`, else from the HTTP `Content-Type`, else from its shape.
-    pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Self> {
+    pub(super) fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Self> {
         #[derive(Deserialize)]
         struct Raw {
             #[serde(rename = "schemaVersion")]
@@ -159,7 +159,7 @@ impl Document {
         Ok(doc)
     }
 
-    pub fn media_type(&self) -> &str {
+    pub(super) fn media_type(&self) -> &str {
         match self {
             Document::Index { media_type, .. } | Document::Image { media_type, .. } => media_type,
         }
@@ -177,7 +177,10 @@ impl Document {
 
 /// The index entry for `want`. An entry without a variant matches any
 /// wanted variant-less platform; when several match, the first one wins.
-pub fn select_platform<'a>(manifests: &'a [Descriptor], want: &Platform) -> Result<&'a Descriptor> {
+pub(super) fn select_platform<'a>(
+    manifests: &'a [Descriptor],
+    want: &Platform,
+) -> Result<&'a Descriptor> {
     let matches = |d: &&Descriptor| {
         d.platform.as_ref().is_some_and(|p| {
             p.os == want.os

@@ -7,9 +7,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The registry name Docker uses when a reference names none.
-pub const DOCKER_HUB: &str = "docker.io";
+pub(super) const DOCKER_HUB: &str = "docker.io";
 /// Where Docker Hub's registry API actually answers.
-pub const DOCKER_HUB_ENDPOINT: &str = "registry-1.docker.io";
+pub(super) const DOCKER_HUB_ENDPOINT: &str = "registry-1.docker.io";
 
 /// A parsed image reference. Registry names are canonical (`docker.io`, never
 /// `index.docker.io`); Docker Hub's one-component names gain `library/`.

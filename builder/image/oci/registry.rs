@@ -19,7 +19,7 @@ pub(crate) enum Fault {
 }
 
 impl Fault {
-    pub fn into_error(self) -> Error {
+    pub(super) fn into_error(self) -> Error {
         match self {
             Fault::Retry(e) | Fault::Fatal(e) => e,
         }
@@ -41,7 +41,7 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    pub fn new(auth: &Auth) -> anyhow::Result<Self> {
+    pub(super) fn new(auth: &Auth) -> anyhow::Result<Self> {
         // The artifact downloads' timeouts (and their environment overrides).
         let policy = crate::image::fetch::FetchPolicy::from_env()?;
         let http = Client::builder()
@@ -60,7 +60,7 @@ impl Registry {
 
     /// `GET /v2/<repo>/<kind>/<reference>`, authorizing when challenged.
     /// `what` names the object in errors ("manifest sha256:…", "tag v1").
-    pub fn get(
+    pub(super) fn get(
         &self,
         image: &ImageRef,
         kind: &str,

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::image::reuse::{fingerprint, Fingerprint};
 
 /// Tar bytes per zstd frame.
-pub const CHUNK: usize = 4 << 20;
+pub(crate) const CHUNK: usize = 4 << 20;
 /// zstd level 3: Proxmox's own default for vztmpl archives.
 const LEVEL: i32 = 3;
 /// Bumped whenever the bytes this writer produces change for the same input.
@@ -29,7 +29,7 @@ const WRITER_VERSION: u32 = 1;
 /// The cache name of a recipe's reference archive: it names everything the
 /// frames' bytes depend on, so a reference from another compressor is never
 /// used.
-pub fn reference_name(recipe: &str) -> String {
+pub(crate) fn reference_name(recipe: &str) -> String {
     format!(
         "{recipe}.lxc.{}-c{}-w{WRITER_VERSION}.tar.zst",
         crate::util::zstd_id(LEVEL),
@@ -39,7 +39,7 @@ pub fn reference_name(recipe: &str) -> String {
 
 /// What was written.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub sha256: String,
     pub size: u64,
     pub frames: u64,
@@ -47,7 +47,7 @@ pub struct Stats {
 }
 
 /// The archive's stats and the index that lets the next build reuse its frames.
-pub struct Written {
+pub(crate) struct Written {
     pub stats: Stats,
     pub index: crate::image::reuse::Index,
 }
@@ -63,7 +63,7 @@ struct Frame {
 /// Compress `tar` into `out` as zstd frames, reusing frames of `reference`
 /// where the tar is unchanged. Stops early (with an error) when `stop` is set
 /// or the build is interrupted.
-pub fn write(
+pub(crate) fn write(
     tar: &Path,
     out: &Path,
     reference: Option<&Path>,

@@ -6,14 +6,14 @@
 //! (`ImageManifest::outputs`), and sums,
 //! verification, publishing and printing iterate over that list.
 
-pub mod lxc;
-pub mod qcow2;
+pub(crate) mod lxc;
+pub(crate) mod qcow2;
 
-pub use crate::image::contract::OutputKind;
+pub(crate) use crate::image::contract::OutputKind;
 
 /// The cache name of the recipe's last output of `kind`, which the next
 /// build reuses unchanged pieces of.
-pub fn reference_name(kind: OutputKind, recipe: &str) -> String {
+pub(crate) fn reference_name(kind: OutputKind, recipe: &str) -> String {
     match kind {
         OutputKind::Disk => qcow2::reference_name(recipe),
         OutputKind::Lxc => lxc::reference_name(recipe),

@@ -22,7 +22,7 @@ use crate::image::reuse::{fingerprint, Fingerprint};
 use std::path::Path;
 
 /// Cluster size: 64 KiB, qemu-img's default.
-pub const CLUSTER: u64 = 1 << CLUSTER_BITS;
+pub(crate) const CLUSTER: u64 = 1 << CLUSTER_BITS;
 const CLUSTER_BITS: u32 = 16;
 /// zstd level: 3, the level qemu uses for qcow2 zstd clusters.
 const LEVEL: i32 = 3;
@@ -48,7 +48,7 @@ const OFFSET_LIMIT: u64 = 1 << CSIZE_SHIFT;
 /// The cache name of a recipe's reference image: it names everything the
 /// clusters' bytes depend on (zstd's version, the level, this writer's layout),
 /// so a reference from another compressor is never used.
-pub fn reference_name(recipe: &str) -> String {
+pub(crate) fn reference_name(recipe: &str) -> String {
     format!(
         "{recipe}.{}-w{WRITER_VERSION}.qcow2",
         crate::util::zstd_id(LEVEL)
@@ -57,7 +57,7 @@ pub fn reference_name(recipe: &str) -> String {
 
 /// What the writer did, for the build's summary.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub virtual_size: u64,
     /// Clusters holding data (the rest read as zeros).
     pub data_clusters: u64,
@@ -86,7 +86,7 @@ struct Done {
 
 /// What [`write`] made: its stats and the index that lets the next build
 /// reuse its clusters.
-pub struct Written {
+pub(crate) struct Written {
     pub stats: Stats,
     pub index: crate::image::reuse::Index,
 }
@@ -94,7 +94,12 @@ pub struct Written {
 /// Write `raw` (a raw disk image) to `out` as a compressed qcow2, reusing
 /// clusters from `reference` where they are unchanged. A reference that cannot
 /// be read is ignored (the build only gets slower).
-pub fn write(raw: &Path, out: &Path, reference: Option<&Path>, show: bool) -> Result<Written> {
+pub(crate) fn write(
+    raw: &Path,
+    out: &Path,
+    reference: Option<&Path>,
+    show: bool,
+) -> Result<Written> {
     let input = File::open(raw).with_context(|| format!("cannot open {}", raw.display()))?;
     let virtual_size = input.metadata()?.len();
     if virtual_size % 512 != 0 {
