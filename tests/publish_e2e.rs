@@ -422,3 +422,33 @@ fn an_interrupted_publish_waits_for_the_running_task_then_removes_the_vm() {
     assert!(st.vms.is_empty(), "VMs left: {:?}", st.vms.keys());
     assert!(st.volumes.keys().all(|v| !v.contains(":import/")));
 }
+
+#[test]
+fn a_manifest_pointing_outside_its_image_directory_is_refused_before_any_upload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "0.1.0", true, false);
+    // A crafted manifest names a file beside the image directory, with that
+    // file's own digest, so only the path rule can stop it.
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
+    let outside = img.parent().unwrap().join("host-secret.qcow2");
+    std::fs::copy(m.disk_path(&img), &outside).unwrap();
+    let path = img.join("manifest.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["disk"]["file"] = "../host-secret.qcow2".into();
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("`../host-secret.qcow2` is not a plain file name"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(s.state().volumes.is_empty(), "something was uploaded");
+}
