@@ -4,13 +4,12 @@
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use crate::image::contract::CheckSpec;
 use crate::image::values::ValueTypes;
-use crate::util::diagnostics::{did_you_mean, line_col};
+use crate::util::diagnostics::{did_you_mean, FileError as RecipeError, SourceFile as Source};
 
 /// A recipe with `extends` resolved and every default filled in.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -134,30 +133,6 @@ pub struct Hygiene {
     pub allow_private_keys: Vec<String>,
 }
 
-/// A recipe problem located in its file: `file:line:col: message`.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct RecipeError {
-    pub file: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-}
-
-impl fmt::Display for RecipeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.line,
-            self.column,
-            self.message
-        )
-    }
-}
-
-impl std::error::Error for RecipeError {}
-
 // ---------------------------------------------------------------------------
 // The file format: every field optional so `extends` can fill it in.
 
@@ -275,28 +250,6 @@ struct CheckFile {
 #[serde(deny_unknown_fields)]
 struct ValidateFile {
     role: Option<Spanned<String>>,
-}
-
-/// One parsed file with what is needed to point at its lines.
-struct Source {
-    path: PathBuf,
-    text: String,
-}
-
-impl Source {
-    fn pos(&self, span: std::ops::Range<usize>) -> crate::image::values::Pos {
-        crate::image::values::Pos::at(&self.path, &self.text, span.start)
-    }
-
-    fn error_at(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> RecipeError {
-        let (line, column) = line_col(&self.text, span.start);
-        RecipeError {
-            file: self.path.clone(),
-            line,
-            column,
-            message: message.into(),
-        }
-    }
 }
 
 const MAX_EXTENDS_DEPTH: usize = 8;
@@ -428,29 +381,7 @@ pub(crate) fn lock_path_for(recipe: &Path) -> PathBuf {
 }
 
 fn parse_file(source: &Source) -> Result<RecipeFile, RecipeError> {
-    toml::from_str::<RecipeFile>(&source.text).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        source.error_at(span, explain_toml_error(e.message()))
-    })
-}
-
-/// Turn serde's "unknown field `x`, expected one of ..." into a sentence with
-/// a did-you-mean suggestion; other messages pass through.
-fn explain_toml_error(message: &str) -> String {
-    let message = message.trim();
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some((key, tail)) = rest.split_once('`') {
-            let expected: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
-            let mut out = format!("unknown key `{key}`");
-            if let Some(best) = did_you_mean(key, &expected) {
-                out.push_str(&format!(" (did you mean `{best}`?)"));
-            } else if !expected.is_empty() {
-                out.push_str(&format!(" (expected one of: {})", expected.join(", ")));
-            }
-            return out;
-        }
-    }
-    message.replace('\n', " ")
+    source.parse_toml()
 }
 
 pub(crate) fn is_sha256(s: &str) -> bool {
