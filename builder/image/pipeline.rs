@@ -597,7 +597,7 @@ fn validate_staged(validate: BeforePromote<'_>, staged: &Path) -> Result<ImageMa
     let mut manifest = ImageManifest::load(staged)?;
     manifest.stages.push(StageTiming {
         stage: BuildStage::Validate.name().into(),
-        seconds: round2(t.elapsed().as_secs_f64()),
+        seconds: crate::util::round2(t.elapsed().as_secs_f64()),
         cached: false,
         reused: None,
     });
@@ -618,7 +618,7 @@ impl Timer {
         let (v, cached) = f().with_context(|| format!("{} stage failed", stage.name()))?;
         self.stages.push(StageTiming {
             stage: stage.name().to_string(),
-            seconds: round2(t.elapsed().as_secs_f64()),
+            seconds: crate::util::round2(t.elapsed().as_secs_f64()),
             cached,
             reused: None,
         });
@@ -635,8 +635,4 @@ impl Timer {
             });
         }
     }
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }

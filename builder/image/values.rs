@@ -68,6 +68,25 @@ pub enum Val {
 }
 
 impl Node {
+    /// A value kiln supplies itself (an environment's facts), placed at `at`.
+    pub(crate) fn from_toml(v: &toml::Value, at: &Pos) -> Node {
+        let value = match v {
+            toml::Value::Array(items) => {
+                Val::List(items.iter().map(|i| Node::from_toml(i, at)).collect())
+            }
+            toml::Value::Table(t) => Val::Table(
+                t.iter()
+                    .map(|(k, v)| (k.clone(), Node::from_toml(v, at)))
+                    .collect(),
+            ),
+            other => Val::Scalar(other.clone()),
+        };
+        Node {
+            value,
+            at: at.clone(),
+        }
+    }
+
     /// The plain TOML value (what templates see).
     pub fn to_toml(&self) -> toml::Value {
         match &self.value {

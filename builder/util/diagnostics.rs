@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 /// A problem located in a file: `file:line:col: message`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct FileError {
+pub(crate) struct FileError {
     pub file: PathBuf,
     pub line: usize,
     pub column: usize,
@@ -29,14 +29,14 @@ impl fmt::Display for FileError {
 impl std::error::Error for FileError {}
 
 /// One file's text, kept to point at its lines.
-pub struct SourceFile {
+pub(crate) struct SourceFile {
     pub path: PathBuf,
     pub text: String,
 }
 
 impl SourceFile {
     /// Read a file (the error names it).
-    pub fn read(path: &std::path::Path) -> anyhow::Result<SourceFile> {
+    pub(crate) fn read(path: &std::path::Path) -> anyhow::Result<SourceFile> {
         use anyhow::Context;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -47,11 +47,15 @@ impl SourceFile {
     }
 
     /// The position of byte `offset`, for values checked later.
-    pub fn pos(&self, span: std::ops::Range<usize>) -> crate::image::values::Pos {
+    pub(crate) fn pos(&self, span: std::ops::Range<usize>) -> crate::image::values::Pos {
         crate::image::values::Pos::at(&self.path, &self.text, span.start)
     }
 
-    pub fn error_at(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> FileError {
+    pub(crate) fn error_at(
+        &self,
+        span: std::ops::Range<usize>,
+        message: impl Into<String>,
+    ) -> FileError {
         let (line, column) = line_col(&self.text, span.start);
         FileError {
             file: self.path.clone(),
@@ -63,7 +67,7 @@ impl SourceFile {
 
     /// Parse the whole file as TOML into `T` (whose structs deny unknown
     /// fields); errors point at the culprit and suggest the key meant.
-    pub fn parse_toml<T: serde::de::DeserializeOwned>(&self) -> Result<T, FileError> {
+    pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(&self) -> Result<T, FileError> {
         toml::from_str::<T>(&self.text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             self.error_at(span, explain_toml_error(e.message()))
@@ -73,7 +77,7 @@ impl SourceFile {
 
 /// Turn serde's "unknown field `x`, expected one of ..." into a sentence with
 /// a did-you-mean suggestion; other messages pass through.
-pub fn explain_toml_error(message: &str) -> String {
+pub(crate) fn explain_toml_error(message: &str) -> String {
     let message = message.trim();
     if let Some(rest) = message.strip_prefix("unknown field `") {
         if let Some((key, tail)) = rest.split_once('`') {

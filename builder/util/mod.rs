@@ -359,6 +359,11 @@ pub use interrupt::{
     check as check_interrupted, install_handler as install_interrupt_handler, interrupted,
 };
 
+/// Seconds rounded to hundredths, for reports.
+pub fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
 /// Everything an error says, its sources joined by `: `, each said once.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];

@@ -190,7 +190,7 @@ pub(crate) fn evaluate(spec: &CheckSpec, result: &CommandResult) -> CheckOutcome
     CheckOutcome {
         name: spec.name.clone(),
         passed: verdict.is_ok(),
-        seconds: round2(result.seconds),
+        seconds: crate::util::round2(result.seconds),
         detail,
     }
 }
@@ -215,10 +215,6 @@ fn clip(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-pub(crate) fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }
 
 /// Quote a string for a POSIX shell.

@@ -32,6 +32,29 @@ impl ThrowawayKey {
         })
     }
 
+    /// A key kept in a file (OpenSSH private key format), e.g. an
+    /// environment's access key that outlives one run.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the SSH key {}", path.display()))?,
+        );
+        let key = PrivateKey::from_openssh(text.as_str()).with_context(|| {
+            format!(
+                "{} is not an unencrypted OpenSSH private key",
+                path.display()
+            )
+        })?;
+        let public_openssh = key
+            .public_key()
+            .to_openssh()
+            .context("cannot encode the SSH public key")?;
+        Ok(Self {
+            private_openssh: Zeroizing::new(text.to_string()),
+            public_openssh,
+        })
+    }
+
     pub fn private_openssh(&self) -> &str {
         &self.private_openssh
     }

@@ -14,8 +14,9 @@ pub(crate) mod seed;
 pub mod ssh;
 
 use crate::image::manifest::{CheckOutcome, CheckSpec, ImageManifest, ValidationRecord};
+use crate::util::round2;
 use anyhow::{bail, Context, Result};
-use checks::{round2, BootFacts};
+use checks::BootFacts;
 use qemu::{AccelKind, Firmware, Vm, VmSpec};
 use report::ImageResult;
 use std::path::{Path, PathBuf};

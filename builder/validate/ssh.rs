@@ -23,6 +23,22 @@ impl Guest {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let tcp = TcpStream::connect_timeout(&addr, timeout)
             .with_context(|| format!("cannot connect to {addr}"))?;
+        Self::over(tcp, port, user, key, timeout)
+    }
+
+    /// An SSH session over a TCP connection made elsewhere (into an
+    /// environment's network, by its provider). `port` is kept for messages.
+    pub fn over(
+        tcp: TcpStream,
+        port: u16,
+        user: &str,
+        key: &ThrowawayKey,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let addr = tcp
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| format!("port {port}"));
         let mut session = Session::new().context("cannot create an SSH session")?;
         session.set_timeout(timeout.as_millis() as u32);
         session.set_tcp_stream(tcp);

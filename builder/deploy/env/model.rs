@@ -20,7 +20,9 @@ use crate::image::values::{Pos, RawTable, Values};
 use crate::util::diagnostics::{FileError, SourceFile};
 
 /// What a role is to the cluster; it decides the order and the rollout rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum RoleKind {
     /// HAProxy + Keepalived in front of the API servers (no cluster state).
@@ -132,6 +134,9 @@ pub(crate) struct Role {
     pub recipe: PathBuf,
     /// The cloud-init role the nodes play (default: per kind, `lb`, `server-join`, `agent`).
     pub user_data_role: String,
+    /// The cloud-init role of the server that bootstraps a new cluster
+    /// (default `server-init`; it gets `new_cluster = true`).
+    pub init_user_data_role: String,
     /// Image directory (`images/<name>/<version>`).
     pub image: PathBuf,
     /// The image id the environment pins: apply refuses another, rebuild proves it.
@@ -231,6 +236,8 @@ struct RoleFile {
     recipe: PathBuf,
     #[serde(default)]
     user_data_role: Option<String>,
+    #[serde(default)]
+    init_user_data_role: Option<String>,
     image: Spanned<PathBuf>,
     #[serde(default)]
     image_id: Option<Spanned<String>>,
@@ -415,6 +422,10 @@ impl Environment {
                     }
                     .to_string()
                 }),
+                init_user_data_role: r
+                    .init_user_data_role
+                    .clone()
+                    .unwrap_or_else(|| "server-init".into()),
                 image: r.image.get_ref().clone(),
                 image_id: r.image_id.as_ref().map(|s| s.get_ref().clone()),
                 cores: r.cores,
