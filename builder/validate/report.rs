@@ -1,4 +1,5 @@
-//! Validation output: the human summary, `--json`, and JUnit XML for CI.
+//! Validation output: the human summary, `--json`, and JUnit XML for CI,
+//! one result per image with its checks and timings.
 
 use crate::image::manifest::ValidationRecord;
 use serde::Serialize;
