@@ -29,6 +29,9 @@ enum Command {
     /// List or prune published templates.
     #[command(subcommand)]
     Templates(kiln::cli::TemplatesCommand),
+    /// Environments: whole clusters as data, bootstrapped and replaced VM by VM.
+    #[command(subcommand)]
+    Env(kiln::cli::EnvCommand),
     /// Per-node cloud-init.
     #[command(subcommand, name = "cloud-init")]
     CloudInit(kiln::cli::CloudInitCommand),
@@ -45,6 +48,7 @@ fn main() {
         Command::Publish(a) => kiln::cli::publish(a),
         Command::Templates(c) => kiln::cli::templates(c),
         Command::CloudInit(c) => kiln::cli::cloud_init(c),
+        Command::Env(c) => kiln::cli::env(c),
     };
     if let Err(err) = result {
         kiln::cli::report_error(&err);

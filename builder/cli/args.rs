@@ -178,3 +178,38 @@ pub struct TemplatesPruneArgs {
     #[arg(long)]
     pub dry_run: bool,
 }
+
+#[derive(clap::Subcommand, Debug)]
+pub enum EnvCommand {
+    /// What apply would do, slot by slot, and why (nothing is changed).
+    Plan(EnvArgs),
+    /// Bootstrap the environment or bring it to its file: new VMs first, proven, then old ones go.
+    Apply(EnvChangeArgs),
+    /// The environment's VMs as the provider shows them, and whether each is current.
+    Status(EnvArgs),
+    /// Destroy every VM of the environment (and what the provider prepared for it).
+    Destroy(EnvChangeArgs),
+    /// QA from scratch: rebuild every image from its lock, prove the pinned ids, destroy, bootstrap again.
+    Rebuild(EnvChangeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EnvArgs {
+    /// Environment file (e.g. envs/qa.toml).
+    pub env: PathBuf,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EnvChangeArgs {
+    #[command(flatten)]
+    pub env: EnvArgs,
+    /// Do not ask before replacing or destroying VMs.
+    #[arg(long)]
+    pub yes: bool,
+    /// Seconds a new VM may take until SSH answers.
+    #[arg(long, default_value_t = 600)]
+    pub boot_timeout: u64,
+}

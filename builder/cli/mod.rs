@@ -2,10 +2,12 @@
 //! into the library's options, runs it, and prints a summary or `--json` for CI.
 
 pub mod args;
+mod env;
 mod publish;
 mod validate;
 
 pub use args::*;
+pub use env::env;
 pub use publish::{publish, templates};
 pub use validate::validate;
 

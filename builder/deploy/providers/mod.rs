@@ -111,3 +111,18 @@ pub(crate) trait Provider {
     /// Remove what `prepare` made, once the environment has no VMs left.
     fn teardown(&self) -> Result<()>;
 }
+
+/// The provider an environment file names.
+pub(crate) fn open(env: &crate::deploy::env::model::Environment) -> Result<Box<dyn Provider>> {
+    use crate::deploy::env::model::ProviderSpec;
+    match &env.provider {
+        ProviderSpec::Local => anyhow::bail!(
+            "{}: the local provider is not in this build of kiln yet",
+            env.path.display()
+        ),
+        ProviderSpec::Proxmox { .. } => anyhow::bail!(
+            "{}: environments on Proxmox VE are not supported yet (kiln publishes templates there); use `[provider] kind = \"local\"`",
+            env.path.display()
+        ),
+    }
+}
