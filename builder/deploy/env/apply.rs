@@ -65,18 +65,7 @@ pub(crate) fn role_images(env: &Environment) -> Result<BTreeMap<String, RoleImag
         let dir = env.resolve_path(&role.image);
         let manifest = ImageManifest::load(&dir)
             .with_context(|| format!("role `{}`: cannot use its image", role.name))?;
-        if let Some(pin) = &role.image_id {
-            if *pin != manifest.id {
-                bail!(
-                    "role `{}`: {} is image {}, but {} pins {}; build the pinned image or update the pin",
-                    role.name,
-                    dir.display(),
-                    &manifest.id[..12],
-                    env.path.display(),
-                    &pin[..12]
-                );
-            }
-        }
+        check_pin(env, role, &dir, &manifest.id)?;
         let recipe = Recipe::load(&env.resolve_path(&role.recipe))
             .with_context(|| format!("role `{}`", role.name))?;
         out.insert(
@@ -91,10 +80,11 @@ pub(crate) fn role_images(env: &Environment) -> Result<BTreeMap<String, RoleImag
     Ok(out)
 }
 
-/// What every slot should run, in bootstrap order.
+/// What every slot should run, in bootstrap order. `image_ids` maps each
+/// role to the id its slots should carry.
 pub(crate) fn desired(
     env: &Environment,
-    images: &BTreeMap<String, RoleImage>,
+    image_ids: &BTreeMap<String, String>,
 ) -> Result<Vec<Desired>> {
     let mut out = Vec::new();
     for (role, slot) in env.slots() {
@@ -103,11 +93,61 @@ pub(crate) fn desired(
             role: role.name.clone(),
             kind: role.kind,
             slot: slot.name.clone(),
-            image_id: images[&role.name].manifest.id.clone(),
+            image_id: image_ids[&role.name].clone(),
             values_digest: values_digest(&values)?,
         });
     }
     Ok(out)
+}
+
+/// Each role's image id from its loaded image.
+pub(crate) fn ids(images: &BTreeMap<String, RoleImage>) -> BTreeMap<String, String> {
+    images
+        .iter()
+        .map(|(k, v)| (k.clone(), v.manifest.id.clone()))
+        .collect()
+}
+
+/// Each role's image id for a plan: the image's own when it is built (and
+/// agrees with the pin), else the pin, so a plan can be made before any
+/// image exists on this machine.
+pub(crate) fn planned_ids(env: &Environment) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for role in &env.roles {
+        let dir = env.resolve_path(&role.image);
+        let id = if dir.join(crate::image::manifest::MANIFEST_FILE).exists() {
+            let id = ImageManifest::load(&dir)?.id;
+            check_pin(env, role, &dir, &id)?;
+            id
+        } else if let Some(pin) = &role.image_id {
+            pin.clone()
+        } else {
+            bail!(
+                "role `{}`: {} is not built and {} pins no image_id: build it (`kiln build {}`) or pin its id",
+                role.name,
+                dir.display(),
+                env.path.display(),
+                role.recipe.display()
+            );
+        };
+        out.insert(role.name.clone(), id);
+    }
+    Ok(out)
+}
+
+/// Refuse an image whose id is not the one the environment pins.
+fn check_pin(env: &Environment, role: &Role, dir: &std::path::Path, id: &str) -> Result<()> {
+    if let Some(pin) = role.image_id.as_ref().filter(|p| *p != id) {
+        bail!(
+            "role `{}`: {} is image {}, but {} pins {}; build the pinned image or update the pin",
+            role.name,
+            dir.display(),
+            &id[..12.min(id.len())],
+            env.path.display(),
+            &pin[..12]
+        );
+    }
+    Ok(())
 }
 
 /// The short digest of a slot's values as written (secret references, not
@@ -771,7 +811,7 @@ addresses = ["10.77.0.31", "10.77.0.41"]
                 ..ApplyOptions::default()
             };
             let actual = provider.list()?;
-            let plan = plan::plan(&env.name, &desired(&env, &images)?, &actual);
+            let plan = plan::plan(&env.name, &desired(&env, &ids(&images))?, &actual);
             Applier {
                 env: &env,
                 provider,

@@ -25,8 +25,7 @@ use plan::Plan;
 
 /// The plan for an environment: its file against what `provider` shows.
 pub(crate) fn plan_for(env: &Environment, provider: &dyn Provider) -> Result<(Plan, Vec<NodeVm>)> {
-    let images = apply::role_images(env)?;
-    let desired = apply::desired(env, &images)?;
+    let desired = apply::desired(env, &apply::planned_ids(env)?)?;
     let actual = provider.list()?;
     Ok((plan::plan(&env.name, &desired, &actual), actual))
 }
@@ -44,7 +43,7 @@ pub(crate) fn apply_env(
     let key = apply::access_key(env, &state)?;
     let journal = Journal::open(&state)?;
     provider.prepare()?;
-    let desired = apply::desired(env, &images)?;
+    let desired = apply::desired(env, &apply::ids(&images))?;
     let actual = provider.list()?;
     let plan = plan::plan(&env.name, &desired, &actual);
     let gates = gates::SshGates {
@@ -83,8 +82,7 @@ pub(crate) struct StatusLine {
 
 /// What the provider shows, slot by slot, and whether each VM is current.
 pub(crate) fn status(env: &Environment, provider: &dyn Provider) -> Result<Vec<StatusLine>> {
-    let images = apply::role_images(env)?;
-    let desired = apply::desired(env, &images)?;
+    let desired = apply::desired(env, &apply::planned_ids(env)?)?;
     let mut out: Vec<StatusLine> = provider
         .list()?
         .into_iter()
