@@ -93,6 +93,8 @@ pub struct Baked {
     pub additions: Vec<Addition>,
     /// No blob had to be downloaded.
     pub all_cached: bool,
+    /// Every OCI blob the archives carry (hex sha256), for the cache's records.
+    pub blobs: Vec<String>,
 }
 
 /// Settings for [`bake`].
@@ -171,10 +173,16 @@ pub fn bake(recipe: &Recipe, lock: &Lockfile, opts: &BakeOptions<'_>) -> Result<
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let blobs = pulled
+        .iter()
+        .flat_map(|p| &p.blobs)
+        .filter_map(|d| d.digest.strip_prefix("sha256:").map(str::to_string))
+        .collect();
     Ok(Baked {
         images,
         additions,
         all_cached,
+        blobs,
     })
 }
 

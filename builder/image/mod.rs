@@ -2,6 +2,7 @@
 //! run by `pipeline`, recorded in the `manifest` that validation and deployment read.
 
 pub mod airgap;
+pub mod cachegc;
 pub mod cloudinit;
 pub mod compose;
 pub mod contract;

@@ -122,6 +122,14 @@ pub fn index_path(reference: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The lock that keeps a reference and its index a pair: shared while a
+/// build opens them, exclusive while one replaces them.
+fn lock_path(reference: &Path) -> PathBuf {
+    let mut name = reference.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
 /// A previous output and its index, opened for a rebuild.
 pub struct Reference {
     file: File,
@@ -130,8 +138,17 @@ pub struct Reference {
 
 impl Reference {
     /// The reference at `path` with its index; `None` when either is missing
-    /// or unreadable (the build then compresses everything).
+    /// or unreadable (the build then compresses everything). Both are opened
+    /// under the reference's shared lock, so they are one pair even while
+    /// another build replaces them; the open file is read afterwards, and
+    /// stays what it was when another build replaces or `gc` removes it.
     pub fn open(path: &Path) -> Option<Reference> {
+        let _pair = crate::util::locks::Held::acquire(
+            &lock_path(path),
+            crate::util::locks::Mode::Shared,
+            &reference_what(path),
+        )
+        .ok()?;
         let index = Index::from_bytes(&std::fs::read(index_path(path)).ok()?)?;
         let file = File::open(path).ok()?;
         Some(Reference { file, index })
@@ -156,9 +173,17 @@ impl Reference {
 /// two leaves a pair that does not match, which only costs the next build
 /// its reuse. On failure the temp file is removed.
 pub fn keep(path: &Path, output: &Path, index: &Index) -> Result<()> {
+    let _only_writer = crate::util::locks::Held::acquire(
+        &lock_path(path),
+        crate::util::locks::Mode::Exclusive,
+        &reference_what(path),
+    )?;
+    // Under the lock, every temp file of this reference is a killed build's.
+    remove_temp_files(path);
     crate::util::write_hint(&index_path(path), &index.to_bytes())?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
     let placed = (|| {
         if std::fs::hard_link(output, &tmp).is_err() {
             std::fs::copy(output, &tmp).with_context(|| {
@@ -171,6 +196,24 @@ pub fn keep(path: &Path, output: &Path, index: &Index) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     placed
+}
+
+/// `<reference>.tmp-<pid>` files: what [`keep`] was writing when its build died.
+fn remove_temp_files(reference: &Path) {
+    let (Some(dir), Some(name)) = (reference.parent(), reference.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}.tmp-", name.to_string_lossy());
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn reference_what(reference: &Path) -> String {
+    let name = reference.file_name().unwrap_or_default().to_string_lossy();
+    format!("the reference {name}")
 }
 
 /// [`keep`] for a build: the reference only speeds up the next build, so
