@@ -32,6 +32,9 @@ enum Command {
     /// Per-node cloud-init.
     #[command(subcommand, name = "cloud-init")]
     CloudInit(kiln::cli::CloudInitCommand),
+    /// Inspect or trim the build cache ($KILN_CACHE).
+    #[command(subcommand)]
+    Cache(kiln::cli::CacheCommand),
 }
 
 fn main() {
@@ -45,6 +48,7 @@ fn main() {
         Command::Publish(a) => kiln::deploy::publish::run(a),
         Command::Templates(c) => kiln::deploy::publish::run_templates(c),
         Command::CloudInit(c) => kiln::cli::cloud_init(c),
+        Command::Cache(c) => kiln::cli::cache(c),
     };
     if let Err(err) = result {
         kiln::cli::report_error(&err);

@@ -1,4 +1,4 @@
-//! The verbs behind `kiln check|lock|build|cloud-init`: argument structs for
+//! The verbs behind `kiln check|lock|build|cloud-init|cache`: argument structs for
 //! clap and the code that prints human summaries or `--json` for CI.
 
 use anyhow::{Context, Result};
@@ -79,6 +79,97 @@ pub struct RenderArgs {
     /// Write to this file (atomically) instead of stdout.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Space each part of the cache ($KILN_CACHE) takes: bases, blobs, oci,
+    /// references, tmp.
+    Du(CacheDuArgs),
+    /// Remove what the N newest builds of each recipe did not use, and the
+    /// scratch of killed builds; entries a running build holds are kept.
+    Gc(CacheGcArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CacheDuArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CacheGcArgs {
+    /// Keep what this many of each recipe's newest builds used.
+    #[arg(long, value_name = "N")]
+    pub keep: usize,
+    /// Print what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn cache(c: CacheCommand) -> Result<()> {
+    use crate::image::cachegc;
+    let cache = Cache::from_env()?;
+    match c {
+        CacheCommand::Du(a) => {
+            let du = cachegc::du(&cache);
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&du)?);
+                return Ok(());
+            }
+            println!("{}", du.cache.display());
+            for area in &du.areas {
+                println!(
+                    "  {:<10} {:>10}  {} entries",
+                    area.area.name(),
+                    crate::util::human_bytes(area.bytes),
+                    area.entries
+                );
+            }
+            println!(
+                "  {:<10} {:>10}",
+                "other",
+                crate::util::human_bytes(du.other_bytes)
+            );
+            println!(
+                "  {:<10} {:>10}",
+                "total",
+                crate::util::human_bytes(du.total_bytes)
+            );
+        }
+        CacheCommand::Gc(a) => {
+            let report = cachegc::gc(&cache, a.keep, a.dry_run)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            let verb = if a.dry_run { "would remove" } else { "removed" };
+            for r in &report.removed {
+                println!(
+                    "{verb} {} {} ({})",
+                    r.area.name(),
+                    r.id,
+                    crate::util::human_bytes(r.bytes)
+                );
+            }
+            for r in &report.in_use {
+                println!(
+                    "kept {} {} (in use by a running build)",
+                    r.area.name(),
+                    r.id
+                );
+            }
+            println!(
+                "{} {} in {} entries",
+                if a.dry_run { "would free" } else { "freed" },
+                crate::util::human_bytes(report.freed_bytes),
+                report.removed.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn check(a: CheckArgs) -> Result<()> {
