@@ -166,6 +166,39 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
+    fn the_old_image_a_killed_replacement_set_aside_is_put_back_or_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("images");
+        let dest = out.join("lb/0.1.0");
+        let aside = out.join("lb/.kiln-replaced-0.1.0");
+        // Killed between the two renames: the old image is only aside.
+        std::fs::create_dir_all(&aside).unwrap();
+        std::fs::write(aside.join("manifest.json"), b"old").unwrap();
+        drop(lock_output(&out, "lb", "0.1.0").unwrap());
+        assert_eq!(std::fs::read(dest.join("manifest.json")).unwrap(), b"old");
+        assert!(!aside.exists());
+        // Killed after them: the new image is in place, the old one goes.
+        std::fs::create_dir_all(&aside).unwrap();
+        drop(lock_output(&out, "lb", "0.1.0").unwrap());
+        assert!(!aside.exists() && dest.join("manifest.json").exists());
+        // The lock leaves no file behind.
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn without_an_atomic_exchange_two_renames_replace_the_image() {
+        let d = tempfile::tempdir().unwrap();
+        let (staged, dest) = (d.path().join("staged"), d.path().join("0.1.0"));
+        for (p, v) in [(&staged, "new"), (&dest, "old")] {
+            std::fs::create_dir(p).unwrap();
+            std::fs::write(p.join("v"), v).unwrap();
+        }
+        replace_by_renames(&staged, &dest).unwrap();
+        assert_eq!(std::fs::read_to_string(dest.join("v")).unwrap(), "new");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
     fn a_replaced_image_directory_never_stops_existing() {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("images");

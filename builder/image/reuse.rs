@@ -326,6 +326,54 @@ mod tests {
     }
 
     #[test]
+    fn a_reference_is_opened_only_as_a_pair_not_while_another_build_replaces_it() {
+        use crate::util::locks::{Held, Mode};
+        let d = tempfile::tempdir().unwrap();
+        let (old, new, reference) = (
+            d.path().join("old"),
+            d.path().join("new"),
+            d.path().join("ref"),
+        );
+        std::fs::write(&old, b"OLD-").unwrap();
+        std::fs::write(&new, b"new!").unwrap();
+        let index = |b: &[u8]| {
+            let mut i = Index::default();
+            i.insert(0, piece(0, b"content", b));
+            i
+        };
+        keep(&reference, &old, &index(b"OLD-")).unwrap();
+        // Another build is between writing the index and the reference.
+        let writer = Held::acquire(&lock_path(&reference), Mode::Exclusive, "test").unwrap();
+        crate::util::write_hint(&index_path(&reference), &index(b"new!").to_bytes()).unwrap();
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| Reference::open(&reference));
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert!(!reader.is_finished(), "opened a half-replaced pair");
+            std::fs::copy(&new, &reference).unwrap();
+            drop(writer);
+            let r = reader.join().unwrap().expect("opened");
+            let (_, bytes) = r
+                .piece(0, &fingerprint(b"content"))
+                .expect("a matching pair");
+            assert_eq!(bytes, b"new!");
+        });
+    }
+
+    #[test]
+    fn keeping_a_reference_removes_what_a_killed_build_left_of_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (out, reference) = (d.path().join("out"), d.path().join("ref"));
+        std::fs::write(&out, b"output").unwrap();
+        std::fs::write(d.path().join("ref.tmp-999999999"), b"half").unwrap();
+        std::fs::write(d.path().join("other.tmp-999999999"), b"not its").unwrap();
+        keep(&reference, &out, &Index::default()).unwrap();
+        assert_eq!(
+            temp_files(d.path()),
+            vec!["other.tmp-999999999".to_string()]
+        );
+    }
+
+    #[test]
     fn a_reference_without_its_index_is_not_opened() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("ref");
