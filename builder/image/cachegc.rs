@@ -379,7 +379,8 @@ pub struct GcReport {
 /// entries a running build holds; sweep scratch that killed builds left.
 pub fn gc(cache: &Cache, keep: usize, dry_run: bool) -> Result<GcReport> {
     let _gc = Held::try_acquire(&gc_lock(cache), Mode::Exclusive)?
-        .context("another `kiln cache gc` is running on this cache")?;
+        .context("another `kiln cache gc` is running on this cache")?
+        .remove_on_drop();
     let (records, mut old_records) = records(cache);
     let mut kept: HashMap<Area, BTreeSet<String>> = HashMap::new();
     let mut named: HashMap<Area, BTreeSet<String>> = HashMap::new();
@@ -451,7 +452,7 @@ pub fn gc(cache: &Cache, keep: usize, dry_run: bool) -> Result<GcReport> {
 
     // Container image blobs have one lock for the area: a build baking
     // images holds it shared.
-    let oci_held = Held::try_acquire(&oci_lock(cache), Mode::Exclusive)?;
+    let oci_held = Held::try_acquire(&oci_lock(cache), Mode::Exclusive)?.map(Held::remove_on_drop);
     for (area, e) in &plan {
         let bytes = freed_by(&e.files);
         let item = Removed {
