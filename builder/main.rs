@@ -35,6 +35,9 @@ enum Command {
     /// Per-node cloud-init.
     #[command(subcommand, name = "cloud-init")]
     CloudInit(kiln::cli::CloudInitCommand),
+    /// Inspect or trim the build cache ($KILN_CACHE).
+    #[command(subcommand)]
+    Cache(kiln::cli::CacheCommand),
 }
 
 fn main() {
@@ -49,6 +52,7 @@ fn main() {
         Command::Templates(c) => kiln::cli::templates(c),
         Command::CloudInit(c) => kiln::cli::cloud_init(c),
         Command::Env(c) => kiln::cli::env(c),
+        Command::Cache(c) => kiln::cli::cache(c),
     };
     if let Err(err) = result {
         kiln::cli::report_error(&err);

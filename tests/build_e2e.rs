@@ -397,10 +397,19 @@ fn ctrl_c_mid_build_leaves_nothing_behind() {
     .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
-    // Wait until the build is writing into its staging directory.
+    // Wait until the build is writing into its staging directory (not
+    // only holding the image's lock, which it takes first).
     let start = std::time::Instant::now();
     while !std::fs::read_dir(p.join("images"))
-        .map(|mut r| r.next().is_some())
+        .map(|mut r| {
+            r.any(|e| {
+                e.is_ok_and(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(".kiln-staging-")
+                })
+            })
+        })
         .unwrap_or(false)
     {
         assert!(

@@ -213,3 +213,31 @@ pub struct EnvChangeArgs {
     #[arg(long, default_value_t = 600)]
     pub boot_timeout: u64,
 }
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Space each part of the cache ($KILN_CACHE) takes: bases, blobs, oci,
+    /// references, tmp.
+    Du(CacheDuArgs),
+    /// Remove what the N newest builds of each recipe did not use, and the
+    /// scratch of killed builds; entries a running build holds are kept.
+    Gc(CacheGcArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CacheDuArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CacheGcArgs {
+    /// Keep what this many of each recipe's newest builds used.
+    #[arg(long, value_name = "N")]
+    pub keep: usize,
+    /// Print what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}

@@ -72,6 +72,9 @@ fn apply(a: &EnvChangeArgs) -> Result<()> {
     if !a.env.json {
         eprint!("{}", plan.text());
     }
+    if plan.is_noop() && !a.env.json {
+        println!("{}: nothing to do", e.name);
+    }
     let destructive = plan.actions.iter().any(|x| {
         !matches!(
             x,

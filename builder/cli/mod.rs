@@ -228,3 +228,67 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         1
     }
 }
+
+/// `kiln cache du|gc`: what the cache holds, and trimming it.
+pub fn cache(c: CacheCommand) -> Result<()> {
+    use crate::image::cachegc;
+    let cache = Cache::from_env()?;
+    match c {
+        CacheCommand::Du(a) => {
+            let du = cachegc::du(&cache);
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&du)?);
+                return Ok(());
+            }
+            println!("{}", du.cache.display());
+            for area in &du.areas {
+                println!(
+                    "  {:<10} {:>10}  {} entries",
+                    area.area.name(),
+                    crate::util::human_bytes(area.bytes),
+                    area.entries
+                );
+            }
+            println!(
+                "  {:<10} {:>10}",
+                "other",
+                crate::util::human_bytes(du.other_bytes)
+            );
+            println!(
+                "  {:<10} {:>10}",
+                "total",
+                crate::util::human_bytes(du.total_bytes)
+            );
+        }
+        CacheCommand::Gc(a) => {
+            let report = cachegc::gc(&cache, a.keep, a.dry_run)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            let verb = if a.dry_run { "would remove" } else { "removed" };
+            for r in &report.removed {
+                println!(
+                    "{verb} {} {} ({})",
+                    r.area.name(),
+                    r.id,
+                    crate::util::human_bytes(r.bytes)
+                );
+            }
+            for r in &report.in_use {
+                println!(
+                    "kept {} {} (in use by a running build)",
+                    r.area.name(),
+                    r.id
+                );
+            }
+            println!(
+                "{} {} in {} entries",
+                if a.dry_run { "would free" } else { "freed" },
+                crate::util::human_bytes(report.freed_bytes),
+                report.removed.len()
+            );
+        }
+    }
+    Ok(())
+}

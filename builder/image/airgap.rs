@@ -81,6 +81,8 @@ pub(crate) struct Baked {
     pub additions: Vec<Addition>,
     /// No blob had to be downloaded.
     pub all_cached: bool,
+    /// Every OCI blob the archives carry (hex sha256), for the cache's records.
+    pub blobs: Vec<String>,
 }
 
 /// Settings for [`bake`].
@@ -151,9 +153,15 @@ pub(crate) fn bake(recipe: &Recipe, lock: &Lockfile, opts: &BakeOptions<'_>) -> 
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let blobs = pulled
+        .iter()
+        .flat_map(|p| &p.blobs)
+        .filter_map(|d| d.digest.strip_prefix("sha256:").map(str::to_string))
+        .collect();
     Ok(Baked {
         additions,
         all_cached,
+        blobs,
     })
 }
 

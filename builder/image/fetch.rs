@@ -52,11 +52,11 @@ impl Cache {
         self.root.join("blobs/sha256").join(sha256)
     }
 
-    /// A scratch directory inside the cache, removed on drop.
-    pub fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir> {
-        tempfile::Builder::new()
-            .prefix(prefix)
-            .tempdir_in(self.root.join("tmp"))
+    /// A scratch directory inside the cache, removed on drop. What killed
+    /// builds left there (nobody holds its lock) is swept away first.
+    pub fn scratch(&self, prefix: &str) -> Result<crate::util::locks::LockedDir> {
+        crate::image::cachegc::sweep_tmp(self, false);
+        crate::util::locks::LockedDir::new_in(&self.root.join("tmp"), prefix)
             .context("cannot create a scratch directory in the cache")
     }
 
@@ -114,6 +114,8 @@ impl Cache {
         let mut tmp = tempfile::Builder::new()
             .prefix(".download-")
             .tempfile_in(self.root.join("tmp"))?;
+        // Held while it is written, so a sweep tells it from a killed build's.
+        tmp.as_file().lock()?;
         let (digest, len) = download(what, url, tmp.as_file_mut(), &self.policy, show)?;
         tmp.as_file().sync_all()?;
         if let Some(want) = expected {

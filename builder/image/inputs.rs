@@ -45,7 +45,7 @@ pub(crate) fn overlay_digest(dir: &Path) -> Result<String> {
 }
 
 /// Inputs known before any heavy work; equal inputs mean an equal image.
-pub(crate) fn digests(recipe: &Recipe, lock: &Lockfile, lock_bytes: &[u8]) -> Result<InputDigests> {
+pub fn digests(recipe: &Recipe, lock: &Lockfile, lock_bytes: &[u8]) -> Result<InputDigests> {
     let mut overlays = BTreeMap::new();
     for o in recipe.all_overlays() {
         overlays.insert(o.clone(), overlay_digest(&recipe.overlay_dir(&o))?);

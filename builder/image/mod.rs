@@ -2,13 +2,14 @@
 //! run by `pipeline`, recorded in the `manifest` that validation and deployment read.
 
 pub(crate) mod airgap;
+pub(crate) mod cachegc;
 pub(crate) mod cloudinit;
 pub mod compose;
 pub(crate) mod contract;
 pub mod disk;
 pub(crate) mod fetch;
 pub(crate) mod hygiene;
-pub(crate) mod inputs;
+pub mod inputs;
 pub(crate) mod lock;
 pub mod manifest;
 pub mod oci;

@@ -24,6 +24,7 @@ use crate::image::manifest::{
 use crate::image::outputs::OutputKind;
 use crate::image::recipe::Recipe;
 use crate::image::rootfs::BaseRootfs;
+use crate::util::locks::LockedDir;
 
 /// The pipeline's stages, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,15 +90,32 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         Ok((resolve_for_build(recipe_path)?, false))
     })?;
     let dest = opts.out.join(&recipe.name).join(&recipe.version);
-    if !lock.packages.is_empty() {
-        let inputs =
-            crate::image::inputs::digests(&recipe, &lock, &std::fs::read(recipe.lock_path())?)?;
+    let pinned_inputs = || -> Result<Option<InputDigests>> {
+        if lock.packages.is_empty() {
+            return Ok(None);
+        }
+        let lock_bytes = std::fs::read(recipe.lock_path())?;
+        crate::image::inputs::digests(&recipe, &lock, &lock_bytes).map(Some)
+    };
+    if let Some(inputs) = pinned_inputs()? {
         if let Some(done) = up_to_date(&dest, &inputs, opts)? {
             return Ok(done);
         }
     }
-    let artifacts = timer.run(BuildStage::Fetch, || fetch_artifacts(&recipe, &lock, opts))?;
+    // The only build of this image from here on; the one waited for may
+    // have made exactly this image, so look again.
+    let _output = crate::image::promote::lock_output(&opts.out, &recipe.name, &recipe.version)?;
+    if let Some(inputs) = pinned_inputs()? {
+        if let Some(done) = up_to_date(&dest, &inputs, opts)? {
+            return Ok(done);
+        }
+    }
+    let mut used = CacheUse::default();
+    let artifacts = timer.run(BuildStage::Fetch, || {
+        fetch_artifacts(&recipe, &lock, opts, &mut used)
+    })?;
     let base = timer.run(BuildStage::Rootfs, || base_rootfs(&recipe, &lock, opts))?;
+    used.usage.bases.extend(base.keys());
     pin_packages(&recipe, &mut lock, &base, opts.locked)?;
     let mut inputs =
         crate::image::inputs::digests(&recipe, &lock, &std::fs::read(recipe.lock_path())?)?;
@@ -108,7 +126,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     let work = Workspace::new(opts)?;
     let layout = Layout::new(recipe.disk.size, recipe.disk.esp_size, recipe.boot.bios)?;
     let baked = bake_images(
-        &mut timer, &recipe, &lock, &base, &artifacts, &layout, &work, opts,
+        &mut timer, &recipe, &lock, &base, &artifacts, &layout, &work, opts, &mut used,
     )?;
     let ids = Identities::derive(&crate::image::inputs::seed(&inputs)?);
     inputs.base_rootfs = base.meta.sha256.clone();
@@ -143,6 +161,8 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
     }
     crate::util::check_interrupted()?;
     crate::image::promote::promote(outputs.staging, &dest)?;
+    used.usage.references.extend(outputs.references);
+    crate::image::cachegc::record_use(&opts.cache, &recipe.name, &used.usage);
     Ok(BuildOutcome {
         dir: dest,
         manifest,
@@ -191,23 +211,43 @@ fn up_to_date(
     )
 }
 
+/// The cache entries a build uses: held (shared) until the build ends, so
+/// `kiln cache gc` leaves them alone, and recorded for it when it succeeds.
+#[derive(Default)]
+struct CacheUse {
+    usage: crate::image::cachegc::Usage,
+    held: Vec<crate::util::locks::Held>,
+}
+
 /// The fetch stage: every artifact at its locked digest, from the cache when there.
 fn fetch_artifacts(
     recipe: &Recipe,
     lock: &Lockfile,
     opts: &BuildOptions<'_>,
+    used: &mut CacheUse,
 ) -> Result<(BTreeMap<String, PathBuf>, bool)> {
     let mut out = BTreeMap::new();
     let mut all_cached = true;
     for a in &recipe.artifacts {
         let sha = lock.artifact_sha(&a.name).expect("checked by resolve");
         all_cached &= opts.cache.get(sha).is_some();
-        let (p, _) = opts.cache.fetch(
-            &format!("artifact `{}`", a.name),
-            &a.url,
-            Some(sha),
-            opts.show_progress,
+        let what = format!("artifact `{}`", a.name);
+        let fetch = || {
+            opts.cache
+                .fetch(&what, &a.url, Some(sha), opts.show_progress)
+        };
+        // One build downloads it; the others wait, then use it.
+        let ((p, _), held) = crate::image::cachegc::use_entry(
+            &crate::image::cachegc::blob_lock(&opts.cache, sha),
+            &what,
+            || match opts.cache.get(sha) {
+                Some(_) => fetch().map(Some),
+                None => Ok(None),
+            },
+            || fetch().map(drop),
         )?;
+        used.held.push(held);
+        used.usage.blobs.insert(sha.to_string());
         out.insert(a.name.clone(), p);
     }
     Ok((out, all_cached))
@@ -248,8 +288,8 @@ fn pin_packages(
 /// Where a build works before it promotes: scratch in the cache (rootfs tar,
 /// raw disk) and a staging directory beside the destination in `images/`.
 struct Workspace {
-    scratch: tempfile::TempDir,
-    staging: tempfile::TempDir,
+    scratch: LockedDir,
+    staging: LockedDir,
 }
 
 impl Workspace {
@@ -273,10 +313,19 @@ fn bake_images(
     layout: &Layout,
     work: &Workspace,
     opts: &BuildOptions<'_>,
+    in_use: &mut CacheUse,
 ) -> Result<Baked> {
     if recipe.images.is_empty() {
         return Ok(Baked::default());
     }
+    // The blobs stay while this build uses them: `kiln cache gc` skips
+    // the OCI area while any build holds it.
+    let oci = crate::image::cachegc::oci_lock(&opts.cache);
+    in_use.held.push(crate::util::locks::Held::acquire(
+        &oci,
+        crate::util::locks::Mode::Shared,
+        "the container image cache",
+    )?);
     timer.run(BuildStage::Images, || {
         let used = base.meta.size
             + artifacts
@@ -295,6 +344,7 @@ fn bake_images(
             },
         )?;
         let cached = baked.all_cached;
+        in_use.usage.oci.extend(baked.blobs.iter().cloned());
         Ok((baked, cached))
     })
 }
@@ -410,9 +460,11 @@ fn artifact_additions(
 
 /// What the output stages left in the staging directory.
 struct StagedOutputs {
-    staging: tempfile::TempDir,
+    staging: LockedDir,
     disk: DiskInfo,
     lxc: Option<FileInfo>,
+    /// The names of the references kept for the next build.
+    references: Vec<String>,
 }
 
 /// The disk, compress and lxc stages: the raw disk (in RAM when there is
@@ -499,7 +551,22 @@ fn write_outputs(
         virtual_size: crate::image::disk::virtual_size(&qcow2)?,
         root_fs_uuid: ids.root_fs_uuid.clone(),
     };
-    Ok(StagedOutputs { staging, disk, lxc })
+    let mut references = vec![crate::image::outputs::reference_name(
+        OutputKind::Disk,
+        &recipe.name,
+    )];
+    if recipe.lxc {
+        references.push(crate::image::outputs::reference_name(
+            OutputKind::Lxc,
+            &recipe.name,
+        ));
+    }
+    Ok(StagedOutputs {
+        staging,
+        disk,
+        lxc,
+        references,
+    })
 }
 
 /// The disk stage (raw GPT disk) and the compress stage (qcow2, reusing the

@@ -114,6 +114,14 @@ pub(crate) fn index_path(reference: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The lock that keeps a reference and its index a pair: shared while a
+/// build opens them, exclusive while one replaces them.
+fn lock_path(reference: &Path) -> PathBuf {
+    let mut name = reference.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
 /// A previous output and its index, opened for a rebuild.
 pub(crate) struct Reference {
     file: File,
@@ -122,8 +130,17 @@ pub(crate) struct Reference {
 
 impl Reference {
     /// The reference at `path` with its index; `None` when either is missing
-    /// or unreadable (the build then compresses everything).
+    /// or unreadable (the build then compresses everything). Both are opened
+    /// under the reference's shared lock, so they are one pair even while
+    /// another build replaces them; the open file is read afterwards, and
+    /// stays what it was when another build replaces or `gc` removes it.
     pub(crate) fn open(path: &Path) -> Option<Reference> {
+        let _pair = crate::util::locks::Held::acquire(
+            &lock_path(path),
+            crate::util::locks::Mode::Shared,
+            &reference_what(path),
+        )
+        .ok()?;
         let index = Index::from_bytes(&std::fs::read(index_path(path)).ok()?)?;
         let file = File::open(path).ok()?;
         Some(Reference { file, index })
@@ -148,9 +165,17 @@ impl Reference {
 /// two leaves a pair that does not match, which only costs the next build
 /// its reuse. On failure the temp file is removed.
 pub(crate) fn keep(path: &Path, output: &Path, index: &Index) -> Result<()> {
+    let _only_writer = crate::util::locks::Held::acquire(
+        &lock_path(path),
+        crate::util::locks::Mode::Exclusive,
+        &reference_what(path),
+    )?;
+    // Under the lock, every temp file of this reference is a killed build's.
+    remove_temp_files(path);
     crate::util::write_hint(&index_path(path), &index.to_bytes())?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
     let placed = (|| {
         if std::fs::hard_link(output, &tmp).is_err() {
             std::fs::copy(output, &tmp).with_context(|| {
@@ -163,6 +188,24 @@ pub(crate) fn keep(path: &Path, output: &Path, index: &Index) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     placed
+}
+
+/// `<reference>.tmp-<pid>` files: what [`keep`] was writing when its build died.
+fn remove_temp_files(reference: &Path) {
+    let (Some(dir), Some(name)) = (reference.parent(), reference.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}.tmp-", name.to_string_lossy());
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn reference_what(reference: &Path) -> String {
+    let name = reference.file_name().unwrap_or_default().to_string_lossy();
+    format!("the reference {name}")
 }
 
 /// [`keep`] for a build: the reference only speeds up the next build, so
@@ -272,6 +315,54 @@ mod tests {
         // Returns nothing to fail the build with; warns and cleans up.
         let () = keep_or_warn(&reference, Path::new("/proc/self/mem"), &Index::default());
         assert_eq!(temp_files(d.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_reference_is_opened_only_as_a_pair_not_while_another_build_replaces_it() {
+        use crate::util::locks::{Held, Mode};
+        let d = tempfile::tempdir().unwrap();
+        let (old, new, reference) = (
+            d.path().join("old"),
+            d.path().join("new"),
+            d.path().join("ref"),
+        );
+        std::fs::write(&old, b"OLD-").unwrap();
+        std::fs::write(&new, b"new!").unwrap();
+        let index = |b: &[u8]| {
+            let mut i = Index::default();
+            i.insert(0, piece(0, b"content", b));
+            i
+        };
+        keep(&reference, &old, &index(b"OLD-")).unwrap();
+        // Another build is between writing the index and the reference.
+        let writer = Held::acquire(&lock_path(&reference), Mode::Exclusive, "test").unwrap();
+        crate::util::write_hint(&index_path(&reference), &index(b"new!").to_bytes()).unwrap();
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| Reference::open(&reference));
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert!(!reader.is_finished(), "opened a half-replaced pair");
+            std::fs::copy(&new, &reference).unwrap();
+            drop(writer);
+            let r = reader.join().unwrap().expect("opened");
+            let (_, bytes) = r
+                .piece(0, &fingerprint(b"content"))
+                .expect("a matching pair");
+            assert_eq!(bytes, b"new!");
+        });
+    }
+
+    #[test]
+    fn keeping_a_reference_removes_what_a_killed_build_left_of_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (out, reference) = (d.path().join("out"), d.path().join("ref"));
+        std::fs::write(&out, b"output").unwrap();
+        std::fs::write(d.path().join("ref.tmp-999999999"), b"half").unwrap();
+        std::fs::write(d.path().join("other.tmp-999999999"), b"not its").unwrap();
+        keep(&reference, &out, &Index::default()).unwrap();
+        assert_eq!(
+            temp_files(d.path()),
+            vec!["other.tmp-999999999".to_string()]
+        );
     }
 
     #[test]

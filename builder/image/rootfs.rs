@@ -25,6 +25,21 @@ pub(crate) struct BaseRootfs {
     pub meta: BaseMeta,
     /// True when it came from the cache.
     pub cached: bool,
+    /// The key it was also filed under by this build (the packages it
+    /// pinned), so the next build finds it.
+    pub pinned_key: Option<String>,
+    /// A shared lock on the cache entry, held while the base is in use, so
+    /// no other build replaces it and `kiln cache gc` leaves it alone.
+    pub lock: Option<std::sync::Arc<crate::util::locks::Held>>,
+}
+
+impl BaseRootfs {
+    /// The cache keys this base is filed under.
+    pub(crate) fn keys(&self) -> Vec<String> {
+        std::iter::once(self.meta.key.clone())
+            .chain(self.pinned_key.clone())
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,8 +105,30 @@ fn paths(cache: &Cache, key: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// The lock of the cache entry `key`.
+fn lock_path(cache: &Cache, key: &str) -> PathBuf {
+    cache.root.join("rootfs").join(format!("{key}.lock"))
+}
+
+/// A cached base under `key` that is untouched since its sha256 was last
+/// verified: what a build may use under a shared lock (nothing is written).
+fn lookup_stamped(cache: &Cache, key: &str) -> Option<BaseRootfs> {
+    let (tar, meta_path) = paths(cache, key);
+    let meta: BaseMeta = serde_json::from_slice(&std::fs::read(meta_path).ok()?).ok()?;
+    let stamp = crate::util::FileStamp::of(&tar).ok()?;
+    (meta.verified.as_ref() == Some(&stamp)).then_some(BaseRootfs {
+        tar,
+        meta,
+        cached: true,
+        pinned_key: None,
+        lock: None,
+    })
+}
+
 /// A cached base under `key`, if complete and intact: its sha256 matches,
 /// or it is untouched since that was last verified (see [`FileStamp`]).
+/// A corrupt entry is removed; a verified one is stamped. Only under the
+/// entry's exclusive lock.
 ///
 /// [`FileStamp`]: crate::util::FileStamp
 fn lookup(cache: &Cache, key: &str) -> Option<BaseRootfs> {
@@ -118,6 +155,8 @@ fn lookup(cache: &Cache, key: &str) -> Option<BaseRootfs> {
         tar,
         meta,
         cached: true,
+        pinned_key: None,
+        lock: None,
     })
 }
 
@@ -126,7 +165,9 @@ fn write_meta(path: &std::path::Path, meta: &BaseMeta) -> Result<()> {
 }
 
 /// Return the base rootfs for this recipe and lock, building it when the
-/// cache has none.
+/// cache has none. The base comes with a shared lock on its cache entry;
+/// it is built (or repaired) under the exclusive one, so of two builds
+/// needing the same base one runs mmdebstrap and the other waits for it.
 pub(crate) fn ensure_base(
     r: &Recipe,
     lock: &Lockfile,
@@ -134,9 +175,36 @@ pub(crate) fn ensure_base(
     show: bool,
 ) -> Result<BaseRootfs> {
     let key = base_key(r, lock);
-    if let Some(b) = lookup(cache, &key) {
-        return Ok(b);
+    // Some(pinned key) once this process built it.
+    let mut built: Option<Option<String>> = None;
+    let (mut base, held) = crate::image::cachegc::use_entry(
+        &lock_path(cache, &key),
+        &format!("the base rootfs {}", &key[..12]),
+        || Ok(lookup_stamped(cache, &key)),
+        || {
+            if lookup(cache, &key).is_none() {
+                built = Some(build_base(r, lock, cache, &key, show)?);
+            }
+            Ok(())
+        },
+    )?;
+    if let Some(pinned_key) = built {
+        base.cached = false;
+        base.pinned_key = pinned_key;
     }
+    base.lock = Some(std::sync::Arc::new(held));
+    Ok(base)
+}
+
+/// Run mmdebstrap and file its tarball under `key` (and, when the lock has
+/// no package pins yet, under the key of the pins it yields, returned).
+fn build_base(
+    r: &Recipe,
+    lock: &Lockfile,
+    cache: &Cache,
+    key: &str,
+    show: bool,
+) -> Result<Option<String>> {
     crate::util::hosttools::require(&[crate::util::hosttools::MMDEBSTRAP])?;
     let scratch = cache.scratch("rootfs-")?;
     let out = scratch.path().join("base.tar");
@@ -146,7 +214,7 @@ pub(crate) fn ensure_base(
     let packages = read_packages(&out)?;
     let sha256 = crate::util::sha256_file(&out)?;
     let size = std::fs::metadata(&out)?.len();
-    let (tar, meta_path) = paths(cache, &key);
+    let (tar, meta_path) = paths(cache, key);
     std::fs::rename(&out, &tar).context("cannot move the base rootfs into the cache")?;
 
     // The next build reads these package pins from the lock; file the same
@@ -160,8 +228,17 @@ pub(crate) fn ensure_base(
             },
         )
     });
-    // (An existing entry under the pinned key is left as it is.)
+    // (An existing entry under the pinned key is left as it is, and so is
+    // one another build holds.)
+    let pinned_lock = match &pinned_key {
+        Some(k) => crate::util::locks::Held::try_acquire(
+            &lock_path(cache, k),
+            crate::util::locks::Mode::Exclusive,
+        )?,
+        None => None,
+    };
     let pinned = pinned_key
+        .filter(|_| pinned_lock.is_some())
         .map(|k| (k.clone(), paths(cache, &k)))
         .filter(|(_, (ptar, _))| !ptar.exists());
     if let Some((_, (ptar, _))) = &pinned {
@@ -169,26 +246,24 @@ pub(crate) fn ensure_base(
     }
     // Stamped after the last rename and link, which change the ctime.
     let meta = BaseMeta {
-        key: key.clone(),
+        key: key.to_string(),
         sha256,
         size,
         packages,
         verified: crate::util::FileStamp::of(&tar).ok(),
     };
     write_meta(&meta_path, &meta)?;
+    let mut filed = None;
     if let Some((pkey, (ptar, pmeta))) = pinned {
         let m = BaseMeta {
-            key: pkey,
+            key: pkey.clone(),
             verified: crate::util::FileStamp::of(&ptar).ok(),
-            ..meta.clone()
+            ..meta
         };
         write_meta(&pmeta, &m)?;
+        filed = Some(pkey);
     }
-    Ok(BaseRootfs {
-        tar,
-        meta,
-        cached: false,
-    })
+    Ok(filed)
 }
 
 /// The exact mmdebstrap arguments for this recipe and lock (after the program
@@ -263,6 +338,9 @@ fn run_mmdebstrap(
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    // Stops (and cleans up its mounts) when kiln dies, even by SIGKILL.
+    // Spawned on the thread that waits for it, as that requires.
+    crate::util::locks::die_with_parent(&mut cmd, libc::SIGTERM);
 
     let total = include_list(r, lock).len() as u64;
     let pb = crate::util::progress::items(

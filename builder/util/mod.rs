@@ -4,6 +4,7 @@
 pub(crate) mod diagnostics;
 pub mod hosttools;
 pub mod interrupt;
+pub mod locks;
 pub(crate) mod parallel;
 pub(crate) mod progress;
 
@@ -87,27 +88,6 @@ impl Drop for Background {
     fn drop(&mut self) {
         if let Some(h) = self.0.take() {
             let _ = h.join();
-        }
-    }
-}
-
-/// Remove the directories in `dir` named `<prefix><pid>-…` whose process is
-/// gone: what builds killed outright (no chance to clean up) left behind.
-pub fn remove_stale_dirs(dir: &Path, prefix: &str) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(prefix) else {
-            continue;
-        };
-        let pid = rest.split('-').next().unwrap_or("");
-        if !pid.is_empty()
-            && pid.bytes().all(|b| b.is_ascii_digit())
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
-            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }

@@ -251,12 +251,10 @@ impl Vm {
         unsafe {
             cmd.pre_exec(|| {
                 libc::setpgid(0, 0);
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
                 Ok(())
             });
         }
+        crate::util::locks::die_with_parent(&mut cmd, libc::SIGKILL);
         let started = Instant::now();
         let child = cmd
             .spawn()

@@ -12,7 +12,7 @@
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
@@ -544,10 +544,6 @@ fn network(src: &SourceFile, n: &NetworkFile) -> Result<Network, FileError> {
     Ok(net)
 }
 
-/// The address family of every address kiln hands out (IPv4 for now).
-pub(crate) fn ip(a: Ipv4Addr) -> IpAddr {
-    IpAddr::V4(a)
-}
 
 #[cfg(test)]
 pub(crate) mod tests {

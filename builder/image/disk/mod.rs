@@ -21,6 +21,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use crate::util::locks::LockedDir;
+
 const MIB: u64 = 1 << 20;
 /// GPT needs 33 sectors at the end for the backup header and table.
 const GPT_TAIL: u64 = MIB;
@@ -249,9 +251,14 @@ pub fn assemble(raw: &Path, d: &DiskInputs<'_>) -> Result<()> {
     f.sync_all()?;
     drop(f);
 
-    let out = Command::new(crate::util::hosttools::path_of(
-        crate::util::hosttools::MKFS_EXT4,
-    )?)
+    // Minutes of work for nothing once kiln is gone: it dies with kiln
+    // (spawned and waited for on this thread).
+    let out = crate::util::locks::die_with_parent(
+        &mut Command::new(crate::util::hosttools::path_of(
+            crate::util::hosttools::MKFS_EXT4,
+        )?),
+        libc::SIGKILL,
+    )
     .env("SOURCE_DATE_EPOCH", epoch.to_string())
     .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
     .env("MKE2FS_DEVICE_SECTSIZE", "512")
@@ -392,18 +399,18 @@ const RAM_PREFIX: &str = "kiln-";
 /// A scratch directory in RAM for a raw disk that will hold about `need`
 /// bytes, when the tmpfs and the machine's available memory both have at
 /// least twice that to spare (plus 1 GiB of memory). `None` means use disk.
-/// `KILN_RAM_SCRATCH=0` turns it off. Directories of killed builds are
-/// removed first, so a crash never pins memory for long.
-pub fn ram_scratch(need: u64) -> Option<tempfile::TempDir> {
+/// `KILN_RAM_SCRATCH=0` turns it off. Directories of killed builds (whose
+/// lock nobody holds) are removed first, so a crash never pins memory for long.
+pub fn ram_scratch(need: u64) -> Option<LockedDir> {
     // First, or a killed build's leftover could itself leave too little room.
-    crate::util::remove_stale_dirs(Path::new(RAM_DIR), RAM_PREFIX);
+    crate::util::locks::sweep(Path::new(RAM_DIR), RAM_PREFIX, false);
     if std::env::var_os("KILN_RAM_SCRATCH").is_some_and(|v| v == "0") {
         return None;
     }
     ram_dir(Path::new(RAM_DIR), need, mem_available())
 }
 
-fn ram_dir(root: &Path, need: u64, mem_available: Option<u64>) -> Option<tempfile::TempDir> {
+fn ram_dir(root: &Path, need: u64, mem_available: Option<u64>) -> Option<LockedDir> {
     let st = statfs(root)?;
     if st.fs_type != TMPFS_MAGIC
         || st.free < need.saturating_mul(2)
@@ -411,10 +418,7 @@ fn ram_dir(root: &Path, need: u64, mem_available: Option<u64>) -> Option<tempfil
     {
         return None;
     }
-    tempfile::Builder::new()
-        .prefix(&format!("{RAM_PREFIX}{}-", std::process::id()))
-        .tempdir_in(root)
-        .ok()
+    LockedDir::new_in(root, &format!("{RAM_PREFIX}{}-", std::process::id())).ok()
 }
 
 #[derive(Debug, Clone)]
@@ -582,22 +586,6 @@ mod tests {
         )
         .to_string();
         assert!(msg.starts_with("mkfs.ext4 failed: "), "{msg}");
-    }
-
-    #[test]
-    fn directories_of_dead_builds_are_removed_and_live_ones_kept() {
-        let d = tempfile::tempdir().unwrap();
-        let dead = d.path().join(format!("{RAM_PREFIX}999999999-x"));
-        let live = d
-            .path()
-            .join(format!("{RAM_PREFIX}{}-y", std::process::id()));
-        let other = d.path().join("kiln-notapid-z");
-        for p in [&dead, &live, &other] {
-            std::fs::create_dir(p).unwrap();
-        }
-        crate::util::remove_stale_dirs(d.path(), RAM_PREFIX);
-        assert!(!dead.exists());
-        assert!(live.exists() && other.exists());
     }
 
     #[test]
