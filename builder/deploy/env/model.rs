@@ -544,7 +544,6 @@ fn network(src: &SourceFile, n: &NetworkFile) -> Result<Network, FileError> {
     Ok(net)
 }
 
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
