@@ -169,12 +169,21 @@ fn print_build(o: &BuildOutcome, json_out: bool, seconds: f64) {
         };
         println!("  {:<9} {:>7.2}s{note}", s.stage, s.seconds);
     }
-    println!(
-        "  disk      {} ({} qcow2, {} virtual)",
-        o.dir.join(&m.disk.file).display(),
-        crate::util::human_bytes(m.disk.size),
-        crate::util::human_bytes(m.disk.virtual_size)
-    );
+    for (kind, f) in m.outputs() {
+        let extra = match kind {
+            crate::image::contract::OutputKind::Disk => format!(
+                "{} qcow2, {} virtual",
+                crate::util::human_bytes(f.size),
+                crate::util::human_bytes(m.disk.virtual_size)
+            ),
+            crate::image::contract::OutputKind::Lxc => crate::util::human_bytes(f.size),
+        };
+        println!(
+            "  {:<9} {} ({extra})",
+            kind.label(),
+            o.dir.join(&f.file).display()
+        );
+    }
     println!(
         "  packages  {}; hygiene: {} cleaned, {} violations",
         m.packages.len(),

@@ -226,6 +226,24 @@ impl ImageManifest {
         Ok(())
     }
 
+    /// Check that every output file is the one this manifest describes (the
+    /// disk's sha256 is also the image id).
+    pub fn verify_outputs(&self, image_dir: &Path) -> Result<()> {
+        self.verify_disk(image_dir)?;
+        for (_, f) in self.outputs().iter().skip(1) {
+            let path = image_dir.join(&f.file);
+            let actual = crate::util::sha256_file(&path)?;
+            if actual != f.sha256 {
+                bail!(
+                    "{} does not match its manifest: sha256 is {actual}, manifest says {}",
+                    path.display(),
+                    f.sha256
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Write `SHA256SUMS` (the format `sha256sum -c` reads) for every output.
     pub fn write_sums(&self, image_dir: &Path) -> Result<()> {
         let text: String = self

@@ -88,21 +88,13 @@ pub fn load_image(dir: &Path, allow_unvalidated: bool, json: bool) -> Result<Ima
     }
     let pb = crate::util::progress::spinner(
         crate::util::progress::enabled(json),
-        "verifying disk sha256",
+        "verifying sha256 of every output",
     );
-    let res = m.verify_disk(dir);
+    let res = m.verify_outputs(dir);
     pb.finish_and_clear();
     res?;
     if let Some(l) = &m.lxc {
         let p = dir.join(&l.file);
-        let got = crate::util::sha256_file(&p)?;
-        if got != l.sha256 {
-            bail!(
-                "{} does not match its manifest: sha256 is {got}, manifest says {}",
-                p.display(),
-                l.sha256
-            );
-        }
         if !l.file.ends_with(".tar.zst") {
             bail!("{}: the LXC rootfs must be a .tar.zst", p.display());
         }
