@@ -676,4 +676,19 @@ values = { priority = 100 }
         let e = format!("{:#}", env.secret("missing").unwrap_err());
         assert!(e.contains("KILN_TEST_NEVER_SET_1234 is not set"), "{e}");
     }
+
+    #[test]
+    fn the_shipped_environments_load_with_the_users_cluster_shapes() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for (file, servers, agents) in [("envs/prod.toml", 3, 3), ("envs/qa.toml", 1, 2)] {
+            let env = Environment::load(&root.join(file)).unwrap();
+            let count = |k: RoleKind| env.slots().filter(|(r, _)| r.kind == k).count();
+            assert_eq!(
+                (count(RoleKind::Lb), count(RoleKind::Server), count(RoleKind::Agent)),
+                (3, servers, agents),
+                "{file}"
+            );
+            assert!(matches!(env.provider, ProviderSpec::Proxmox { .. }), "{file}");
+        }
+    }
 }
