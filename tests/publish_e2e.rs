@@ -545,3 +545,71 @@ fn a_manifest_pointing_outside_its_image_directory_is_refused_before_any_upload(
     );
     assert!(s.state().volumes.is_empty(), "something was uploaded");
 }
+
+/// Two `kiln publish` processes of one image at once against one simulator,
+/// with `fault` injected; checks that both succeed and exactly one template
+/// is left, made from one of the two uploads, with nothing else left behind.
+fn two_publishes_at_once(fault: &str, version: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", version, true, false);
+    let env = env_target(&s.url());
+    s.inject(fault.parse().unwrap());
+    let args = ["publish", img.to_str().unwrap(), "--json"];
+    let spawn = || {
+        kiln_command(tmp.path(), &args, &env)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "first: {}", stderr(&a));
+    assert!(b.status.success(), "second: {}", stderr(&b));
+    let ra: kiln::deploy::publish::PublishReport = serde_json::from_slice(&a.stdout).unwrap();
+    let rb: kiln::deploy::publish::PublishReport = serde_json::from_slice(&b.stdout).unwrap();
+    assert_eq!(ra.vmid, rb.vmid, "both report the one template");
+    assert!(ra.created != rb.created, "exactly one run made it");
+    let st = s.state();
+    let templates: Vec<u32> = st
+        .vms
+        .values()
+        .filter(|v| v.template)
+        .map(|v| v.vmid)
+        .collect();
+    assert_eq!(templates, vec![ra.vmid]);
+    assert_eq!(
+        st.vms.len(),
+        1,
+        "no half-made VM is left: {:?}",
+        st.vms.keys()
+    );
+    // Each run uploaded under its own name and removed only that file.
+    let uploads: std::collections::BTreeSet<String> = st
+        .requests
+        .iter()
+        .filter(|r| r.path.ends_with("/upload"))
+        .map(|r| r.params["filename"].clone())
+        .collect();
+    let uploaded = [&ra, &rb].iter().filter(|r| r.uploaded_bytes > 0).count();
+    assert_eq!(uploads.len(), uploaded, "{uploads:?}");
+    assert!(
+        st.volumes.keys().all(|v| !v.contains(":import/")),
+        "{:?}",
+        st.volumes.keys()
+    );
+}
+
+#[test]
+fn two_publishes_of_one_image_at_once_make_exactly_one_template_and_both_succeed() {
+    // Both creates overlap: each takes a second.
+    two_publishes_at_once("create:slow=1*2", "3.0.0");
+}
+
+#[test]
+fn two_publishes_at_once_agree_when_the_first_create_finishes_last() {
+    // Only the first create is slow: the other VM is ready first and must
+    // wait for the lower one still being created.
+    two_publishes_at_once("create:slow=2", "3.0.1");
+}

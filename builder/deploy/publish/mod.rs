@@ -67,6 +67,10 @@ pub struct PublishReport {
     /// Half-made VMs of an earlier run that were removed.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub removed_leftovers: Vec<u32>,
+    /// True when another publish of the same image, running at the same
+    /// time, made the template this run reports (`created` is then false).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub created_by_other: bool,
     /// What the operator should know although the publish succeeded.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub warnings: Vec<String>,
@@ -169,6 +173,7 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
         via: if via == Via::Ssh { "ssh" } else { "api" }.into(),
         lxc_volume: None,
         removed_leftovers: Vec::new(),
+        created_by_other: false,
         warnings: Vec::new(),
     };
     remove_dead_runs(&pve, target, &mut report)?;
@@ -199,7 +204,7 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
             run.finish();
         }
         res?;
-        report.created = true;
+        report.created = !report.created_by_other;
     }
     if let Some(lxc) = &m.lxc {
         let storage = target.lxc_storage();
@@ -356,6 +361,91 @@ fn create_vm(
     )
 }
 
+/// Who publishes the template when several runs publish one image at once.
+enum Settled {
+    /// This run's VM becomes the template.
+    Mine,
+    /// Another run's template (made or being made) is used instead.
+    Theirs(VmEntry),
+}
+
+/// How long a lower competitor may stay unconverted, with nothing below it
+/// still being created, before it is taken for the leftover of a dead run on
+/// another machine (a live run converts within one template task).
+const STALE_COMPETITOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Decide, after this run's VM `mine` is created, whether it becomes the
+/// template. Proxmox has no lock kiln could take across runs, but the
+/// creates themselves order them: among VMs of this image made by kiln runs
+/// (not clones, see `naming::run_marker_matches`) the lowest VMID wins; a
+/// run waits for lower ones to become a template (then uses that) or to go.
+/// VMs below `mine` whose create task still runs show no name or tags yet
+/// (PVE/API2/Qemu.pm create_vm writes the config at the end), so they are
+/// waited for too.
+fn settle(pve: &Pve, job: &Job, mine: u32, report: &mut PublishReport) -> Result<Settled> {
+    let [lo, _] = job.target.cfg.vmid_range;
+    let id_tag = naming::id_tag(job.m);
+    let mut unconverted_since: std::collections::BTreeMap<u32, std::time::Instant> =
+        Default::default();
+    let mut stale_noted = std::collections::BTreeSet::new();
+    loop {
+        crate::util::check_interrupted()?;
+        // A competitor that ran on this machine and died is removed at once.
+        remove_dead_runs(pve, job.target, report)?;
+        let vms = list_vms(pve)?;
+        if let Some(t) = find_existing(pve, &vms, job.m)? {
+            return Ok(Settled::Theirs(t));
+        }
+        let below = |v: &&VmEntry| v.node == pve.node && v.vmid >= lo && v.vmid < mine;
+        let creating = vms
+            .iter()
+            .filter(below)
+            .any(|v| v.lock.as_deref() == Some("create"));
+        let mut waiting = creating;
+        for v in vms
+            .iter()
+            .filter(below)
+            .filter(|v| !v.template && v.lock.is_none() && v.tags.contains(&id_tag))
+        {
+            let cfg = match vm_config(pve, &v.node, v.vmid) {
+                Ok(c) => c,
+                Err(e) if is_missing(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            let d = naming::parse_description(
+                cfg.get("description").and_then(Value::as_str).unwrap_or(""),
+            );
+            let made_by_a_run = d.get(naming::keys::ID) == Some(&job.m.id)
+                && d.get(naming::keys::RUN)
+                    .is_some_and(|r| naming::run_marker_matches(&cfg, r));
+            if !made_by_a_run {
+                continue;
+            }
+            let since = unconverted_since
+                .entry(v.vmid)
+                .or_insert_with(std::time::Instant::now);
+            if creating {
+                *since = std::time::Instant::now();
+            }
+            if since.elapsed() < STALE_COMPETITOR {
+                waiting = true;
+            } else if stale_noted.insert(v.vmid) {
+                report.warnings.push(format!(
+                    "VM {} on {} of another publish of this image has not become a template \
+                     for {} s; taken for the leftover of a dead run and not waited for",
+                    v.vmid,
+                    v.node,
+                    STALE_COMPETITOR.as_secs()
+                ));
+            }
+        }
+        if !waiting {
+            return Ok(Settled::Mine);
+        }
+        crate::util::sleep_interruptible(std::time::Duration::from_millis(300))?;
+    }
+}
+
 /// What one publish works on: the target, the image and how to show progress.
 struct Job<'a> {
     target: &'a Target,
@@ -373,7 +463,9 @@ fn publish_api(
 ) -> Result<()> {
     let (target, dir, m, json) = (job.target, job.dir, job.m, job.json);
     let storage = &target.cfg.import_storage;
-    let file_name = naming::import_file_name(m);
+    // Per run: a concurrent publish of the same image never overwrites or
+    // deletes this upload (an upload replaces a file of the same name).
+    let file_name = naming::import_file_name(m, run.id());
     let volid = format!("{storage}:import/{file_name}");
     run.will_upload(&pve.node, storage, &volid)?;
     let disk = m.disk_path(dir);
@@ -386,7 +478,7 @@ fn publish_api(
     report.uploaded_bytes += up.bytes;
     report.upload_seconds = up.seconds;
     let mut created: Option<u32> = None;
-    let result = (|| -> Result<u32> {
+    let result = (|| -> Result<Settled> {
         pve.wait_task(&up.upid, &format!("copying {file_name} into {storage}"))?;
         let when = naming::now_rfc3339();
         let run_id = run.id().to_string();
@@ -396,6 +488,9 @@ fn publish_api(
         created = Some(vmid);
         pve.wait_task(&upid, &format!("creating VM {vmid}"))?;
         crate::util::check_interrupted()?;
+        if let Settled::Theirs(t) = settle(pve, job, vmid, report)? {
+            return Ok(Settled::Theirs(t));
+        }
         let t = pve.post(
             &format!("/nodes/{}/qemu/{vmid}/template", seg(&pve.node)),
             &[],
@@ -403,15 +498,47 @@ fn publish_api(
         if let Some(u) = t.as_str() {
             pve.wait_task(u, &format!("converting VM {vmid} to a template"))?;
         }
-        Ok(vmid)
+        // A publish that chose a lower free VMID after this one looked (a
+        // gap in the range) may have converted too: the lowest one stays.
+        match find_existing(pve, &list_vms(pve)?, m)? {
+            Some(t) if t.vmid < vmid => Ok(Settled::Theirs(t)),
+            _ => Ok(Settled::Mine),
+        }
     })();
     match result {
-        Ok(vmid) => {
+        Ok(Settled::Mine) => {
+            let vmid = created.expect("a VM was created");
             report.vmid = vmid;
             if target.cfg.remove_import {
                 delete_volume(pve, storage, &volid).with_context(|| {
                     format!("template {vmid} is ready, but removing the import file {volid} failed")
                 })?;
+            }
+            Ok(())
+        }
+        Ok(Settled::Theirs(t)) => {
+            let mine = created.expect("a VM was created");
+            report.warnings.push(format!(
+                "another kiln publish of this image finished first: its template {} on {} is \
+                 used; this run's VM {mine} is removed",
+                t.vmid, t.node
+            ));
+            report.vmid = t.vmid;
+            report.name = t.name;
+            report.node = t.node;
+            report.via = "existing".into();
+            report.created_by_other = true;
+            if let Err(c) = destroy_vm(pve, &pve.node, mine) {
+                run.left_behind = true;
+                report.warnings.push(format!(
+                    "VM {mine} is left behind ({c:#}); the next publish removes it"
+                ));
+            }
+            if let Err(c) = delete_volume(pve, storage, &volid) {
+                run.left_behind = true;
+                report
+                    .warnings
+                    .push(format!("import file {volid} is left behind ({c:#})"));
             }
             Ok(())
         }

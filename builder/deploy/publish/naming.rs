@@ -78,19 +78,30 @@ fn safe_file_part(s: &str) -> String {
         .collect()
 }
 
-/// Upload name of the disk: only PVE's safe characters, `.qcow2`/`.raw`.
-pub(crate) fn import_file_name(m: &ImageManifest) -> String {
+/// Upload name of the disk for publish run `run`: only PVE's safe
+/// characters, `.qcow2`/`.raw`, and the run's first 8 hex digits so that
+/// concurrent runs never share (and overwrite or delete) one file.
+pub(crate) fn import_file_name(m: &ImageManifest, run: &str) -> String {
     let ext = if m.disk.format == "raw" {
         "raw"
     } else {
         "qcow2"
     };
     format!(
-        "kiln-{}-{}-{}.{ext}",
+        "kiln-{}-{}-{}-{}.{ext}",
         safe_file_part(&m.name),
         safe_file_part(&m.version),
-        m.short_id()
+        m.short_id(),
+        run_tag(run)
     )
+}
+
+/// The first 8 hex digits of a run id, for names.
+pub(crate) fn run_tag(run: &str) -> String {
+    run.chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(8)
+        .collect()
 }
 
 /// Upload name of the LXC rootfs archive.

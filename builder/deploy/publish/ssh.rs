@@ -264,7 +264,7 @@ pub(crate) fn publish(
         )
     })?;
     let remote = Remote::connect(c)?;
-    let remote_file = format!("/var/tmp/{}", naming::import_file_name(m));
+    let remote_file = format!("/var/tmp/{}", naming::import_file_name(m, run.id()));
     let pb = crate::util::progress::bytes(
         crate::util::progress::enabled(false),
         Some(m.disk.size),
