@@ -1,8 +1,9 @@
 //! Conformance: every request kiln sends (recorded by the PVE simulator) is
 //! checked against the real Proxmox VE API schema in ../shared/pve-api/.
 //!
-//! The schema is read at test time and never copied into this repository;
-//! without it the test is skipped with a printed reason.
+//! The schema is read at test time (from ../shared/pve-api/, or the directory
+//! in PVE_API_SCHEMA_DIR) and never copied into this repository; without it
+//! the test is skipped with a printed reason.
 
 mod publish_support;
 use publish_support::*;
@@ -11,8 +12,14 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 
 fn schema() -> Option<Value> {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/pve-api/schema-subset.json");
+    // PVE_API_SCHEMA_DIR points elsewhere (e.g. from a git worktree, whose
+    // ../shared is not the project's).
+    let dir = std::env::var_os("PVE_API_SCHEMA_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/pve-api")
+        });
+    let p = dir.join("schema-subset.json");
     match std::fs::read_to_string(&p) {
         Ok(t) => Some(serde_json::from_str(&t).expect("schema-subset.json is JSON")),
         Err(e) => {

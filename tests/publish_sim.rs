@@ -294,3 +294,52 @@ fn a_template_with_a_linked_clone_cannot_be_destroyed() {
     assert!(exit.contains("still in use by linked clone"), "{exit}");
     assert!(s.state().vms.contains_key(&100));
 }
+
+#[test]
+fn a_clone_gets_a_new_smbios_uuid_and_keeps_the_description() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let uuid = "0f8e6a62-1c2b-4d3e-9f00-aabbccddeeff";
+    let (code, v) = post(
+        &s,
+        "/nodes/pve/qemu",
+        &[
+            ("vmid", "100"),
+            ("smbios1", &format!("uuid={uuid}")),
+            ("description", "kiln-run: x"),
+        ],
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
+    let (code, v) = post(
+        &s,
+        "/nodes/pve/qemu/100/clone",
+        &[("newid", "101"), ("name", "c"), ("full", "1")],
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
+    let st = s.state();
+    assert_eq!(st.vms[&100].config["smbios1"], format!("uuid={uuid}"));
+    let cloned = &st.vms[&101].config["smbios1"];
+    assert!(
+        cloned.starts_with("uuid=") && !cloned.contains(uuid),
+        "{cloned}"
+    );
+    assert_eq!(st.vms[&101].config["description"], "kiln-run: x");
+}
+
+#[test]
+fn a_create_without_smbios1_gets_a_uuid_and_a_bad_uuid_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let (code, v) = post(&s, "/nodes/pve/qemu", &[("vmid", "100")]);
+    assert_eq!(code, 200, "{v}");
+    assert!(s.state().vms[&100].config["smbios1"].starts_with("uuid="));
+    let (code, v) = post(
+        &s,
+        "/nodes/pve/qemu",
+        &[("vmid", "101"), ("smbios1", "uuid=not-a-uuid")],
+    );
+    assert_eq!(code, 400);
+    assert!(v["errors"]["smbios1"].is_string(), "{v}");
+}

@@ -125,9 +125,9 @@ pub fn env_target(url: &str) -> Vec<(String, String)> {
     ]
 }
 
-/// Run the kiln binary with exactly these KILN_* variables, in `cwd`, and
-/// check the token's secret appears in none of its output.
-pub fn kiln(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Output {
+/// The kiln binary with exactly these KILN_* variables, in `cwd`, with
+/// `cwd` as its HOME (where it records its publish runs).
+pub fn kiln_command(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
     cmd.current_dir(cwd).args(args);
     for (k, _) in std::env::vars() {
@@ -135,11 +135,19 @@ pub fn kiln(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Output {
             cmd.env_remove(k);
         }
     }
-    cmd.env("KILN_NO_PROGRESS", "1").env("HOME", cwd);
+    cmd.env("KILN_NO_PROGRESS", "1")
+        .env("HOME", cwd)
+        .env_remove("XDG_STATE_HOME");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("kiln runs");
+    cmd
+}
+
+/// Run the kiln binary (see [`kiln_command`]) and check the token's secret
+/// appears in none of its output.
+pub fn kiln(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Output {
+    let out = kiln_command(cwd, args, env).output().expect("kiln runs");
     let all = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -179,4 +187,51 @@ pub fn plain_vms(s: &Sim) -> Vec<u32> {
         .filter(|v| !v.template)
         .map(|v| v.vmid)
         .collect()
+}
+
+/// `POST` a form to the simulator's API; (status, body).
+pub fn api_post(s: &Sim, path: &str, form: &[(&str, &str)]) -> (u16, serde_json::Value) {
+    let r = reqwest::blocking::Client::new()
+        .post(format!("{}/api2/json{path}", s.url()))
+        .header("Authorization", format!("PVEAPIToken={}", token()))
+        .form(form)
+        .send()
+        .unwrap();
+    (
+        r.status().as_u16(),
+        r.json().unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// `DELETE` on the simulator's API; (status, body).
+pub fn api_delete(s: &Sim, path: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::blocking::Client::new()
+        .delete(format!("{}/api2/json{path}", s.url()))
+        .header("Authorization", format!("PVEAPIToken={}", token()))
+        .send()
+        .unwrap();
+    (
+        r.status().as_u16(),
+        r.json().unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Wait for a simulator task to end; its exit status.
+pub fn wait_task(s: &Sim, upid: &str) -> String {
+    for _ in 0..500 {
+        if let Some(x) = s.state().tasks.get(upid).and_then(|t| t.exitstatus.clone()) {
+            return x;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("task {upid} did not end");
+}
+
+/// Run an API task (the answer's `data` is its UPID) to its end; panics
+/// unless it was accepted and ended OK.
+pub fn api_task(s: &Sim, answer: (u16, serde_json::Value)) {
+    let (code, v) = answer;
+    assert_eq!(code, 200, "{v}");
+    let upid = v["data"].as_str().expect("a task id").to_string();
+    assert_eq!(wait_task(s, &upid), "OK");
 }

@@ -7,13 +7,14 @@
 //! remove the import file; the LB appliance's LXC rootfs goes up as
 //! `vztmpl`. Anything half-made is destroyed on failure or by the next run.
 
+pub(crate) mod journal;
 pub(crate) mod naming;
 pub(crate) mod ssh;
 
 use crate::deploy::pve::client::{seg, Pve};
 use crate::deploy::pve::config::Target;
-use crate::deploy::pve::errors::ApiError;
-use crate::deploy::pve::vms::{destroy_vm, list_vms, vm_config, VmEntry};
+use crate::deploy::pve::errors::{is_missing, ApiError};
+use crate::deploy::pve::vms::{destroy_vm, list_vms, vm_config, wait_unlocked, VmEntry};
 use crate::deploy::pve::volumes::{check_storage, delete_volume, volume_exists};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
@@ -66,6 +67,13 @@ pub struct PublishReport {
     /// Half-made VMs of an earlier run that were removed.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub removed_leftovers: Vec<u32>,
+    /// True when another publish of the same image, running at the same
+    /// time, made the template this run reports (`created` is then false).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub created_by_other: bool,
+    /// What the operator should know although the publish succeeded.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub warnings: Vec<String>,
 }
 
 /// Load the image and check it may be published.
@@ -145,7 +153,6 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
     if m.lxc.is_some() {
         check_storage(&pve, target.lxc_storage(), "vztmpl", "LXC template")?;
     }
-    let vms = list_vms(&pve)?;
     let mut report = PublishReport {
         vmid: 0,
         name: naming::vm_name(&m.name, &m.version),
@@ -158,29 +165,38 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
         via: if via == Via::Ssh { "ssh" } else { "api" }.into(),
         lxc_volume: None,
         removed_leftovers: Vec::new(),
+        created_by_other: false,
+        warnings: Vec::new(),
     };
+    remove_dead_runs(&pve, target, &mut report)?;
+    let vms = list_vms(&pve)?;
     if let Some(existing) = find_existing(&pve, &vms, &m)? {
         report.vmid = existing.vmid;
         report.name = existing.name;
         report.node = existing.node;
         report.via = "existing".into();
     } else {
-        // Half-made VMs of an interrupted run carry our id tag but are no template.
-        let id_tag = naming::id_tag(&m);
-        for vm in vms.iter().filter(|v| {
-            !v.template && v.tags.contains(&id_tag) && v.tags.iter().any(|t| t == naming::KILN_TAG)
-        }) {
-            destroy_vm(&pve, &vm.node, vm.vmid).with_context(|| {
-                format!("cannot remove VM {} left by an earlier publish", vm.vmid)
-            })?;
-            report.removed_leftovers.push(vm.vmid);
+        warn_about_foreign_half_made(&pve, &vms, &m, &mut report);
+        let mut run = journal::Run::start(&target.cfg.url, &m.id)?;
+        let res = match via {
+            Via::Ssh => ssh::publish(&pve, target, &args.image, &m, &vms, &mut run, &mut report),
+            _ => {
+                let job = Job {
+                    target,
+                    dir: &args.image,
+                    m: &m,
+                    json,
+                };
+                publish_api(&pve, &job, &vms, &mut run, &mut report)
+            }
+        };
+        // A failed run whose cleanup failed too stays recorded: the next
+        // publish removes what it left.
+        if res.is_ok() || !run.left_behind {
+            run.finish();
         }
-        let vms = list_vms(&pve)?;
-        match via {
-            Via::Ssh => ssh::publish(&pve, target, &args.image, &m, &vms, &mut report)?,
-            _ => publish_api(&pve, target, &args.image, &m, &vms, &mut report, json)?,
-        }
-        report.created = true;
+        res?;
+        report.created = !report.created_by_other;
     }
     if let Some(lxc) = &m.lxc {
         let storage = target.lxc_storage();
@@ -208,12 +224,106 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
     Ok(report)
 }
 
+/// Remove what publish runs on this machine left when they died: each VM a
+/// run recorded before creating it, if it still is that very VM (see
+/// [`journal`]) and no template, and each file it uploaded. What cannot be
+/// removed now is a warning; its record stays for the next run.
+fn remove_dead_runs(pve: &Pve, target: &Target, report: &mut PublishReport) -> Result<()> {
+    for dead in journal::dead_runs(&journal::dir()?, &target.cfg.url)? {
+        let run = dead.entry.run.clone();
+        let mut done = true;
+        for v in &dead.entry.vms {
+            match remove_if_made_by(pve, &v.node, v.vmid, &run) {
+                Ok(true) => report.removed_leftovers.push(v.vmid),
+                Ok(false) => {}
+                Err(e) => {
+                    done = false;
+                    report.warnings.push(format!(
+                        "VM {} on {} left by an interrupted publish (run {run}) could not be removed: {e:#}",
+                        v.vmid, v.node
+                    ));
+                }
+            }
+        }
+        for u in dead.entry.uploads.iter().filter(|u| u.node == pve.node) {
+            if let Err(e) = delete_volume(pve, &u.storage, &u.volid) {
+                done = false;
+                report.warnings.push(format!(
+                    "{} left by an interrupted publish (run {run}) could not be removed: {e:#}",
+                    u.volid
+                ));
+            }
+        }
+        if done {
+            dead.forget();
+        }
+    }
+    Ok(())
+}
+
+/// Destroy VM `vmid` if it is the non-template VM run `run` created;
+/// Ok(false) when it is gone, a template, or another VM by now.
+fn remove_if_made_by(pve: &Pve, node: &str, vmid: u32, run: &str) -> Result<bool> {
+    // The dead run's create task may still be running on the node.
+    wait_unlocked(pve, node, vmid)?;
+    let cfg = match vm_config(pve, node, vmid) {
+        Ok(c) => c,
+        Err(e) if is_missing(&e) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let template = cfg
+        .get("template")
+        .map(|t| t.as_u64() == Some(1) || t.as_str() == Some("1"))
+        .unwrap_or(false);
+    if template || !naming::run_marker_matches(&cfg, run) {
+        return Ok(false);
+    }
+    destroy_vm(pve, node, vmid)?;
+    Ok(true)
+}
+
+/// Non-template VMs of this image made by some kiln run on another machine
+/// (or by a run that is still going): never removed, but worth a word.
+/// Clones carry the same tags and description and are not mentioned.
+fn warn_about_foreign_half_made(
+    pve: &Pve,
+    vms: &[VmEntry],
+    m: &ImageManifest,
+    report: &mut PublishReport,
+) {
+    let id_tag = naming::id_tag(m);
+    for vm in vms
+        .iter()
+        .filter(|v| !v.template && v.tags.contains(&id_tag))
+    {
+        let Ok(cfg) = vm_config(pve, &vm.node, vm.vmid) else {
+            continue;
+        };
+        let desc = cfg.get("description").and_then(Value::as_str).unwrap_or("");
+        let d = naming::parse_description(desc);
+        if let Some(run) = d.get(naming::keys::RUN) {
+            if naming::run_marker_matches(&cfg, run) {
+                report.warnings.push(format!(
+                    "VM {} on {} is a half-made template of this image from kiln publish run {run} \
+                     (started {}), which this machine did not run or which is still running; \
+                     it is left alone: remove it by hand if that run is dead",
+                    vm.vmid,
+                    vm.node,
+                    d.get(naming::keys::CREATED).map(String::as_str).unwrap_or("?")
+                ));
+            }
+        }
+    }
+}
+
 /// Choose VMIDs from the range and create the VM, retrying when another
-/// client took the id first (`nextid` reserves nothing).
+/// client took the id first (`nextid` reserves nothing). Each VMID is
+/// recorded in the run's journal before it is asked for.
 fn create_vm(
     pve: &Pve,
     target: &Target,
     vms: &[VmEntry],
+    run: &mut journal::Run,
     params_for: &dyn Fn(u32) -> Vec<(String, String)>,
 ) -> Result<(u32, String)> {
     let [lo, hi] = target.cfg.vmid_range;
@@ -221,6 +331,7 @@ fn create_vm(
     let path = format!("/nodes/{}/qemu", seg(&pve.node));
     for vmid in (lo..=hi).filter(|v| !used.contains(v)) {
         crate::util::check_interrupted()?;
+        run.will_create_vm(&pve.node, vmid)?;
         match pve.post(&path, &params_for(vmid)) {
             Ok(v) => {
                 let upid = v.as_str().context("create answered without a task id")?;
@@ -242,18 +353,113 @@ fn create_vm(
     )
 }
 
+/// Who publishes the template when several runs publish one image at once.
+enum Settled {
+    /// This run's VM becomes the template.
+    Mine,
+    /// Another run's template (made or being made) is used instead.
+    Theirs(VmEntry),
+}
+
+/// How long a lower competitor may stay unconverted, with nothing below it
+/// still being created, before it is taken for the leftover of a dead run on
+/// another machine (a live run converts within one template task).
+const STALE_COMPETITOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Decide, after this run's VM `mine` is created, whether it becomes the
+/// template. Proxmox has no lock kiln could take across runs, but the
+/// creates themselves order them: among VMs of this image made by kiln runs
+/// (not clones, see `naming::run_marker_matches`) the lowest VMID wins; a
+/// run waits for lower ones to become a template (then uses that) or to go.
+/// VMs below `mine` whose create task still runs show no name or tags yet
+/// (PVE/API2/Qemu.pm create_vm writes the config at the end), so they are
+/// waited for too.
+fn settle(pve: &Pve, job: &Job, mine: u32, report: &mut PublishReport) -> Result<Settled> {
+    let [lo, _] = job.target.cfg.vmid_range;
+    let id_tag = naming::id_tag(job.m);
+    let mut unconverted_since: std::collections::BTreeMap<u32, std::time::Instant> =
+        Default::default();
+    let mut stale_noted = std::collections::BTreeSet::new();
+    loop {
+        crate::util::check_interrupted()?;
+        // A competitor that ran on this machine and died is removed at once.
+        remove_dead_runs(pve, job.target, report)?;
+        let vms = list_vms(pve)?;
+        if let Some(t) = find_existing(pve, &vms, job.m)? {
+            return Ok(Settled::Theirs(t));
+        }
+        let below = |v: &&VmEntry| v.node == pve.node && v.vmid >= lo && v.vmid < mine;
+        let creating = vms
+            .iter()
+            .filter(below)
+            .any(|v| v.lock.as_deref() == Some("create"));
+        let mut waiting = creating;
+        for v in vms
+            .iter()
+            .filter(below)
+            .filter(|v| !v.template && v.lock.is_none() && v.tags.contains(&id_tag))
+        {
+            let cfg = match vm_config(pve, &v.node, v.vmid) {
+                Ok(c) => c,
+                Err(e) if is_missing(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            let d = naming::parse_description(
+                cfg.get("description").and_then(Value::as_str).unwrap_or(""),
+            );
+            let made_by_a_run = d.get(naming::keys::ID) == Some(&job.m.id)
+                && d.get(naming::keys::RUN)
+                    .is_some_and(|r| naming::run_marker_matches(&cfg, r));
+            if !made_by_a_run {
+                continue;
+            }
+            let since = unconverted_since
+                .entry(v.vmid)
+                .or_insert_with(std::time::Instant::now);
+            if creating {
+                *since = std::time::Instant::now();
+            }
+            if since.elapsed() < STALE_COMPETITOR {
+                waiting = true;
+            } else if stale_noted.insert(v.vmid) {
+                report.warnings.push(format!(
+                    "VM {} on {} of another publish of this image has not become a template \
+                     for {} s; taken for the leftover of a dead run and not waited for",
+                    v.vmid,
+                    v.node,
+                    STALE_COMPETITOR.as_secs()
+                ));
+            }
+        }
+        if !waiting {
+            return Ok(Settled::Mine);
+        }
+        crate::util::sleep_interruptible(std::time::Duration::from_millis(300))?;
+    }
+}
+
+/// What one publish works on: the target, the image and how to show progress.
+struct Job<'a> {
+    target: &'a Target,
+    dir: &'a Path,
+    m: &'a ImageManifest,
+    json: bool,
+}
+
 fn publish_api(
     pve: &Pve,
-    target: &Target,
-    dir: &Path,
-    m: &ImageManifest,
+    job: &Job,
     vms: &[VmEntry],
+    run: &mut journal::Run,
     report: &mut PublishReport,
-    json: bool,
 ) -> Result<()> {
+    let (target, dir, m, json) = (job.target, job.dir, job.m, job.json);
     let storage = &target.cfg.import_storage;
-    let file_name = naming::import_file_name(m);
+    // Per run: a concurrent publish of the same image never overwrites or
+    // deletes this upload (an upload replaces a file of the same name).
+    let file_name = naming::import_file_name(m, run.id());
     let volid = format!("{storage}:import/{file_name}");
+    run.will_upload(&pve.node, storage, &volid)?;
     let disk = m.disk_path(dir);
     let pb = crate::util::progress::bytes(
         crate::util::progress::enabled(json),
@@ -264,15 +470,19 @@ fn publish_api(
     report.uploaded_bytes += up.bytes;
     report.upload_seconds = up.seconds;
     let mut created: Option<u32> = None;
-    let result = (|| -> Result<u32> {
+    let result = (|| -> Result<Settled> {
         pve.wait_task(&up.upid, &format!("copying {file_name} into {storage}"))?;
         let when = naming::now_rfc3339();
-        let (vmid, upid) = create_vm(pve, target, vms, &|id| {
-            naming::create_params(target, m, id, &volid, &when)
+        let run_id = run.id().to_string();
+        let (vmid, upid) = create_vm(pve, target, vms, run, &|id| {
+            naming::create_params(target, m, id, &volid, &when, &run_id)
         })?;
         created = Some(vmid);
         pve.wait_task(&upid, &format!("creating VM {vmid}"))?;
         crate::util::check_interrupted()?;
+        if let Settled::Theirs(t) = settle(pve, job, vmid, report)? {
+            return Ok(Settled::Theirs(t));
+        }
         let t = pve.post(
             &format!("/nodes/{}/qemu/{vmid}/template", seg(&pve.node)),
             &[],
@@ -280,15 +490,47 @@ fn publish_api(
         if let Some(u) = t.as_str() {
             pve.wait_task(u, &format!("converting VM {vmid} to a template"))?;
         }
-        Ok(vmid)
+        // A publish that chose a lower free VMID after this one looked (a
+        // gap in the range) may have converted too: the lowest one stays.
+        match find_existing(pve, &list_vms(pve)?, m)? {
+            Some(t) if t.vmid < vmid => Ok(Settled::Theirs(t)),
+            _ => Ok(Settled::Mine),
+        }
     })();
     match result {
-        Ok(vmid) => {
+        Ok(Settled::Mine) => {
+            let vmid = created.expect("a VM was created");
             report.vmid = vmid;
             if target.cfg.remove_import {
                 delete_volume(pve, storage, &volid).with_context(|| {
                     format!("template {vmid} is ready, but removing the import file {volid} failed")
                 })?;
+            }
+            Ok(())
+        }
+        Ok(Settled::Theirs(t)) => {
+            let mine = created.expect("a VM was created");
+            report.warnings.push(format!(
+                "another kiln publish of this image finished first: its template {} on {} is \
+                 used; this run's VM {mine} is removed",
+                t.vmid, t.node
+            ));
+            report.vmid = t.vmid;
+            report.name = t.name;
+            report.node = t.node;
+            report.via = "existing".into();
+            report.created_by_other = true;
+            if let Err(c) = destroy_vm(pve, &pve.node, mine) {
+                run.left_behind = true;
+                report.warnings.push(format!(
+                    "VM {mine} is left behind ({c:#}); the next publish removes it"
+                ));
+            }
+            if let Err(c) = delete_volume(pve, storage, &volid) {
+                run.left_behind = true;
+                report
+                    .warnings
+                    .push(format!("import file {volid} is left behind ({c:#})"));
             }
             Ok(())
         }
@@ -306,6 +548,7 @@ fn publish_api(
                     notes.push(format!("import file {volid} is left behind ({c:#})"));
                 }
             }
+            run.left_behind = !notes.is_empty();
             if notes.is_empty() {
                 Err(e)
             } else {

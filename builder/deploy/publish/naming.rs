@@ -78,19 +78,30 @@ fn safe_file_part(s: &str) -> String {
         .collect()
 }
 
-/// Upload name of the disk: only PVE's safe characters, `.qcow2`/`.raw`.
-pub(crate) fn import_file_name(m: &ImageManifest) -> String {
+/// Upload name of the disk for publish run `run`: only PVE's safe
+/// characters, `.qcow2`/`.raw`, and the run's first 8 hex digits so that
+/// concurrent runs never share (and overwrite or delete) one file.
+pub(crate) fn import_file_name(m: &ImageManifest, run: &str) -> String {
     let ext = if m.disk.format == "raw" {
         "raw"
     } else {
         "qcow2"
     };
     format!(
-        "kiln-{}-{}-{}.{ext}",
+        "kiln-{}-{}-{}-{}.{ext}",
         safe_file_part(&m.name),
         safe_file_part(&m.version),
-        m.short_id()
+        m.short_id(),
+        run_tag(run)
     )
+}
+
+/// The first 8 hex digits of a run id, for names.
+pub(crate) fn run_tag(run: &str) -> String {
+    run.chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(8)
+        .collect()
 }
 
 /// Upload name of the LXC rootfs archive.
@@ -109,10 +120,42 @@ pub(crate) mod keys {
     pub(crate) const VERSION: &str = "kiln-version";
     pub(crate) const ID: &str = "kiln-id";
     pub(crate) const CREATED: &str = "kiln-created";
+    /// The publish run that created the VM (its SMBIOS UUID, see `run_marker_matches`).
+    pub(crate) const RUN: &str = "kiln-run";
+}
+
+/// `smbios1` of a VM created by run `run`: the run id is its SMBIOS UUID.
+pub(crate) fn smbios1(run: &str) -> String {
+    format!("uuid={run}")
+}
+
+/// The SMBIOS UUID in a VM config's `smbios1` (`uuid=...,base64=1,...`).
+pub(crate) fn smbios_uuid(cfg: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    cfg.get("smbios1")?
+        .as_str()?
+        .split(',')
+        .find_map(|p| p.strip_prefix("uuid="))
+        .map(|u| u.to_ascii_lowercase())
+}
+
+/// Whether a VM config is the very VM run `run` created, not a copy of it.
+/// A clone carries the description (with `kiln-run`) but never the SMBIOS
+/// UUID: `PVE/API2/Qemu.pm` `clone_vm` generates a new one ("auto generate a
+/// new uuid"), and so does a create without `smbios1`.
+pub(crate) fn run_marker_matches(
+    cfg: &serde_json::Map<String, serde_json::Value>,
+    run: &str,
+) -> bool {
+    let desc = cfg
+        .get("description")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    parse_description(desc).get(keys::RUN).map(String::as_str) == Some(run)
+        && smbios_uuid(cfg).as_deref() == Some(&run.to_ascii_lowercase())
 }
 
 /// Description with the manifest summary (PVE allows 8 KiB).
-pub(crate) fn description(m: &ImageManifest, created: &str) -> String {
+pub(crate) fn description(m: &ImageManifest, created: &str, run: &str) -> String {
     let validated = match &m.validation {
         Some(v) if v.validated => {
             format!("yes ({}, {} checks, {})", v.when, v.checks.len(), v.accel)
@@ -122,7 +165,7 @@ pub(crate) fn description(m: &ImageManifest, created: &str) -> String {
     let mut d =
         format!(
         "Published by kiln {kv}. Lines starting with kiln- are read by kiln; do not edit them.\n\n\
-         {}: {}\n{}: {}\n{}: {}\n{}: {created}\n\n\
+         {}: {}\n{}: {}\n{}: {}\n{}: {created}\n{}: {run}\n\n\
          built by kiln {}; disk {} ({}), virtual size {}\n\
          kernel {}; UEFI {}, Secure Boot {}\n\
          roles: {}\npackages: {}\nvalidated: {validated}\n",
@@ -133,6 +176,7 @@ pub(crate) fn description(m: &ImageManifest, created: &str) -> String {
         keys::ID,
         m.id,
         keys::CREATED,
+        keys::RUN,
         m.kiln_version,
         m.disk.file,
         m.disk.format,
@@ -166,6 +210,7 @@ pub(crate) fn create_params(
     vmid: u32,
     import_volid: &str,
     created: &str,
+    run: &str,
 ) -> Vec<(String, String)> {
     let s = &t.cfg.storage;
     let vm = &t.cfg.vm;
@@ -193,7 +238,8 @@ pub(crate) fn create_params(
         ("cpu".into(), vm.cpu.clone()),
         ("net0".into(), format!("virtio,bridge={}", vm.bridge)),
         ("tags".into(), tags(m).join(";")),
-        ("description".into(), description(m, created)),
+        ("smbios1".into(), smbios1(run)),
+        ("description".into(), description(m, created, run)),
     ];
     p.retain(|(_, v)| !v.is_empty());
     p
@@ -227,6 +273,31 @@ mod tests {
     fn rfc3339_formats_known_instants() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_795_651_200), "2026-11-26T00:00:00Z");
+    }
+
+    #[test]
+    fn only_the_vm_a_run_created_carries_its_marker() {
+        let run = "0f8e6a62-1c2b-4d3e-9f00-aabbccddeeff";
+        let cfg = |smbios: &str| {
+            serde_json::json!({
+                "description": format!("x\nkiln-run: {run}\n"),
+                "smbios1": smbios,
+            })
+            .as_object()
+            .unwrap()
+            .clone()
+        };
+        assert!(run_marker_matches(&cfg(&smbios1(run)), run));
+        assert!(run_marker_matches(
+            &cfg("uuid=0F8E6A62-1C2B-4D3E-9F00-AABBCCDDEEFF,base64=1"),
+            run
+        ));
+        // A clone: same description, new SMBIOS UUID.
+        assert!(!run_marker_matches(
+            &cfg("uuid=11111111-2222-4333-8444-555555555555"),
+            run
+        ));
+        assert!(!run_marker_matches(&cfg(&smbios1(run)), "another-run"));
     }
 
     #[test]

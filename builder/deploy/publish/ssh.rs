@@ -5,7 +5,7 @@
 //! command lines built, and connecting and running commands against a local
 //! OpenSSH server; the copy (scp) and the qm commands themselves are untested.
 
-use super::{naming, PublishReport, VmEntry};
+use super::{journal, naming, PublishReport, VmEntry};
 use crate::deploy::pve::config::{SshConfig, Target};
 use crate::deploy::pve::Pve;
 use anyhow::{bail, Context, Result};
@@ -254,6 +254,7 @@ pub(crate) fn publish(
     dir: &Path,
     m: &ImageManifest,
     vms: &[VmEntry],
+    run: &mut journal::Run,
     report: &mut PublishReport,
 ) -> Result<()> {
     let c = target.cfg.ssh.as_ref().with_context(|| {
@@ -263,7 +264,7 @@ pub(crate) fn publish(
         )
     })?;
     let remote = Remote::connect(c)?;
-    let remote_file = format!("/var/tmp/{}", naming::import_file_name(m));
+    let remote_file = format!("/var/tmp/{}", naming::import_file_name(m, run.id()));
     let pb = crate::util::progress::bytes(
         crate::util::progress::enabled(false),
         Some(m.disk.size),
@@ -283,8 +284,10 @@ pub(crate) fn publish(
     let [lo, hi] = target.cfg.vmid_range;
     let when = naming::now_rfc3339();
     let mut vmid = None;
+    let run_id = run.id().to_string();
     for id in (lo..=hi).filter(|v| !used.contains(v)) {
-        let params = naming::create_params(target, m, id, "", &when);
+        run.will_create_vm(&pve.node, id)?;
+        let params = naming::create_params(target, m, id, "", &when, &run_id);
         match remote.run(&qm_create(id, &params))? {
             Ok(_) => {
                 vmid = Some(id);
@@ -311,10 +314,17 @@ pub(crate) fn publish(
     let res = steps();
     let _ = remote.run(&format!("rm -f {}", sh_quote(&remote_file)));
     if let Err(e) = res {
-        let _ = remote.run(&qm_destroy(vmid));
+        if let Err(d) = remote
+            .run(&qm_destroy(vmid))
+            .and_then(|r| r.map_err(anyhow::Error::msg))
+        {
+            run.left_behind = true;
+            return Err(e.context(format!(
+                "VM {vmid} is left behind ({d:#}); the next publish removes it"
+            )));
+        }
         return Err(e);
     }
-    let _ = pve;
     report.vmid = vmid;
     Ok(())
 }

@@ -16,6 +16,8 @@ pub(crate) struct VmEntry {
     pub node: String,
     pub template: bool,
     pub tags: Vec<String>,
+    /// The config lock (`create`, `clone`, ...), if any.
+    pub lock: Option<String>,
 }
 
 pub(crate) fn list_vms(pve: &Pve) -> Result<Vec<VmEntry>> {
@@ -42,6 +44,7 @@ pub(crate) fn list_vms(pve: &Pve) -> Result<Vec<VmEntry>> {
                             .collect()
                     })
                     .unwrap_or_default(),
+                lock: e.get("lock").and_then(Value::as_str).map(str::to_string),
             })
         })
         .collect())

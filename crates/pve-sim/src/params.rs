@@ -31,6 +31,16 @@ pub fn is_tag(s: &str) -> bool {
         && c.all(|ch| ch.is_ascii_alphanumeric() || "_-+.".contains(ch))
 }
 
+/// A UUID: `[a-fA-F0-9]{8}(-[a-fA-F0-9]{4}){3}-[a-fA-F0-9]{12}`.
+pub fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 /// Split a `pve-tag-list` (separators `;`, `,` or space).
 pub fn split_tags(s: &str) -> Vec<String> {
     s.split([';', ',', ' '])
@@ -216,6 +226,13 @@ mod tests {
         assert!(!import_filename_ok("disk.img"));
         assert!(!import_filename_ok("my disk.qcow2"));
         assert!(!import_filename_ok(".qcow2"));
+    }
+
+    #[test]
+    fn uuids_are_checked() {
+        assert!(is_uuid("0f8e6a62-1c2b-4d3e-9f00-aabbccddeeff"));
+        assert!(!is_uuid("0f8e6a62-1c2b-4d3e-9f00"));
+        assert!(!is_uuid("0f8e6a62-1c2b-4d3e-9f00-aabbccddeefg"));
     }
 
     #[test]

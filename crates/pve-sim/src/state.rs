@@ -140,6 +140,7 @@ impl State {
             format!("local-lvm:vm-{vmid}-disk-1,size=4G")
         };
         config.insert("scsi0".into(), disk);
+        config.insert("smbios1".into(), format!("uuid={}", new_uuid()));
         self.vms.insert(
             vmid,
             Vm {
@@ -181,6 +182,29 @@ pub(crate) fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// A fresh random-looking UUID, as PVE generates for `smbios1` on create and
+/// clone (`PVE::QemuServer::generate_uuid`).
+pub(crate) fn new_uuid() -> String {
+    use sha2::{Digest, Sha256};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let seed = format!(
+        "{:?}-{}-{}",
+        SystemTime::now(),
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    let h = hex::encode(Sha256::digest(seed.as_bytes()));
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
 }
 
 pub(crate) fn normalize_tags(s: &str) -> String {

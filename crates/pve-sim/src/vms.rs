@@ -8,7 +8,9 @@ use std::sync::Arc;
 use crate::faults::{injected_500, refuse_injected, FaultKind, FaultOp};
 use crate::params::{self, Errors};
 use crate::routes::{check_node, check_vmid, err500, param_err, ApiError, ApiResult};
-use crate::state::{lock, normalize_tags, now, storage, Shared, State, Vm, Volume, NODE, STORAGES};
+use crate::state::{
+    lock, new_uuid, normalize_tags, now, storage, Shared, State, Vm, Volume, NODE, STORAGES,
+};
 use crate::tasks::{spawn_task, task_plan};
 
 fn vm_missing(vmid: u32) -> ApiError {
@@ -149,6 +151,7 @@ const CREATE_KEYS: &[&str] = &[
     "numa",
     "template",
     "tpmstate0",
+    "smbios1",
 ];
 
 fn is_indexed(k: &str, prefix: &str, max: u32) -> bool {
@@ -317,6 +320,9 @@ fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, 
     if let Some(v) = p.get("bios") {
         params::check_enum(&mut e, "bios", v, &["seabios", "ovmf"]);
     }
+    if let Some(v) = p.get("smbios1") {
+        check_smbios1(&mut e, v);
+    }
     if let Some(v) = p.get("scsihw") {
         params::check_enum(
             &mut e,
@@ -444,6 +450,48 @@ fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, 
     Ok(vmid.expect("checked") as u32)
 }
 
+/// `smbios1` (format `pve-qm-smbios1`): known keys, `uuid` a UUID.
+fn check_smbios1(e: &mut Errors, v: &str) {
+    // The format has no default key: a bare value is an error.
+    match params::property_string(v, "") {
+        Ok((Some(bare), _)) => {
+            e.insert(
+                "smbios1".into(),
+                format!("invalid format - value without key, but schema does not define a default key: {bare}"),
+            );
+        }
+        Ok((None, o)) => {
+            if params::check_keys(
+                e,
+                "smbios1",
+                &o,
+                &[
+                    "base64",
+                    "family",
+                    "manufacturer",
+                    "product",
+                    "serial",
+                    "sku",
+                    "uuid",
+                    "version",
+                ],
+            ) {
+                if let Some(u) = o.get("uuid") {
+                    if !params::is_uuid(u) {
+                        e.insert(
+                            "smbios1".into(),
+                            format!("invalid format - value '{u}' is not a valid UUID"),
+                        );
+                    }
+                }
+            }
+        }
+        Err(m) => {
+            e.insert("smbios1".into(), format!("invalid format - {m}"));
+        }
+    }
+}
+
 pub(crate) fn create_vm(
     shared: &Arc<Shared>,
     p: &BTreeMap<String, String>,
@@ -476,6 +524,11 @@ pub(crate) fn create_vm(
         };
         config.insert(k.clone(), v);
     }
+    // "auto generate uuid if user did not specify smbios1 option"
+    // (PVE/API2/Qemu.pm, create_vm).
+    config
+        .entry("smbios1".into())
+        .or_insert_with(|| format!("uuid={}", new_uuid()));
     config.insert("lock".into(), "create".into());
     st.vms.insert(
         vmid,
@@ -717,6 +770,20 @@ pub(crate) fn clone_vm(
     }
     let mut config = src.config.clone();
     config.remove("template");
+    // A clone gets a new SMBIOS UUID, keeping the other smbios1 fields
+    // (PVE/API2/Qemu.pm, clone_vm: "auto generate a new uuid").
+    let others: Vec<String> = config
+        .get("smbios1")
+        .map(|v| {
+            v.split(',')
+                .filter(|p| !p.starts_with("uuid=") && !p.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut smbios = vec![format!("uuid={}", new_uuid())];
+    smbios.extend(others);
+    config.insert("smbios1".into(), smbios.join(","));
     if let Some(n) = p.get("name") {
         config.insert("name".into(), n.clone());
     }
