@@ -339,6 +339,24 @@ pub use interrupt::{
     check as check_interrupted, install_handler as install_interrupt_handler, interrupted,
 };
 
+/// Where kiln keeps state on this machine: `$KILN_STATE`, else
+/// `$XDG_STATE_HOME/kiln`, else `~/.local/state/kiln` (publish runs,
+/// environments' journals, locks and keys).
+pub fn state_root() -> Result<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(s) = var("KILN_STATE") {
+        return Ok(PathBuf::from(s));
+    }
+    if let Some(s) = var("XDG_STATE_HOME") {
+        return Ok(PathBuf::from(s).join("kiln"));
+    }
+    let home = var("HOME").context(
+        "neither KILN_STATE, XDG_STATE_HOME nor HOME is set: kiln has nowhere to keep its state",
+    )?;
+    Ok(PathBuf::from(home).join(".local/state/kiln"))
+}
+
 /// Seconds rounded to hundredths, for reports.
 pub fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0

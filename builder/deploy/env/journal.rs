@@ -11,14 +11,10 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// `$KILN_STATE/envs/<env>/` (default `~/.local/state/kiln/envs/<env>/`):
-/// journal, lock, the access key kiln keeps, the local provider's VMs.
-pub(crate) fn state_dir(env: &str) -> PathBuf {
-    let root = std::env::var_os("KILN_STATE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/kiln")))
-        .unwrap_or_else(|| PathBuf::from(".kiln-state"));
-    root.join("envs").join(env)
+/// `<state>/envs/<env>/` (`util::state_root`): journal, lock, the access
+/// key kiln keeps, the local provider's VMs.
+pub(crate) fn state_dir(env: &str) -> Result<PathBuf> {
+    Ok(crate::util::state_root()?.join("envs").join(env))
 }
 
 #[derive(Serialize)]

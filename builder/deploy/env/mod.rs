@@ -37,7 +37,7 @@ pub(crate) fn apply_env(
     opts: &ApplyOptions,
 ) -> Result<ApplyReport> {
     let started = Instant::now();
-    let state = journal::state_dir(&env.name);
+    let state = journal::state_dir(&env.name)?;
     let _lock = EnvLock::take(&state, &env.name)?;
     let images = apply::role_images(env)?;
     let key = apply::access_key(env, &state)?;
@@ -102,7 +102,7 @@ pub(crate) fn status(env: &Environment, provider: &dyn Provider) -> Result<Vec<S
 /// Destroy every VM of the environment (agents, then servers, then LBs),
 /// then what the provider prepared. Only VMs carrying its marks are touched.
 pub(crate) fn destroy_env(env: &Environment, provider: &dyn Provider) -> Result<Vec<String>> {
-    let state = journal::state_dir(&env.name);
+    let state = journal::state_dir(&env.name)?;
     let _lock = EnvLock::take(&state, &env.name)?;
     let journal = Journal::open(&state)?;
     let mut vms = provider.list()?;
@@ -156,14 +156,12 @@ pub(crate) fn rebuild_images(
     show_progress: bool,
 ) -> Result<Vec<RebuiltImage>> {
     use anyhow::Context;
+    let state = journal::state_dir(&env.name)?;
+    std::fs::create_dir_all(&state)
+        .with_context(|| format!("cannot create {}", state.display()))?;
     let scratch = tempfile::Builder::new()
         .prefix(".kiln-rebuild-")
-        .tempdir_in(
-            journal::state_dir(&env.name)
-                .parent()
-                .unwrap_or(Path::new(".")),
-        )
-        .or_else(|_| tempfile::tempdir())
+        .tempdir_in(&state)
         .context("cannot make a directory for the rebuild")?;
     let mut out = Vec::new();
     for role in &env.roles {

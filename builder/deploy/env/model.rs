@@ -684,11 +684,18 @@ values = { priority = 100 }
             let env = Environment::load(&root.join(file)).unwrap();
             let count = |k: RoleKind| env.slots().filter(|(r, _)| r.kind == k).count();
             assert_eq!(
-                (count(RoleKind::Lb), count(RoleKind::Server), count(RoleKind::Agent)),
+                (
+                    count(RoleKind::Lb),
+                    count(RoleKind::Server),
+                    count(RoleKind::Agent)
+                ),
                 (3, servers, agents),
                 "{file}"
             );
-            assert!(matches!(env.provider, ProviderSpec::Proxmox { .. }), "{file}");
+            assert!(
+                matches!(env.provider, ProviderSpec::Proxmox { .. }),
+                "{file}"
+            );
         }
     }
 }

@@ -12,7 +12,7 @@
 //! - the VM still carries the run's marker: SMBIOS UUID = run id (see
 //!   [`super::naming::run_marker_matches`]), which a clone cannot inherit.
 //!
-//! Files: `$XDG_STATE_HOME/kiln/publish-runs/<run>.json` (rewritten
+//! Files: `<state>/publish-runs/<run>.json` (`util::state_root`) (rewritten
 //! atomically) and `<run>.lock` (never replaced, so the lock stays valid).
 
 use anyhow::{Context, Result};
@@ -57,16 +57,7 @@ pub(crate) struct Entry {
 
 /// Where run records live.
 pub(crate) fn dir() -> Result<PathBuf> {
-    let base = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
-        Some(s) => PathBuf::from(s),
-        None => PathBuf::from(
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .context("neither XDG_STATE_HOME nor HOME is set (kiln publish records its runs under $XDG_STATE_HOME/kiln)")?,
-        )
-        .join(".local/state"),
-    };
-    Ok(base.join("kiln/publish-runs"))
+    Ok(crate::util::state_root()?.join("publish-runs"))
 }
 
 pub(crate) fn this_host() -> String {
