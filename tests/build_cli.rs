@@ -193,13 +193,16 @@ fn cloud_init_render_prints_per_node_user_data() {
     let (p, cache) = project("render");
     std::fs::write(
         p.join("node.toml"),
-        "hostname = \"lb-2\"\nnode_ip = \"192.0.2.12\"\nvip = \"192.0.2.210\"\npriority = 100\npeers = [\"192.0.2.11\", \"192.0.2.13\"]\nbackends = [{ name = \"s1\", address = \"192.0.2.21\" }]\n",
+        "hostname = \"lb-2\"\nnode_ip = \"192.0.2.12\"\nvip = \"192.0.2.210\"\npriority = 100\npeers = [{ name = \"lb-1\", addresses = [\"192.0.2.11\"] }, { name = \"lb-2\", addresses = [\"192.0.2.12\"] }, { name = \"lb-3\", addresses = [\"192.0.2.13\"] }]\nbackends = [{ name = \"s1\", addresses = [\"192.0.2.21\"] }]\n",
     )
     .unwrap();
     let out = ok(render_lb(&p, &cache));
     let ud = stdout(&out);
     assert!(ud.starts_with("#cloud-config"), "{ud}");
-    assert!(ud.contains("server s1 192.0.2.21:6443 check"), "{ud}");
+    assert!(
+        ud.contains("server s1_192.0.2.21 192.0.2.21:6443 check"),
+        "{ud}"
+    );
     assert!(
         ud.contains("unicast_peer {\n          192.0.2.11\n          192.0.2.13\n        }"),
         "{ud}"
@@ -215,7 +218,7 @@ fn cloud_init_render_out_file_is_readable_by_its_owner_only() {
     let (p, cache) = project("render-out");
     std::fs::write(
         p.join("node.toml"),
-        "hostname = \"lb-2\"\nnode_ip = \"192.0.2.12\"\nvip = \"192.0.2.210\"\npriority = 100\npeers = [\"192.0.2.11\"]\nbackends = [{ name = \"s1\", address = \"192.0.2.21\" }]\n",
+        "hostname = \"lb-2\"\nnode_ip = \"192.0.2.12\"\nvip = \"192.0.2.210\"\npriority = 100\npeers = [{ name = \"lb-1\", addresses = [\"192.0.2.11\", \"192.0.2.12\"] }]\nbackends = [{ name = \"s1\", addresses = [\"192.0.2.21\"] }]\n",
     )
     .unwrap();
     let ud = p.join("ud.yaml");
@@ -273,4 +276,46 @@ fn check_refuses_test_values_not_of_their_type_at_their_line() {
             "role `lb` test_values: value `node_ip`",
         ],
     );
+}
+
+/// Proxmox gives containers no cloud-init, only hostname, network, SSH keys
+/// and a password: a shipped recipe whose nodes take their configuration
+/// from a role's user-data (the LB's haproxy.cfg and keepalived.conf, K3s's
+/// config.yaml) is published as a VM template only, never as an LXC one.
+#[test]
+fn shipped_recipes_configured_by_user_data_are_not_lxc_templates() {
+    fn table(path: &Path) -> toml::Table {
+        toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+    let mut checked = 0;
+    for e in std::fs::read_dir(repo().join("recipes")).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        // The recipe and the ones it extends.
+        let mut chain = vec![table(&path)];
+        while let Some(parent) = chain
+            .last()
+            .unwrap()
+            .get("extends")
+            .and_then(|v| v.as_str())
+        {
+            chain.push(table(&path.parent().unwrap().join(parent)));
+        }
+        let lxc = chain
+            .iter()
+            .find_map(|t| t.get("lxc"))
+            .and_then(|v| v.as_bool());
+        let user_data = chain.iter().any(|t| {
+            t.get("roles")
+                .and_then(|r| r.as_table())
+                .is_some_and(|r| r.values().any(|role| role.get("user_data").is_some()))
+        });
+        if user_data {
+            checked += 1;
+            assert_ne!(lxc, Some(true), "{} is an LXC template", path.display());
+        }
+    }
+    assert!(checked >= 3, "checked {checked} recipes");
 }

@@ -497,7 +497,7 @@ fn sysctls_and_kernel_modules_for_k3s_and_cilium_are_baked() {
 }
 
 /// A node's values file for `role` (agents take no service-account values:
-/// an unknown value is refused).
+/// an unknown value is refused; server-init says it starts a new cluster).
 fn values_file(dir: &Path, role: &str, name: &str, generation: Option<u32>) -> PathBuf {
     let p = dir.join(format!("{name}-{role}.toml"));
     let mut text = format!(
@@ -509,6 +509,9 @@ fn values_file(dir: &Path, role: &str, name: &str, generation: Option<u32>) -> P
              service_account_key = \"-----BEGIN PUBLIC KEY-----\\n{SA_PUB_BODY}\\n-----END PUBLIC KEY-----\\n\"\n\
              service_account_signing_key = \"-----BEGIN PRIVATE KEY-----\\n{SA_KEY_BODY}\\n-----END PRIVATE KEY-----\\n\"\n"
         ));
+    }
+    if role == "server-init" {
+        text.push_str("new_cluster = true\n");
     }
     if let Some(g) = generation {
         text.push_str(&format!("generation = {g}\n"));
@@ -1204,4 +1207,292 @@ fn booted_image_imports_every_baked_archive_into_containerd() {
         .find(|c| c.name == "recipe: the agent role starts k3s-agent, not the server")
         .unwrap();
     assert!(agent.passed, "{agent:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// The shipped overlay's units and scripts, and the shipped recipe's
+// validation (fast: no image is built).
+
+fn overlay_file(rel: &str) -> String {
+    std::fs::read_to_string(repo().join("overlays/k3s").join(rel)).unwrap()
+}
+
+/// `key=value` lines of a unit file's `[section]`.
+fn unit_entries(text: &str, section: &str) -> Vec<String> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for l in text.lines().map(str::trim) {
+        if l.starts_with('[') {
+            inside = l == format!("[{section}]");
+        } else if inside && !l.is_empty() && !l.starts_with('#') {
+            out.push(l.to_string());
+        }
+    }
+    out
+}
+
+/// K3s's install.sh writes `Type=notify` for the server and `Type=exec` for
+/// agents (setup_env: `SYSTEMD_TYPE=exec` unless CMD_K3S=server).
+#[test]
+fn k3s_units_have_the_service_types_install_sh_writes() {
+    for (unit, ty) in [
+        ("k3s.service", "Type=notify"),
+        ("k3s-agent.service", "Type=exec"),
+    ] {
+        let service = unit_entries(
+            &overlay_file(&format!("etc/systemd/system/{unit}")),
+            "Service",
+        );
+        let types: Vec<&String> = service.iter().filter(|l| l.starts_with("Type=")).collect();
+        assert_eq!(types, [ty], "{unit}");
+    }
+}
+
+/// With Requires=, a K3s that fails or restarts once fails or stops the
+/// Cilium install as a dependency, which Restart= never retries.
+#[test]
+fn cilium_install_unit_wants_k3s_and_never_requires_it() {
+    let unit = unit_entries(
+        &overlay_file("etc/systemd/system/kiln-cilium-install.service"),
+        "Unit",
+    );
+    for l in ["Wants=k3s.service", "After=k3s.service"] {
+        assert!(unit.iter().any(|u| u == l), "{l} missing: {unit:?}");
+    }
+    for hard in ["Requires=", "BindsTo=", "Requisite=", "PartOf="] {
+        assert!(
+            !unit.iter().any(|u| u.starts_with(hard)),
+            "{hard}: {unit:?}"
+        );
+    }
+}
+
+/// install-cilium with stand-ins for K3s's kubectl and Helm (scripts that
+/// log their arguments; kubectl fails its first `fail_first` calls).
+struct InstallCilium {
+    dir: PathBuf,
+}
+
+impl InstallCilium {
+    fn new(name: &str, fail_first: u32, gateway_crds: bool) -> InstallCilium {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch(&format!("install-cilium-{name}"));
+        for sub in ["bin", "state", "manifests"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let stub = |name: &str, body: String| {
+            let p = dir.join("bin").join(name);
+            std::fs::write(&p, body).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        let log = dir.join("calls");
+        stub(
+            "kubectl",
+            format!(
+                "#!/bin/sh\necho \"kubectl $*\" >> {log}\nn=$(grep -c '^kubectl' {log})\n[ \"$n\" -gt {fail_first} ]\n",
+                log = log.display()
+            ),
+        );
+        stub(
+            "helm",
+            format!("#!/bin/sh\necho \"helm $*\" >> {}\n", log.display()),
+        );
+        if gateway_crds {
+            std::fs::write(dir.join("manifests/gateway-api-v1.3.0-standard.yaml"), "").unwrap();
+        }
+        let script = overlay_file("usr/local/libexec/kiln/install-cilium.tera")
+            .replace("{{ cilium_version }}", "1.18.2");
+        assert!(!script.contains("{{"), "{script}");
+        std::fs::write(dir.join("install-cilium"), script).unwrap();
+        InstallCilium { dir }
+    }
+
+    fn run(&self, tries: u32) -> std::process::Output {
+        std::process::Command::new("sh")
+            .arg(self.dir.join("install-cilium"))
+            .env("KILN_K3S_BIN", self.dir.join("bin"))
+            .env("KILN_STATE_DIR", self.dir.join("state"))
+            .env("KILN_MANIFESTS_DIR", self.dir.join("manifests"))
+            .env("KILN_WAIT_TRIES", tries.to_string())
+            .env("KILN_WAIT_PAUSE", "0")
+            .output()
+            .unwrap()
+    }
+
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("calls"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn installed(&self) -> bool {
+        self.dir.join("state/cilium-installed").exists()
+    }
+}
+
+#[test]
+fn install_cilium_gives_up_after_bounded_tries_saying_why_in_the_journal() {
+    let t = InstallCilium::new("gives-up", u32::MAX, false);
+    let out = t.run(3);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    // `<3>`: an error in the journal (systemd.exec, SyslogLevelPrefix=).
+    assert!(
+        err.lines().any(
+            |l| l.starts_with("<3>install-cilium: giving up after 3 tries")
+                && l.contains("the K3s API")
+                && l.contains("Cilium is NOT installed")
+        ),
+        "{err}"
+    );
+    assert_eq!(t.calls().len(), 3, "{:?}", t.calls());
+    assert!(!t.calls().iter().any(|c| c.starts_with("helm")));
+    assert!(!t.installed());
+}
+
+#[test]
+fn install_cilium_waits_for_the_api_and_the_gateway_crds_then_installs() {
+    let t = InstallCilium::new("installs", 4, true);
+    let out = t.run(10);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let calls = t.calls();
+    // The API answered at the fifth try; then the CRDs, then Helm.
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.as_str() == "kubectl get --raw /readyz")
+            .count(),
+        5,
+        "{calls:?}"
+    );
+    let crds = calls
+        .iter()
+        .position(|c| c.starts_with("kubectl wait --for=condition=Established"))
+        .unwrap_or_else(|| panic!("no CRD wait: {calls:?}"));
+    assert!(
+        calls[crds].contains("crd/tlsroutes.gateway.networking.k8s.io"),
+        "{calls:?}"
+    );
+    let helm = calls.last().unwrap();
+    assert!(
+        helm.starts_with("helm upgrade --install cilium /usr/local/share/kiln/charts/cilium-1.18.2.tgz --namespace kube-system"),
+        "{helm}"
+    );
+    assert!(t.installed());
+    // Without baked CRDs (the test image), no CRD wait.
+    let t = InstallCilium::new("no-crds", 0, false);
+    assert!(t.run(3).status.success());
+    assert!(
+        !t.calls().iter().any(|c| c.contains("crd/")),
+        "{:?}",
+        t.calls()
+    );
+}
+
+#[test]
+fn gateway_api_crds_are_baked_for_k3s_to_deploy_and_enabled_in_cilium() {
+    let recipe: toml::Table =
+        toml::from_str(&std::fs::read_to_string(repo().join("recipes/k3s-node.toml")).unwrap())
+            .unwrap();
+    let crds: Vec<&toml::Value> = recipe["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| {
+            a["url"]
+                .as_str()
+                .unwrap()
+                .contains("/kubernetes-sigs/gateway-api/")
+        })
+        .collect();
+    assert_eq!(crds.len(), 2, "standard channel and TLSRoute: {crds:?}");
+    for a in &crds {
+        // Pinned by the lock (`kiln lock` on a machine with internet).
+        assert!(a.get("sha256").is_none(), "{a}");
+        assert!(a["url"].as_str().unwrap().contains("/v1.3.0/"), "{a}");
+        assert!(
+            a["dest"]
+                .as_str()
+                .unwrap()
+                .starts_with("/var/lib/rancher/k3s/server/manifests/gateway-api-"),
+            "{a}"
+        );
+    }
+    // The baked Cilium values, rendered with the recipe's vars.
+    let ctx = tera::Context::from_serialize(recipe["vars"].as_table().unwrap()).unwrap();
+    let values = tera::Tera::one_off(
+        &overlay_file("usr/local/share/kiln/cilium-values.yaml.tera"),
+        &ctx,
+        false,
+    )
+    .unwrap();
+    let values = parse_yaml(&values);
+    assert_eq!(values["gatewayAPI"]["enabled"], true, "{values}");
+    assert_eq!(values["k8sClientRateLimit"]["qps"], 50, "{values}");
+    assert_eq!(values["k8sClientRateLimit"]["burst"], 100, "{values}");
+    assert_eq!(values["image"]["useDigest"], false, "{values}");
+}
+
+/// With the real K3s the validation boot must prove the cluster comes up
+/// offline: the recipe's checks wait for the node to go Ready, for Cilium's
+/// workloads to roll out and for containerd to list the locked digests; the
+/// one-node cluster runs one Cilium operator.
+#[test]
+fn shipped_k3s_validation_proves_cilium_runs_and_the_node_goes_ready() {
+    let recipe: toml::Table =
+        toml::from_str(&std::fs::read_to_string(repo().join("recipes/k3s-node.toml")).unwrap())
+            .unwrap();
+    let commands: Vec<&str> = recipe["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["command"].as_str().unwrap())
+        .collect();
+    let all = commands.join("\n");
+    for needle in [
+        "kubectl wait --for=condition=Ready node/k3s-validate-g1",
+        "rollout status",
+        "ds/cilium ",
+        "ds/cilium-envoy",
+        "deploy/cilium-operator",
+        "crictl images --digests --no-trunc",
+    ] {
+        assert!(all.contains(needle), "no check runs `{needle}`:\n{all}");
+    }
+    // Rendered as `kiln validate` renders it: the validate role's test values.
+    let role = recipe["validate"]["role"].as_str().unwrap();
+    let dir = scratch("k3s-validate-render");
+    let values = dir.join("validate.toml");
+    std::fs::write(
+        &values,
+        toml::to_string(&recipe["roles"][role]["test_values"]).unwrap(),
+    )
+    .unwrap();
+    let out = ok(kiln(
+        &repo(),
+        &dir.join("cache"),
+        &[
+            "cloud-init",
+            "render",
+            "--recipe",
+            "recipes/k3s-node.toml",
+            "--role",
+            role,
+            "--values",
+            &values.to_string_lossy(),
+        ],
+    ));
+    let doc = parse_yaml(&stdout(&out));
+    let cilium = doc["write_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "/etc/rancher/k3s/kiln-cilium-values.yaml")
+        .unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(parse_yaml(&cilium)["operator"]["replicas"], 1, "{cilium}");
 }

@@ -13,11 +13,14 @@ const LB: &str = "hostname = \"lb-1\"
 node_ip = \"192.0.2.11\"
 vip = \"192.0.2.100\"
 priority = 150
-peers = [\"192.0.2.12\"]
-backends = [{ name = \"s1\", address = \"192.0.2.21\" }]
+peers = [{ name = \"lb-1\", addresses = [\"192.0.2.11\"] }, { name = \"lb-2\", addresses = [\"192.0.2.12\"] }]
+backends = [{ name = \"s1\", addresses = [\"192.0.2.21\"] }]
 ";
 
-const SERVER: &str = "name = \"k3s-1\"
+/// A server's values (a macro, so that server-init's can extend them).
+macro_rules! server_values {
+    () => {
+        "name = \"k3s-1\"
 generation = 1
 node_ip = \"10.0.2.15\"
 vip = \"10.0.2.100\"
@@ -25,7 +28,14 @@ token = \"K10token\"
 service_account_issuer = \"https://oidc.kiln.test\"
 service_account_key = \"-----BEGIN PUBLIC KEY-----\\nTUlJQmtpbG4=\\n-----END PUBLIC KEY-----\\n\"
 service_account_signing_key = \"-----BEGIN PRIVATE KEY-----\\nTUlJRWtpbG4=\\n-----END PRIVATE KEY-----\\n\"
-";
+"
+    };
+}
+
+const SERVER: &str = server_values!();
+
+/// server-init's values: a server's, saying that it starts a new cluster.
+const SERVER_INIT: &str = concat!(server_values!(), "new_cluster = true\n");
 
 const AGENT: &str = "name = \"k3s-1\"
 generation = 1
@@ -42,7 +52,7 @@ const KEY: &str =
 /// (recipe, role, the role's benign values)
 const ROLES: &[(&str, &str, &str)] = &[
     ("recipes/lb.toml", "lb", LB),
-    ("recipes/k3s-node.toml", "server-init", SERVER),
+    ("recipes/k3s-node.toml", "server-init", SERVER_INIT),
     ("recipes/k3s-node.toml", "server-join", SERVER),
     ("recipes/k3s-node.toml", "agent", AGENT),
     ("recipes/tiny.toml", "node", TINY),
@@ -146,30 +156,49 @@ fn hostile_values_are_refused_naming_the_value_and_its_line_in_every_role() {
         ("priority", r#""150""#, "priority"),
         (
             "peers",
-            r#"["192.0.2.12\n          192.0.2.66"]"#,
-            "peers[0]",
+            r#"[{ name = "lb-1", addresses = ["192.0.2.11", "192.0.2.12\n          192.0.2.66"] }]"#,
+            "peers[0].addresses[1]",
         ),
         ("peers", "[]", "peers"),
         (
+            "peers",
+            r#"[{ name = "lb-1", addresses = [] }]"#,
+            "peers[0].addresses",
+        ),
+        // The pre-pool shape: a list of addresses.
+        ("peers", r#"["192.0.2.12"]"#, "peers[0]"),
+        (
             "backends",
-            r#"[{ name = "s1", address = "192.0.2.21:6443\n        server evil 203.0.113.66" }]"#,
-            "backends[0].address",
+            r#"[{ name = "s1", addresses = ["192.0.2.21:6443\n        server evil 203.0.113.66"] }]"#,
+            "backends[0].addresses[0]",
         ),
         (
             "backends",
-            r#"[{ name = "s1 backup", address = "192.0.2.21" }]"#,
+            r#"[{ name = "s1 backup", addresses = ["192.0.2.21"] }]"#,
             "backends[0].name",
         ),
         (
             "backends",
-            r#"[{ name = "s1", address = "192.0.2.21", port = 0 }]"#,
+            r#"[{ name = "s1", addresses = ["192.0.2.21"], port = 0 }]"#,
             "backends[0].port",
         ),
         (
             "backends",
-            r#"[{ name = "s1", address = "192.0.2.21", weight = 5 }]"#,
+            r#"[{ name = "s1", addresses = ["192.0.2.21"], weight = 5 }]"#,
             "backends[0].weight",
         ),
+        // The pre-pool shape: one `address` per server.
+        (
+            "backends",
+            r#"[{ name = "s1", address = "192.0.2.21" }]"#,
+            "backends[0].address",
+        ),
+        (
+            "ntp_servers",
+            r#"["ntp.example.com\nNTP=evil.example.com"]"#,
+            "ntp_servers[0]",
+        ),
+        ("ntp_servers", r#"["*.pool.ntp.org"]"#, "ntp_servers[0]"),
         ("interface", r#""eth0 }\nvrrp_instance x {""#, "interface"),
         ("vip_prefix", "129", "vip_prefix"),
         ("virtual_router_id", "256", "virtual_router_id"),
@@ -224,6 +253,9 @@ fn hostile_values_are_refused_naming_the_value_and_its_line_in_every_role() {
         ),
         ("api_port", "0", "api_port"),
         ("cluster_init", "true", "cluster_init"),
+        ("new_cluster", r#""yes""#, "new_cluster"),
+        ("cilium_operator_replicas", "0", "cilium_operator_replicas"),
+        ("ntp_servers", r#"["ntp 1"]"#, "ntp_servers[0]"),
     ];
     let agent: Cases = &[
         ("name", r#""k3s-1\nruncmd: [reboot]""#, "name"),
@@ -240,6 +272,11 @@ fn hostile_values_are_refused_naming_the_value_and_its_line_in_every_role() {
             "token",
         ),
         ("api_port", "70000", "api_port"),
+        (
+            "ntp_servers",
+            r#"["ntp.example.com NTP=x"]"#,
+            "ntp_servers[0]",
+        ),
         (
             "service_account_issuer",
             r#""https://oidc.kiln.test""#,
@@ -324,7 +361,7 @@ fn values_that_look_like_yaml_render_as_the_same_strings() {
     // A wildcard SAN (a YAML alias unquoted) and more lookalikes.
     let sans = r#"["*.k8s.example.com", "on", "null", "k8s.example.com"]"#;
     for role in ["server-init", "server-join"] {
-        let (_, doc) = rendered(&d, role, &with(SERVER, "tls_san", sans).0);
+        let (_, doc) = rendered(&d, role, &with(base_of(role).1, "tls_san", sans).0);
         assert_eq!(
             k3s_config(&doc)["tls-san"],
             serde_json::json!([
@@ -358,7 +395,7 @@ fn an_ipv6_vip_is_bracketed_in_the_k3s_server_url() {
             "{role}"
         );
     }
-    let (values, _) = with(SERVER, "vip", r#""fd00::10""#);
+    let (values, _) = with(SERVER_INIT, "vip", r#""fd00::10""#);
     let (values, _) = with(&values, "api_port", "7443");
     let (_, doc) = rendered(&d, "server-init", &values);
     assert_eq!(k3s_config(&doc)["tls-san"][0], "fd00::10");
@@ -375,15 +412,18 @@ fn ipv6_lb_addresses_are_plain_words_and_bracketed_before_a_port() {
         ("node_ip", r#""fd00::11""#),
         ("vip", r#""fd00::10""#),
         ("vip_prefix", "64"),
-        ("peers", r#"["fd00::12"]"#),
-        ("backends", r#"[{ name = "s1", address = "fd00::21" }]"#),
+        (
+            "peers",
+            r#"[{ name = "lb-1", addresses = ["fd00::11"] }, { name = "lb-2", addresses = ["fd00::12"] }]"#,
+        ),
+        ("backends", r#"[{ name = "s1", addresses = ["fd00::21"] }]"#),
     ] {
         values = with(&values, k, v).0;
     }
     let (_, doc) = rendered(&d, "lb", &values);
     let haproxy = file(&doc, "/etc/haproxy/haproxy.cfg");
     assert!(
-        haproxy.contains("\n  server s1 [fd00::21]:6443 check"),
+        haproxy.contains("\n  server s1_fd00::21 [fd00::21]:6443 check\n"),
         "{haproxy}"
     );
     let keepalived = file(&doc, "/etc/keepalived/keepalived.conf");
@@ -531,4 +571,289 @@ fn the_check_haproxy_script_connects_to_the_port_it_is_given() {
     assert_ne!(run(&[&open.to_string()]), Some(0), "port {open} is closed");
     assert_eq!(run(&[]), Some(2), "no port given");
     assert_eq!(run(&["6443; reboot"]), Some(2), "not a port");
+}
+
+// ---------------------------------------------------------------------------
+// LB address pools: every node slot lists the addresses its replacements
+// take, so replacing a server or an LB changes no LB's configuration.
+
+/// One LB's values in a three-LB, three-server topology where every slot has
+/// a pool of two addresses (the second for its replacement).
+fn pooled_lb(hostname: &str, node_ip: &str) -> String {
+    format!(
+        "hostname = \"{hostname}\"
+node_ip = \"{node_ip}\"
+vip = \"192.0.2.100\"
+priority = 150
+peers = [{{ name = \"lb-1\", addresses = [\"192.0.2.11\", \"192.0.2.21\"] }}, {{ name = \"lb-2\", addresses = [\"192.0.2.12\", \"192.0.2.22\"] }}, {{ name = \"lb-3\", addresses = [\"192.0.2.13\", \"192.0.2.23\"] }}]
+backends = [{{ name = \"server-1\", addresses = [\"192.0.2.31\", \"192.0.2.41\"] }}, {{ name = \"server-2\", addresses = [\"192.0.2.32\", \"192.0.2.42\"] }}, {{ name = \"server-3\", addresses = [\"192.0.2.33\"], port = 7443 }}]
+"
+    )
+}
+
+/// The lines of a `{ ... }` block of keepalived.conf, trimmed.
+fn keepalived_block(conf: &str, block: &str) -> Vec<String> {
+    conf.lines()
+        .map(str::trim)
+        .skip_while(|l| *l != format!("{block} {{"))
+        .skip(1)
+        .take_while(|l| *l != "}")
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn lb_backends_are_every_pool_address_checked_over_tls_for_a_serving_api() {
+    let d = dir("pool-backends");
+    let (_, doc) = rendered(&d, "lb", &pooled_lb("lb-1", "192.0.2.11"));
+    let haproxy = file(&doc, "/etc/haproxy/haproxy.cfg");
+    let lines: Vec<&str> = haproxy.lines().map(str::trim).collect();
+    let servers: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("server "))
+        .collect();
+    // The replacements' addresses (.41, .42) are backends already.
+    assert_eq!(
+        servers,
+        [
+            "server server-1_192.0.2.31 192.0.2.31:6443 check",
+            "server server-1_192.0.2.41 192.0.2.41:6443 check",
+            "server server-2_192.0.2.32 192.0.2.32:6443 check",
+            "server server-2_192.0.2.42 192.0.2.42:6443 check",
+            "server server-3_192.0.2.33 192.0.2.33:7443 check",
+        ],
+        "{haproxy}"
+    );
+    // A listening port is not enough: the check completes a TLS handshake
+    // and wants /readyz answered 200 or 401 (K3s says 503 until its API
+    // server runs).
+    for line in [
+        "option tcp-check",
+        "tcp-check connect ssl",
+        r#"tcp-check send "GET /readyz HTTP/1.0\r\n\r\n""#,
+        r"tcp-check expect rstring '^HTTP/1\.[01] (200|401) '",
+        "default-server verify none inter 2s fall 3 rise 2",
+    ] {
+        assert!(lines.contains(&line), "`{line}` missing:\n{haproxy}");
+    }
+    assert!(
+        !lines.contains(&"tcp-check connect"),
+        "a plain TCP connect check:\n{haproxy}"
+    );
+}
+
+#[test]
+fn lb_unicast_peers_are_every_pool_address_but_the_nodes_own() {
+    let d = dir("pool-peers");
+    for (host, ip, peers) in [
+        (
+            "lb-2",
+            "192.0.2.12",
+            [
+                "192.0.2.11",
+                "192.0.2.21",
+                "192.0.2.22",
+                "192.0.2.13",
+                "192.0.2.23",
+            ],
+        ),
+        // lb-1's replacement takes the next address of lb-1's pool; the old
+        // lb-1 (.11) is its peer while both run.
+        (
+            "lb-1",
+            "192.0.2.21",
+            [
+                "192.0.2.11",
+                "192.0.2.12",
+                "192.0.2.22",
+                "192.0.2.13",
+                "192.0.2.23",
+            ],
+        ),
+    ] {
+        let (_, doc) = rendered(&d, "lb", &pooled_lb(host, ip));
+        let conf = file(&doc, "/etc/keepalived/keepalived.conf");
+        assert_eq!(keepalived_block(&conf, "unicast_peer"), peers, "{conf}");
+        let instance = keepalived_block(&conf, "vrrp_instance k3s_api");
+        for line in ["state BACKUP", "nopreempt", &format!("unicast_src_ip {ip}")] {
+            assert!(instance.iter().any(|l| l == line), "`{line}`:\n{conf}");
+        }
+        // Every LB renders the same pools: a replacement changes no other LB.
+        let haproxy = file(&doc, "/etc/haproxy/haproxy.cfg");
+        assert!(haproxy.contains("server server-1_192.0.2.41 "), "{haproxy}");
+    }
+}
+
+#[test]
+fn an_lb_address_outside_the_pools_or_listed_twice_is_refused() {
+    let d = dir("pool-bad");
+    let base = pooled_lb("lb-1", "192.0.2.11");
+    for (values, needles) in [
+        // Its peers would not send this node adverts: two masters.
+        (
+            pooled_lb("lb-9", "192.0.2.99"),
+            &["`node_ip` 192.0.2.99 is in no `peers` pool"][..],
+        ),
+        (
+            with(
+                &base,
+                "peers",
+                r#"[{ name = "lb-1", addresses = ["192.0.2.11"] }, { name = "lb-2", addresses = ["192.0.2.12", "192.0.2.11"] }]"#,
+            )
+            .0,
+            &["`peers`", "192.0.2.11 is listed twice"],
+        ),
+        (
+            with(
+                &base,
+                "backends",
+                r#"[{ name = "s1", addresses = ["192.0.2.31"] }, { name = "s2", addresses = ["192.0.2.31"] }]"#,
+            )
+            .0,
+            &["`backends`", "192.0.2.31 is listed twice"],
+        ),
+        (
+            with(
+                &base,
+                "peers",
+                r#"[{ name = "lb-1", addresses = ["192.0.2.11"] }]"#,
+            )
+            .0,
+            &["`peers` lists no address but node_ip"],
+        ),
+    ] {
+        let out = render(&d, "lb", &values);
+        assert!(!out.status.success(), "rendered:\n{}", stdout(&out));
+        let err = stderr(&out);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        for n in needles {
+            assert!(err.contains(n), "{n:?} not in {err}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// K3s servers.
+
+#[test]
+fn server_init_renders_only_for_a_new_cluster_and_replacements_join_through_the_vip() {
+    let d = dir("server-init");
+    // Without `new_cluster = true` (server 1's values reused for its
+    // replacement, say), server-init would bootstrap a second cluster.
+    for values in [SERVER, &with(SERVER_INIT, "new_cluster", "false").0] {
+        let out = render(&d, "server-init", values);
+        assert!(!out.status.success(), "rendered:\n{}", stdout(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("`new_cluster = true`") && err.contains("server-join"),
+            "{err}"
+        );
+    }
+    let (_, doc) = rendered(&d, "server-init", SERVER_INIT);
+    let config = k3s_config(&doc);
+    assert_eq!(config["cluster-init"], true);
+    assert!(config.get("server").is_none(), "{config}");
+    // Server 1's replacement: its values with the next generation, as
+    // server-join, registering through the VIP.
+    let (values, _) = with(SERVER, "generation", "2");
+    let (_, doc) = rendered(&d, "server-join", &values);
+    let config = k3s_config(&doc);
+    assert_eq!(config["server"], "https://10.0.2.100:6443");
+    assert_eq!(config["node-name"], "k3s-1-g2");
+    assert!(config.get("cluster-init").is_none(), "{config}");
+    // A joining server that says it starts a new cluster is refused.
+    let out = render(&d, "server-join", SERVER_INIT);
+    assert!(!out.status.success(), "rendered:\n{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("`new_cluster = true`"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn servers_give_the_controller_manager_the_deploy_time_signing_key() {
+    let d = dir("sa-keys");
+    for role in ["server-init", "server-join"] {
+        let (_, doc) = rendered(&d, role, base_of(role).1);
+        let config = k3s_config(&doc);
+        assert_eq!(
+            config["kube-controller-manager-arg"],
+            serde_json::json!([
+                "service-account-private-key-file=/etc/rancher/k3s/service-account.key"
+            ]),
+            "{role}: {config}"
+        );
+        assert!(
+            config["kube-apiserver-arg"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a
+                    == "service-account-signing-key-file=/etc/rancher/k3s/service-account.key"),
+            "{role}: {config}"
+        );
+        assert!(file(&doc, "/etc/rancher/k3s/service-account.key").contains("TUlJRWtpbG4="));
+    }
+}
+
+#[test]
+fn cilium_operator_replicas_reach_the_cilium_values_of_server_init_only() {
+    let d = dir("operator-replicas");
+    let (values, _) = with(SERVER_INIT, "cilium_operator_replicas", "1");
+    let (_, doc) = rendered(&d, "server-init", &values);
+    let cilium = yaml(&file(&doc, "/etc/rancher/k3s/kiln-cilium-values.yaml"));
+    assert_eq!(cilium["operator"]["replicas"], 1, "{cilium}");
+    // Without it, the chart's default stands.
+    let (_, doc) = rendered(&d, "server-init", SERVER_INIT);
+    let cilium = yaml(&file(&doc, "/etc/rancher/k3s/kiln-cilium-values.yaml"));
+    assert!(cilium.get("operator").is_none(), "{cilium}");
+    let out = render(
+        &d,
+        "server-join",
+        &with(SERVER, "cilium_operator_replicas", "1").0,
+    );
+    assert!(!out.status.success(), "rendered:\n{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("`cilium_operator_replicas`"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Time.
+
+#[test]
+fn every_node_role_configures_timesyncd_with_the_debian_pool_or_its_own_servers() {
+    let d = dir("ntp");
+    for (_, role, base) in ROLES.iter().filter(|(_, r, _)| *r != "node") {
+        for (values, expected) in [
+            (
+                base.to_string(),
+                "NTP=0.debian.pool.ntp.org 1.debian.pool.ntp.org 2.debian.pool.ntp.org 3.debian.pool.ntp.org",
+            ),
+            (
+                with(base, "ntp_servers", r#"["192.0.2.123", "ntp.example.com"]"#).0,
+                "NTP=192.0.2.123 ntp.example.com",
+            ),
+        ] {
+            let (_, doc) = rendered(&d, role, &values);
+            let conf = file(&doc, "/etc/systemd/timesyncd.conf.d/50-kiln.conf");
+            let lines: Vec<&str> = conf.lines().collect();
+            assert!(
+                lines.contains(&"[Time]") && lines.contains(&expected),
+                "{role}: {conf}"
+            );
+            // timesyncd started before cloud-init wrote its configuration.
+            assert!(
+                doc["runcmd"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&serde_json::json!(["systemctl", "restart", "systemd-timesyncd"])),
+                "{role}: {doc}"
+            );
+        }
+    }
 }

@@ -377,6 +377,8 @@ pub enum Scalar {
     Ipv6,
     Cidr,
     Hostname,
+    /// An IP address or a host name (an NTP server, an S3 endpoint).
+    Host,
     San,
     Port,
     Int(i64, i64),
@@ -418,6 +420,7 @@ impl Scalar {
         "ipv6",
         "cidr",
         "hostname",
+        "host",
         "san",
         "port",
         "pem",
@@ -435,6 +438,7 @@ impl Scalar {
             "ipv6" => Scalar::Ipv6,
             "cidr" => Scalar::Cidr,
             "hostname" => Scalar::Hostname,
+            "host" => Scalar::Host,
             "san" => Scalar::San,
             "port" => Scalar::Port,
             "pem" => Scalar::Pem,
@@ -463,6 +467,7 @@ impl Scalar {
             Scalar::Ipv6 => "an IPv6 address".into(),
             Scalar::Cidr => "a CIDR network such as 10.42.0.0/16".into(),
             Scalar::Hostname => "a lowercase RFC 1123 host name".into(),
+            Scalar::Host => "an IP address or a lowercase RFC 1123 host name".into(),
             Scalar::San => "an IP address or host name (`*.` allowed in front)".into(),
             Scalar::Port => "a port 1..=65535".into(),
             Scalar::Int(lo, hi) => format!("an integer {lo}..={hi}"),
@@ -494,6 +499,7 @@ impl Scalar {
                     Scalar::Ipv6 => s.parse::<Ipv6Addr>().is_ok(),
                     Scalar::Cidr => return check_cidr(s),
                     Scalar::Hostname => is_hostname(s),
+                    Scalar::Host => s.parse::<IpAddr>().is_ok() || is_hostname(s),
                     Scalar::San => {
                         s.parse::<IpAddr>().is_ok()
                             || is_hostname(s.strip_prefix("*.").unwrap_or(s))
@@ -1065,6 +1071,17 @@ mod tests {
                     s(&"a".repeat(64)),
                     s(""),
                     s("*.example.com"),
+                ],
+            ),
+            (
+                "host",
+                vec![s("0.debian.pool.ntp.org"), s("192.0.2.1"), s("fd00::123")],
+                vec![
+                    s("*.pool.ntp.org"),
+                    s("ntp 1"),
+                    s("ntp.example.com\nNTP=evil"),
+                    s("[fd00::123]"),
+                    s(""),
                 ],
             ),
             (
