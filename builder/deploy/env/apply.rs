@@ -210,7 +210,7 @@ fn slot_values(
     };
     if role.kind == RoleKind::Lb {
         facts.push(("backends", pools(RoleKind::Server, "")));
-        facts.push(("peers", pools(RoleKind::Lb, &slot.name)));
+        facts.push(("peers", pools(RoleKind::Lb, "")));
     }
     if let Some(g) = generation {
         facts.push(("hostname", toml::Value::String(vm_name(env, slot, g))));
