@@ -1,8 +1,8 @@
 //! Deployment: everything after an image exists. The Proxmox client, and on
 //! top of it publishing images as templates and listing/pruning them.
 
-pub(crate) mod env;
-pub(crate) mod providers;
+pub mod env;
+pub mod providers;
 pub mod publish;
 pub(crate) mod pve;
 pub(crate) mod templates;

@@ -32,6 +32,12 @@ pub const QEMU_SYSTEM: Tool = Tool {
     package: "qemu-system-x86",
 };
 
+/// Network namespaces, bridges and tap devices for the local environment provider.
+pub const IP: Tool = Tool {
+    program: "ip",
+    package: "iproute2",
+};
+
 /// Makes GRUB's BIOS core.img for recipes with `[boot] bios = true`.
 pub const GRUB_MKIMAGE: Tool = Tool {
     program: "grub-mkimage",

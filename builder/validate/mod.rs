@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
-const OVMF_PACKAGE: &str = "ovmf";
+pub(crate) const OVMF_PACKAGE: &str = "ovmf";
 
 /// `--accel`: which accelerator to use.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -301,14 +301,16 @@ fn probe_kvm(
         &overlay,
     )?;
     let spec = VmSpec {
+        name: "kiln-validate".into(),
         accel: AccelKind::Kvm,
         firmware: firmware.clone(),
         disk: overlay,
         seed: None,
-        ssh_port: None,
+        net: qemu::Net::None,
         memory_mib: opts.memory_mib,
         cpus: opts.cpus,
         workdir: work.path().to_path_buf(),
+        detached: false,
     };
     let pb = crate::util::progress::spinner(opts.progress, "probing KVM with a short boot");
     let mut vm = Vm::start(&spec).context("QEMU would not start with KVM")?;
@@ -439,6 +441,7 @@ fn boot_and_check(
             .user_data
             .clone()
             .unwrap_or_else(|| seed::MINIMAL_USER_DATA.to_string()),
+        network_config: None,
     }
     .write(&seed_path)?;
     let overlay = work.path().join("overlay.qcow2");
@@ -462,14 +465,16 @@ fn boot_and_check(
             None => qemu::free_port()?,
         };
         let spec = VmSpec {
+            name: "kiln-validate".into(),
             accel,
             firmware: firmware.clone(),
             disk: overlay.clone(),
             seed: Some(seed_path.clone()),
-            ssh_port: Some(port),
+            net: qemu::Net::User { ssh_port: port },
             memory_mib: opts.memory_mib,
             cpus: opts.cpus,
             workdir: work.path().to_path_buf(),
+            detached: false,
         };
         match Vm::start(&spec) {
             Ok(vm) => break (vm, port),

@@ -50,20 +50,36 @@ impl Firmware {
     }
 }
 
+/// How the guest's one network card is connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Net {
+    /// No network card (the acceleration probe).
+    None,
+    /// QEMU user networking, restricted, with 127.0.0.1:`ssh_port`
+    /// forwarded to the guest's port 22 (validation boots).
+    User { ssh_port: u16 },
+    /// A tap device that exists already (the local environment provider
+    /// makes it in its network namespace); QEMU runs no scripts on it.
+    Tap { ifname: String, mac: String },
+}
+
 /// Everything needed to start one guest.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
+    /// QEMU's `-name` (shown by `ps` and in QMP).
+    pub name: String,
     pub accel: AccelKind,
     pub firmware: Firmware,
     pub disk: PathBuf,
     pub seed: Option<PathBuf>,
-    /// Host port forwarded to the guest's port 22 (on 127.0.0.1); none for
-    /// boots that need no network (the acceleration probe).
-    pub ssh_port: Option<u16>,
+    pub net: Net,
     pub memory_mib: u32,
     pub cpus: u32,
     /// Directory for the QMP socket, console log, stderr and vars copy.
     pub workdir: PathBuf,
+    /// QEMU daemonizes and outlives kiln ([`start_detached`]); otherwise it
+    /// is kiln's child and dies with it ([`Vm::start`]).
+    pub detached: bool,
 }
 
 /// Create a qcow2 overlay over `base`, `grow` bytes larger than the base, so
@@ -120,20 +136,19 @@ impl VmSpec {
     pub fn stderr_path(&self) -> PathBuf {
         self.workdir.join("qemu.stderr")
     }
+    /// Where a detached QEMU writes its pid.
+    pub fn pid_path(&self) -> PathBuf {
+        self.workdir.join("qemu.pid")
+    }
 
     /// The QEMU command line (without the program).
     pub fn args(&self) -> Result<Vec<String>> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &str| a.push(s.to_string());
         let p = |p: &Path| p.display().to_string();
-        for s in [
-            "-name",
-            "kiln-validate",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-        ] {
+        push("-name");
+        push(&self.name);
+        for s in ["-nodefaults", "-no-user-config", "-display", "none"] {
             push(s);
         }
         match &self.firmware {
@@ -141,10 +156,17 @@ impl VmSpec {
                 code,
                 vars_template,
             } => {
+                // A private copy, made once: a detached VM started again keeps
+                // the boot entries its firmware wrote.
                 let vars = self.workdir.join("OVMF_VARS.fd");
-                std::fs::copy(vars_template, &vars).with_context(|| {
-                    format!("cannot copy OVMF vars {}", vars_template.display())
-                })?;
+                if !vars.exists() {
+                    let tmp = self.workdir.join("OVMF_VARS.fd.tmp");
+                    std::fs::copy(vars_template, &tmp)
+                        .and_then(|_| std::fs::rename(&tmp, &vars))
+                        .with_context(|| {
+                            format!("cannot copy OVMF vars {}", vars_template.display())
+                        })?;
+                }
                 push("-machine");
                 push("q35,smm=on");
                 push("-global");
@@ -184,9 +206,12 @@ impl VmSpec {
         // virtio-scsi-single: one controller per disk, as Proxmox does.
         push("-device");
         push("virtio-scsi-pci,id=scsi0");
+        // A validation overlay is thrown away, so guest flushes are skipped;
+        // a detached VM's disk lives on after kiln and must survive a host crash.
+        let cache = if self.detached { "writeback" } else { "unsafe" };
         push("-drive");
         push(&format!(
-            "if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap,file={}",
+            "if=none,id=disk0,format=qcow2,cache={cache},discard=unmap,file={}",
             p(&self.disk)
         ));
         push("-device");
@@ -202,15 +227,26 @@ impl VmSpec {
             push("-device");
             push("scsi-hd,drive=seed,bus=scsi1.0");
         }
-        if let Some(port) = self.ssh_port {
-            // restrict=on: the guest reaches nothing outside QEMU; only the
-            // explicit forward from 127.0.0.1 into the guest exists.
-            push("-netdev");
-            push(&format!(
-                "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"
-            ));
-            push("-device");
-            push("virtio-net-pci,netdev=n0");
+        match &self.net {
+            Net::None => {}
+            Net::User { ssh_port } => {
+                // restrict=on: the guest reaches nothing outside QEMU; only the
+                // explicit forward from 127.0.0.1 into the guest exists.
+                push("-netdev");
+                push(&format!(
+                    "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
+                ));
+                push("-device");
+                push("virtio-net-pci,netdev=n0");
+            }
+            Net::Tap { ifname, mac } => {
+                push("-netdev");
+                push(&format!(
+                    "tap,id=n0,ifname={ifname},script=no,downscript=no"
+                ));
+                push("-device");
+                push(&format!("virtio-net-pci,netdev=n0,mac={mac}"));
+            }
         }
         push("-device");
         push("virtio-rng-pci");
@@ -223,8 +259,72 @@ impl VmSpec {
         ));
         push("-serial");
         push(&format!("file:{}", p(&self.console_path())));
+        if self.detached {
+            // QEMU forks, and its first process exits only once the guest is
+            // set up (or with the reason it could not be), leaving the pid here.
+            push("-daemonize");
+            push("-pidfile");
+            push(&p(&self.pid_path()));
+        }
         Ok(a)
     }
+}
+
+/// Start a detached QEMU (`spec.detached`): it is not kiln's child, sits in
+/// its own session and keeps running after kiln exits. `cmd` is the QEMU
+/// program as the caller prepared it (e.g. to enter a network namespace);
+/// the arguments and stdio are set here. Returns QEMU's pid once it runs.
+pub fn start_detached(spec: &VmSpec, mut cmd: Command) -> Result<u32> {
+    if !spec.detached {
+        bail!("start_detached needs a spec with `detached` set");
+    }
+    let args = spec.args()?;
+    let stderr = File::create(spec.stderr_path())
+        .with_context(|| format!("cannot create {}", spec.stderr_path().display()))?;
+    let _ = std::fs::remove_file(spec.pid_path());
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {program}"))?;
+    // The first process waits for the daemon to finish its setup; that is quick.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().context("cannot check on QEMU")? {
+            break status;
+        }
+        if Instant::now() >= deadline || crate::util::interrupted() {
+            let _ = child.kill();
+            let _ = child.wait();
+            crate::util::check_interrupted()?;
+            bail!("QEMU did not finish starting within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(spec.stderr_path()).unwrap_or_default();
+    if !status.success() {
+        bail!(
+            "QEMU exited ({status}){}",
+            if err.trim().is_empty() {
+                String::new()
+            } else {
+                format!(": {}", err.trim())
+            }
+        );
+    }
+    let pid = std::fs::read_to_string(spec.pid_path())
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .with_context(|| {
+            format!(
+                "QEMU started but left no pid in {}",
+                spec.pid_path().display()
+            )
+        })?;
+    Ok(pid)
 }
 
 /// A running QEMU. Dropping it stops QEMU (QMP quit, then SIGKILL) and reaps it.
@@ -238,6 +338,9 @@ pub struct Vm {
 
 impl Vm {
     pub fn start(spec: &VmSpec) -> Result<Vm> {
+        if spec.detached {
+            bail!("a detached VM is started with start_detached");
+        }
         let qemu = hosttools::path_of(hosttools::QEMU_SYSTEM)?;
         let args = spec.args()?;
         let stderr = File::create(spec.stderr_path())?;
@@ -394,14 +497,16 @@ mod tests {
 
     fn spec(dir: &Path, fw: Firmware) -> VmSpec {
         VmSpec {
+            name: "kiln-validate".into(),
             accel: AccelKind::Tcg,
             firmware: fw,
             disk: dir.join("overlay.qcow2"),
             seed: Some(dir.join("seed.img")),
-            ssh_port: Some(2222),
+            net: Net::User { ssh_port: 2222 },
             memory_mib: 2048,
             cpus: 2,
             workdir: dir.to_path_buf(),
+            detached: false,
         }
     }
 
@@ -440,6 +545,39 @@ mod tests {
         assert!(a.contains("hostfwd=tcp:127.0.0.1:2222-:22"), "{a}");
         assert!(a.contains("restrict=on"), "{a}");
         assert!(a.contains("-accel tcg"), "{a}");
+    }
+
+    #[test]
+    fn a_detached_vm_on_a_tap_daemonizes_with_a_pidfile_and_keeps_its_mac() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path(), Firmware::Bios);
+        s.detached = true;
+        s.net = Net::Tap {
+            ifname: "tap3".into(),
+            mac: "52:54:00:12:34:56".into(),
+        };
+        let a = s.args().unwrap().join(" ");
+        assert!(
+            a.contains("-netdev tap,id=n0,ifname=tap3,script=no,downscript=no"),
+            "{a}"
+        );
+        assert!(
+            a.contains("virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"),
+            "{a}"
+        );
+        assert!(!a.contains("hostfwd"), "{a}");
+        assert!(
+            a.contains(&format!(
+                "-daemonize -pidfile {}",
+                dir.path().join("qemu.pid").display()
+            )),
+            "{a}"
+        );
+        assert!(a.contains("cache=writeback"), "{a}");
+        // Validation boots stay kiln's children.
+        let v = spec(dir.path(), Firmware::Bios).args().unwrap().join(" ");
+        assert!(!v.contains("-daemonize"), "{v}");
+        assert!(v.contains("cache=unsafe"), "{v}");
     }
 
     #[test]

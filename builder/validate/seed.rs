@@ -1,8 +1,10 @@
-//! NoCloud seed: a small VFAT volume labelled `CIDATA` holding `user-data` and
-//! `meta-data`, built in-process with `fatfs` (no mkfs, no mounts).
+//! NoCloud seed: a small VFAT volume labelled `CIDATA` holding `user-data`,
+//! `meta-data` and optionally `network-config`, built in-process with `fatfs`
+//! (no mkfs, no mounts).
 
 use anyhow::{Context, Result};
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::path::Path;
 
 /// What the seed carries to cloud-init.
@@ -14,6 +16,42 @@ pub(crate) struct Seed {
     pub public_keys: Vec<String>,
     /// The role's user-data, untouched (or a minimal `#cloud-config`).
     pub user_data: String,
+    /// A `network-config` file (network config version 2); without one
+    /// cloud-init falls back to DHCP on the first NIC.
+    pub network_config: Option<String>,
+}
+
+/// Network config version 2 for one NIC with a static address: the NIC is
+/// found by its MAC and named `eth0` (the name kiln's images and role
+/// templates use: `net.ifnames=0`), with a default route and DNS servers.
+///
+/// cloud-init's NoCloud reads `network-config` from the seed next to
+/// `meta-data` (canonical/cloud-init doc/rtd/reference/datasources/nocloud.rst);
+/// the format is doc/rtd/reference/network-config-format-v2.rst. `set-name`
+/// is what makes cloud-init rename the matched NIC (cloudinit/net/__init__.py,
+/// `_version_2`: "only rename if configured to do so"), and the networkd
+/// renderer matches on the entry's name as well as its MAC, so the entry is
+/// called `eth0` too.
+pub(crate) fn static_network_config(
+    mac: &str,
+    address: Ipv4Addr,
+    prefix: u8,
+    gateway: Ipv4Addr,
+    dns: &[Ipv4Addr],
+) -> String {
+    let mut s = format!(
+        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: {}\n    set-name: eth0\n    addresses:\n      - {}\n    routes:\n      - to: 0.0.0.0/0\n        via: {}\n",
+        yaml_str(&mac.to_ascii_lowercase()),
+        yaml_str(&format!("{address}/{prefix}")),
+        yaml_str(&gateway.to_string()),
+    );
+    if !dns.is_empty() {
+        s.push_str("    nameservers:\n      addresses:\n");
+        for d in dns {
+            s.push_str(&format!("        - {}\n", yaml_str(&d.to_string())));
+        }
+    }
+    s
 }
 
 /// User-data used when an image declares none.
@@ -69,10 +107,15 @@ impl Seed {
         let fs = fatfs::FileSystem::new(&mut *file, fatfs::FsOptions::new())?;
         {
             let root = fs.root_dir();
-            for (name, contents) in [
+            let meta_data = self.meta_data();
+            let mut files = vec![
                 ("user-data", self.user_data.as_str()),
-                ("meta-data", self.meta_data().as_str()),
-            ] {
+                ("meta-data", meta_data.as_str()),
+            ];
+            if let Some(nc) = &self.network_config {
+                files.push(("network-config", nc.as_str()));
+            }
+            for (name, contents) in files {
                 let mut f = root.create_file(name)?;
                 f.truncate()?;
                 f.write_all(contents.as_bytes())?;
@@ -100,7 +143,66 @@ mod tests {
             hostname: "kiln-validate-0123".into(),
             public_keys: vec!["ssh-ed25519 AAAAC3Nza kiln".into()],
             user_data: "#cloud-config\nwrite_files: []\n".into(),
+            network_config: None,
         }
+    }
+
+    fn read_file(path: &Path, name: &str) -> Option<String> {
+        let mut f = std::fs::File::open(path).unwrap();
+        let fs = fatfs::FileSystem::new(&mut f, fatfs::FsOptions::new()).unwrap();
+        let mut text = String::new();
+        fs.root_dir()
+            .open_file(name)
+            .ok()?
+            .read_to_string(&mut text)
+            .unwrap();
+        Some(text)
+    }
+
+    #[test]
+    fn a_static_network_config_matches_the_nic_by_mac_with_address_gateway_and_dns() {
+        let nc = static_network_config(
+            "52:54:00:AB:cd:01",
+            "10.77.0.11".parse().unwrap(),
+            24,
+            "10.77.0.1".parse().unwrap(),
+            &["10.77.0.1".parse().unwrap(), "10.77.0.2".parse().unwrap()],
+        );
+        let v: serde_yaml::Value = serde_yaml::from_str(&nc).unwrap();
+        let eth0 = &v["ethernets"]["eth0"];
+        assert_eq!(v["version"], 2);
+        assert_eq!(eth0["match"]["macaddress"], "52:54:00:ab:cd:01");
+        assert_eq!(eth0["set-name"], "eth0");
+        assert_eq!(eth0["addresses"][0], "10.77.0.11/24");
+        assert_eq!(eth0["routes"][0]["to"], "0.0.0.0/0");
+        assert_eq!(eth0["routes"][0]["via"], "10.77.0.1");
+        assert_eq!(eth0["nameservers"]["addresses"][1], "10.77.0.2");
+        let none = static_network_config(
+            "52:54:00:00:00:01",
+            "10.0.0.5".parse().unwrap(),
+            16,
+            "10.0.0.1".parse().unwrap(),
+            &[],
+        );
+        assert!(!none.contains("nameservers"), "{none}");
+    }
+
+    #[test]
+    fn network_config_is_in_the_seed_only_when_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seed.img");
+        seed().write(&path).unwrap();
+        assert_eq!(read_file(&path, "network-config"), None);
+        let mut s = seed();
+        s.network_config = Some("version: 2\nethernets: {}\n".into());
+        s.write(&path).unwrap();
+        assert_eq!(
+            read_file(&path, "network-config").as_deref(),
+            Some("version: 2\nethernets: {}\n")
+        );
+        assert!(read_file(&path, "meta-data")
+            .unwrap()
+            .starts_with("instance-id:"));
     }
 
     #[test]

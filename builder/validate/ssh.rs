@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 pub struct Guest {
     session: Session,
-    port: u16,
+    /// The forwarded port on 127.0.0.1, when the session came through one
+    /// (only then can [`Guest::reconnect`] dial again by itself).
+    port: Option<u16>,
     user: String,
 }
 
@@ -23,40 +25,43 @@ impl Guest {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let tcp = TcpStream::connect_timeout(&addr, timeout)
             .with_context(|| format!("cannot connect to {addr}"))?;
-        Self::over(tcp, port, user, key, timeout)
+        let mut guest = Self::over(tcp, user, key, timeout)?;
+        guest.port = Some(port);
+        Ok(guest)
     }
 
-    /// An SSH session over a TCP connection made elsewhere (into an
-    /// environment's network, by its provider). `port` is kept for messages.
-    pub fn over(
-        tcp: TcpStream,
-        port: u16,
-        user: &str,
-        key: &ThrowawayKey,
-        timeout: Duration,
-    ) -> Result<Self> {
-        let addr = tcp
+    /// SSH over a TCP connection the caller opened already (e.g. a provider's
+    /// connection into an environment's network): handshake and authenticate.
+    pub fn over(tcp: TcpStream, user: &str, key: &ThrowawayKey, timeout: Duration) -> Result<Self> {
+        let peer = tcp
             .peer_addr()
             .map(|a| a.to_string())
-            .unwrap_or_else(|_| format!("port {port}"));
+            .unwrap_or_else(|_| "the guest".into());
         let mut session = Session::new().context("cannot create an SSH session")?;
         session.set_timeout(timeout.as_millis() as u32);
         session.set_tcp_stream(tcp);
         session
             .handshake()
-            .with_context(|| format!("SSH handshake with {addr} failed"))?;
+            .with_context(|| format!("SSH handshake with {peer} failed"))?;
         key.authenticate(&session, user)?;
         Ok(Self {
             session,
-            port,
+            port: None,
             user: user.to_string(),
         })
     }
 
     /// Replace the session with a fresh one (after a command timed out, the
-    /// old session may still be busy with it).
+    /// old session may still be busy with it). Only for sessions made with
+    /// [`Guest::connect`]; one made [`Guest::over`] a given connection needs
+    /// a new connection from its caller.
     pub fn reconnect(&mut self, key: &ThrowawayKey, timeout: Duration) -> Result<()> {
-        *self = Self::connect(self.port, &self.user, key, timeout)?;
+        let Some(port) = self.port else {
+            anyhow::bail!(
+                "this SSH session came over a given connection: open a new one to reconnect"
+            );
+        };
+        *self = Self::connect(port, &self.user, key, timeout)?;
         Ok(())
     }
 

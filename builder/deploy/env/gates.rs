@@ -144,7 +144,6 @@ impl SshGates<'_> {
                 .and_then(|tcp| {
                     Guest::over(
                         tcp,
-                        22,
                         &self.env.access.user,
                         self.key,
                         Duration::from_secs(30),

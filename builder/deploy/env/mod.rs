@@ -9,7 +9,7 @@
 pub(crate) mod apply;
 pub(crate) mod gates;
 pub(crate) mod journal;
-pub(crate) mod model;
+pub mod model;
 pub(crate) mod plan;
 
 use anyhow::{bail, Result};

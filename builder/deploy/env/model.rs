@@ -67,7 +67,7 @@ pub(crate) enum ProviderSpec {
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct Network {
+pub struct Network {
     /// Proxmox bridge (e.g. `vmbr0`); the local provider names its own bridge.
     pub bridge: String,
     pub cidr: Ipv4Addr,
@@ -78,7 +78,7 @@ pub(crate) struct Network {
 }
 
 impl Network {
-    pub(crate) fn contains(&self, a: Ipv4Addr) -> bool {
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
         let mask = if self.prefix == 0 {
             0
         } else {

@@ -17,9 +17,12 @@ use std::time::Duration;
 
 use crate::deploy::env::model::Network;
 
+pub mod local;
+pub mod netns;
+
 /// One VM of an environment as its provider shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub(crate) struct NodeVm {
+pub struct NodeVm {
     /// The provider's handle: a Proxmox VMID, a local VM's directory name.
     pub handle: String,
     /// Host name and VM name: `<env>-<slot>-g<generation>`.
@@ -36,7 +39,7 @@ pub(crate) struct NodeVm {
 
 /// Everything a provider needs to make one VM.
 #[derive(Debug, Clone)]
-pub(crate) struct NewVm {
+pub struct NewVm {
     pub env: String,
     pub name: String,
     pub slot: String,
@@ -65,7 +68,7 @@ pub(crate) struct NewVm {
 
 impl NewVm {
     /// What the provider will show for this VM once it exists.
-    pub(crate) fn shown(&self, handle: String, running: bool) -> NodeVm {
+    pub fn shown(&self, handle: String, running: bool) -> NodeVm {
         NodeVm {
             handle,
             name: self.name.clone(),
@@ -80,7 +83,7 @@ impl NewVm {
 }
 
 /// Where an environment's VMs live. One value serves one environment.
-pub(crate) trait Provider {
+pub trait Provider {
     /// `local` or `proxmox`, for messages.
     fn kind(&self) -> &'static str;
 
@@ -116,10 +119,11 @@ pub(crate) trait Provider {
 pub(crate) fn open(env: &crate::deploy::env::model::Environment) -> Result<Box<dyn Provider>> {
     use crate::deploy::env::model::ProviderSpec;
     match &env.provider {
-        ProviderSpec::Local => anyhow::bail!(
-            "{}: the local provider is not in this build of kiln yet",
-            env.path.display()
-        ),
+        ProviderSpec::Local => Ok(Box::new(local::LocalProvider::new(
+            &env.name,
+            &env.network,
+            crate::deploy::env::journal::state_dir(&env.name)?,
+        )?)),
         ProviderSpec::Proxmox { .. } => anyhow::bail!(
             "{}: environments on Proxmox VE are not supported yet (kiln publishes templates there); use `[provider] kind = \"local\"`",
             env.path.display()
