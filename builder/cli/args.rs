@@ -200,6 +200,9 @@ pub struct EnvArgs {
     /// Print JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// How the local provider runs VMs: auto probes KVM and falls back to TCG.
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
 }
 
 #[derive(clap::Args, Debug)]

@@ -66,6 +66,22 @@ pub(crate) fn role_images(env: &Environment) -> Result<BTreeMap<String, RoleImag
         let manifest = ImageManifest::load(&dir)
             .with_context(|| format!("role `{}`: cannot use its image", role.name))?;
         check_pin(env, role, &dir, &manifest.id)?;
+        for name in &role.skip_checks {
+            if !manifest.validate.checks.iter().any(|c| c.name == *name) {
+                let known: Vec<&str> = manifest
+                    .validate
+                    .checks
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect();
+                bail!(
+                    "role `{}`: skip_checks names `{name}`, which {} has no check of (its checks: {})",
+                    role.name,
+                    dir.display(),
+                    known.join("; ")
+                );
+            }
+        }
         let recipe = Recipe::load(&env.resolve_path(&role.recipe))
             .with_context(|| format!("role `{}`", role.name))?;
         out.insert(

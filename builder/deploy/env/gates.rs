@@ -58,7 +58,25 @@ impl Gates for SshGates<'_> {
                     .is_some_and(|i| i.manifest.boot.secure_boot && i.manifest.boot.uefi),
             });
         if let Some(i) = image {
-            specs.extend(i.manifest.validate.checks.iter().cloned());
+            let skip = self
+                .env
+                .roles
+                .iter()
+                .find(|r| {
+                    self.images
+                        .get(&r.name)
+                        .is_some_and(|x| x.manifest.id == i.manifest.id)
+                })
+                .map(|r| r.skip_checks.clone())
+                .unwrap_or_default();
+            specs.extend(
+                i.manifest
+                    .validate
+                    .checks
+                    .iter()
+                    .filter(|c| !skip.contains(&c.name))
+                    .cloned(),
+            );
         }
         let commands: Vec<(String, Duration)> = specs
             .iter()

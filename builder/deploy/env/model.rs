@@ -146,6 +146,9 @@ pub(crate) struct Role {
     pub disk_gib: Option<u32>,
     /// Values every slot of the role gets (before its own).
     pub values: Values,
+    /// Image checks (by name) not to run as gates: those written for the
+    /// image's validation values (e.g. the validation boot's backend addresses).
+    pub skip_checks: Vec<String>,
     pub slots: Vec<Slot>,
 }
 
@@ -247,6 +250,8 @@ struct RoleFile {
     disk: Option<u32>,
     #[serde(default)]
     values: Option<RawTable>,
+    #[serde(default)]
+    skip_checks: Vec<String>,
     slots: Vec<Spanned<SlotFile>>,
 }
 
@@ -432,6 +437,7 @@ impl Environment {
                 memory_mib: r.memory,
                 disk_gib: r.disk,
                 values: located(src, r.values.as_ref()),
+                skip_checks: r.skip_checks.clone(),
                 slots,
             });
         }

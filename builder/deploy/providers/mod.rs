@@ -115,15 +115,22 @@ pub trait Provider {
     fn teardown(&self) -> Result<()>;
 }
 
-/// The provider an environment file names.
-pub(crate) fn open(env: &crate::deploy::env::model::Environment) -> Result<Box<dyn Provider>> {
+/// The provider an environment file names; `accel` is how the local
+/// provider runs its VMs (KVM when it works, else TCG).
+pub(crate) fn open(
+    env: &crate::deploy::env::model::Environment,
+    accel: crate::validate::Accel,
+) -> Result<Box<dyn Provider>> {
     use crate::deploy::env::model::ProviderSpec;
     match &env.provider {
-        ProviderSpec::Local => Ok(Box::new(local::LocalProvider::new(
-            &env.name,
-            &env.network,
-            crate::deploy::env::journal::state_dir(&env.name)?,
-        )?)),
+        ProviderSpec::Local => Ok(Box::new(
+            local::LocalProvider::new(
+                &env.name,
+                &env.network,
+                crate::deploy::env::journal::state_dir(&env.name)?,
+            )?
+            .with_accel(accel),
+        )),
         ProviderSpec::Proxmox { .. } => anyhow::bail!(
             "{}: environments on Proxmox VE are not supported yet (kiln publishes templates there); use `[provider] kind = \"local\"`",
             env.path.display()
