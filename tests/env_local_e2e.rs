@@ -76,7 +76,7 @@ fn lb_images(work: &Path) -> (PathBuf, PathBuf) {
     (a, b)
 }
 
-fn env_file(dir: &Path, name: &str, image: &Path) -> PathBuf {
+fn env_file(dir: &Path, name: &str, image: &Path, file: &str) -> PathBuf {
     let recipe = dir.join("project/recipes/lb.toml");
     let text = format!(
         r#"name = "{name}"
@@ -117,7 +117,7 @@ timeout = 30
         s1 = SERVERS[0],
         s2 = SERVERS[1],
     );
-    let p = dir.join("lab.toml");
+    let p = dir.join(file);
     std::fs::write(&p, text).unwrap();
     p
 }
@@ -314,7 +314,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let env = self.dir.path().join("lab.toml");
+        let env = self.dir.path().join("lab-a.toml");
         let _ = self.run(&[
             "env",
             "destroy",
@@ -358,7 +358,7 @@ fn lbs_are_bootstrapped_replaced_blue_green_without_losing_the_vip_and_recover_f
         dir,
     };
     let (image_a, image_b) = lb_images(lab.dir.path());
-    let env_a = env_file(lab.dir.path(), &name, &image_a);
+    let env_a = env_file(lab.dir.path(), &name, &image_a, "lab-a.toml");
 
     // 1. Bootstrap.
     let t = Instant::now();
@@ -377,7 +377,7 @@ fn lbs_are_bootstrapped_replaced_blue_green_without_losing_the_vip_and_recover_f
     );
 
     // 2. A new image, rolled out while the VIP is probed.
-    let env_b = env_file(lab.dir.path(), &name, &image_b);
+    let env_b = env_file(lab.dir.path(), &name, &image_b, "lab-b.toml");
     let plan = lab.run(&["env", "plan", env_b.to_str().unwrap(), "--accel", "tcg"]);
     assert!(text(&plan).contains("2 to replace"), "{}", text(&plan));
     let probe = Probe::start(&ns);
