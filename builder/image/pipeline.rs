@@ -90,25 +90,14 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         Ok((resolve_for_build(recipe_path)?, false))
     })?;
     let dest = opts.out.join(&recipe.name).join(&recipe.version);
-    let pinned_inputs = || -> Result<Option<InputDigests>> {
-        if lock.packages.is_empty() {
-            return Ok(None);
-        }
-        let lock_bytes = std::fs::read(recipe.lock_path())?;
-        crate::image::inputs::digests(&recipe, &lock, &lock_bytes).map(Some)
-    };
-    if let Some(inputs) = pinned_inputs()? {
-        if let Some(done) = up_to_date(&dest, &inputs, opts)? {
-            return Ok(done);
-        }
+    if let Some(done) = already_built(&recipe, &lock, &dest, opts)? {
+        return Ok(done);
     }
     // The only build of this image from here on; the one waited for may
     // have made exactly this image, so look again.
     let _output = crate::image::promote::lock_output(&opts.out, &recipe.name, &recipe.version)?;
-    if let Some(inputs) = pinned_inputs()? {
-        if let Some(done) = up_to_date(&dest, &inputs, opts)? {
-            return Ok(done);
-        }
+    if let Some(done) = already_built(&recipe, &lock, &dest, opts)? {
+        return Ok(done);
     }
     let mut used = CacheUse::default();
     let artifacts = timer.run(BuildStage::Fetch, || {
@@ -194,6 +183,22 @@ fn resolve_for_build(recipe_path: &Path) -> Result<(Recipe, Lockfile)> {
         hosttools::require(&[hosttools::GRUB_MKIMAGE])?;
     }
     Ok((recipe, lock))
+}
+
+/// The existing image, when the lock pins every package already (so the
+/// inputs are known before any work) and the image was built from them.
+fn already_built(
+    recipe: &Recipe,
+    lock: &Lockfile,
+    dest: &Path,
+    opts: &BuildOptions<'_>,
+) -> Result<Option<BuildOutcome>> {
+    if lock.packages.is_empty() {
+        return Ok(None);
+    }
+    let lock_bytes = std::fs::read(recipe.lock_path())?;
+    let inputs = crate::image::inputs::digests(recipe, lock, &lock_bytes)?;
+    up_to_date(dest, &inputs, opts)
 }
 
 /// The existing image when it was built from exactly these inputs.
