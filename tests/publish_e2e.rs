@@ -613,3 +613,24 @@ fn two_publishes_at_once_agree_when_the_first_create_finishes_last() {
     // wait for the lower one still being created.
     two_publishes_at_once("create:slow=2", "3.0.1");
 }
+
+#[test]
+fn a_version_with_a_plus_publishes_and_republishes_without_uploading_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "2026.11+b1", true, true);
+    let env = env_target(&s.url());
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
+    let first = publish_json(tmp.path(), &img, &env);
+    assert!(first.created);
+    // Proxmox stores `+` as `_`: kiln names the archive that way itself.
+    let vol = format!("local:vztmpl/kiln-lb-2026.11_b1-{}.tar.zst", m.short_id());
+    assert_eq!(first.lxc_volume.as_deref(), Some(vol.as_str()));
+    assert!(s.state().volumes.contains_key(&vol));
+    let bytes = s.state().upload_bytes;
+    let again = publish_json(tmp.path(), &img, &env);
+    assert!(!again.created);
+    assert_eq!(again.uploaded_bytes, 0);
+    assert_eq!(s.state().upload_bytes, bytes, "nothing was uploaded again");
+    assert_eq!(again.lxc_volume.as_deref(), Some(vol.as_str()));
+}

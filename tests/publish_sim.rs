@@ -343,3 +343,34 @@ fn a_create_without_smbios1_gets_a_uuid_and_a_bad_uuid_is_refused() {
     assert_eq!(code, 400);
     assert!(v["errors"]["smbios1"].is_string(), "{v}");
 }
+
+#[test]
+fn an_upload_name_outside_pves_alphabet_is_stored_rewritten_and_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let (code, v) = upload(
+        &s,
+        multipart(&[
+            ("content", None, b"vztmpl"),
+            ("filename", Some("lb-2026.11+b1 x.tar.zst"), b"data"),
+        ]),
+    );
+    assert_eq!(code, 200, "{v}");
+    let upid = v["data"].as_str().unwrap().to_string();
+    assert_eq!(wait(&s, &upid), "OK");
+    let st = s.state();
+    assert!(
+        st.volumes
+            .contains_key("local:vztmpl/lb-2026.11_b1_x.tar.zst"),
+        "{:?}",
+        st.volumes.keys()
+    );
+    assert!(
+        st.tasks[&upid]
+            .log
+            .iter()
+            .any(|l| l.starts_with("target file: ") && l.ends_with("/lb-2026.11_b1_x.tar.zst")),
+        "{:?}",
+        st.tasks[&upid].log
+    );
+}

@@ -224,10 +224,13 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
                 &lxc.sha256,
                 Some(pb),
             )?;
-            pve.wait_task(&up.upid, &format!("copying {name} into {storage}"))?;
+            let stored =
+                pve.finish_upload(&up.upid, &name, &format!("copying {name} into {storage}"))?;
             report.uploaded_bytes += up.bytes;
+            report.lxc_volume = Some(format!("{storage}:vztmpl/{stored}"));
+        } else {
+            report.lxc_volume = Some(volid);
         }
-        report.lxc_volume = Some(volid);
     }
     Ok(report)
 }
@@ -466,7 +469,7 @@ fn publish_api(
     // Per run: a concurrent publish of the same image never overwrites or
     // deletes this upload (an upload replaces a file of the same name).
     let file_name = naming::import_file_name(m, run.id());
-    let volid = format!("{storage}:import/{file_name}");
+    let mut volid = format!("{storage}:import/{file_name}");
     run.will_upload(&pve.node, storage, &volid)?;
     let disk = m.disk_path(dir);
     let pb = crate::util::progress::bytes(
@@ -479,7 +482,17 @@ fn publish_api(
     report.upload_seconds = up.seconds;
     let mut created: Option<u32> = None;
     let result = (|| -> Result<Settled> {
-        pve.wait_task(&up.upid, &format!("copying {file_name} into {storage}"))?;
+        let stored = pve.finish_upload(
+            &up.upid,
+            &file_name,
+            &format!("copying {file_name} into {storage}"),
+        )?;
+        if stored != file_name {
+            // Not expected (the name is in PVE's alphabet), but the file is
+            // where the task says it is.
+            volid = format!("{storage}:import/{stored}");
+            run.will_upload(&pve.node, storage, &volid)?;
+        }
         let when = naming::now_rfc3339();
         let run_id = run.id().to_string();
         let (vmid, upid) = create_vm(pve, target, vms, run, &|id| {

@@ -13,7 +13,7 @@ use crate::http::{Conn, Head};
 use crate::multipart;
 use crate::params::{self, Errors};
 use crate::routes::{check_node, err500, param_err, reply, ApiError, ApiResult, Outcome};
-use crate::state::{lock, now, storage, Recorded, Shared, StorageDef, Volume, STORAGES};
+use crate::state::{lock, now, storage, Recorded, Shared, StorageDef, Volume, NODE, STORAGES};
 use crate::tasks::{spawn_task, task_plan};
 
 fn storage_entry(s: &StorageDef) -> Value {
@@ -92,7 +92,7 @@ pub(crate) fn volume_delete(
         &volid,
         user,
         delay,
-        Box::new(move |st| {
+        Box::new(move |st, _log| {
             if fail {
                 return Err(format!("error removing '{v2}' (fault injected by pve-sim)"));
             }
@@ -256,13 +256,9 @@ fn upload_checked(
     }
     let file = file.expect("checked above");
     let content = p["content"].clone();
-    // PVE keeps only the last path component of the client's name.
-    let name = file
-        .filename
-        .rsplit(['/', '\\'])
-        .next()
-        .unwrap_or("")
-        .to_string();
+    // PVE keeps only the last path component of the client's name and
+    // rewrites what is outside its alphabet before any check.
+    let name = params::normalize_content_filename(&file.filename);
     if name.len() > 255 {
         return Err(param_err(
             "filename",
@@ -313,7 +309,7 @@ fn upload_checked(
         "",
         user,
         delay,
-        Box::new(move |st| {
+        Box::new(move |st, log| {
             let cleanup = || {
                 let _ = std::fs::remove_file(&tmp);
             };
@@ -336,6 +332,11 @@ fn upload_checked(
             }
             let _ = std::fs::create_dir_all(&dest_dir);
             let dest = dest_dir.join(&name);
+            // The lines PVE's imgcopy task logs (PVE/API2/Storage/Status.pm).
+            log.push(format!("starting file import from: {}", tmp.display()));
+            log.push(format!("target node: {NODE}"));
+            log.push(format!("target file: {}", dest.display()));
+            log.push(format!("file size is: {size}"));
             std::fs::rename(&tmp, &dest).map_err(|e| {
                 cleanup();
                 format!("cannot move upload to {}: {e}", dest.display())

@@ -10,7 +10,8 @@ use crate::faults::{FaultKind, FaultOp};
 use crate::routes::{check_node, param_err, ApiResult};
 use crate::state::{lock, now, Shared, State, Task, NODE};
 
-pub(crate) type Work = Box<dyn FnOnce(&mut State) -> Result<(), String> + Send>;
+/// A task's work: it may add lines to the task log, and decides the exit status.
+pub(crate) type Work = Box<dyn FnOnce(&mut State, &mut Vec<String>) -> Result<(), String> + Send>;
 
 /// Start an asynchronous task; `work` runs after the delay and decides the
 /// exit status.
@@ -47,8 +48,10 @@ pub(crate) fn spawn_task(
     std::thread::spawn(move || {
         std::thread::sleep(delay);
         let mut st = lock(&s2);
-        let result = work(&mut st);
+        let mut lines = Vec::new();
+        let result = work(&mut st, &mut lines);
         if let Some(t) = st.tasks.get_mut(&u2) {
+            t.log.extend(lines);
             match result {
                 Ok(()) => {
                     t.log.push("TASK OK".into());

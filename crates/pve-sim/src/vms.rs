@@ -547,7 +547,7 @@ pub(crate) fn create_vm(
         &vmid.to_string(),
         user,
         delay,
-        Box::new(move |st| {
+        Box::new(move |st, _log| {
             if fail || lock_timeout_fault {
                 // PVE removes the config of a VM whose creation failed.
                 st.vms.remove(&vmid);
@@ -651,7 +651,7 @@ fn vm_task(
         &vmid.to_string(),
         user,
         delay,
-        Box::new(move |st| match failed {
+        Box::new(move |st, _log| match failed {
             Some(error) => Err(error),
             None => work(st),
         }),
@@ -826,7 +826,7 @@ pub(crate) fn clone_vm(
         &vmid.to_string(),
         user,
         delay,
-        Box::new(move |st| {
+        Box::new(move |st, _log| {
             if let Some(s) = st.vms.get_mut(&vmid) {
                 if s.config.get("lock").map(|l| l == "clone").unwrap_or(false) {
                     s.config.remove("lock");
