@@ -634,3 +634,133 @@ fn a_version_with_a_plus_publishes_and_republishes_without_uploading_again() {
     assert_eq!(s.state().upload_bytes, bytes, "nothing was uploaded again");
     assert_eq!(again.lxc_volume.as_deref(), Some(vol.as_str()));
 }
+
+#[test]
+fn the_documented_role_is_enough_to_publish_with_lxc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_acl(&tmp.path().join("sim"), &[("/", KILN_ROLE)]);
+    let img = image(tmp.path(), "lb", "4.0.0", true, true);
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert!(r.created && r.warnings.is_empty(), "{:?}", r.warnings);
+    assert!(s.state().volumes.keys().all(|v| !v.contains(":import/")));
+}
+
+#[test]
+fn a_missing_privilege_is_named_with_its_path_before_anything_is_uploaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let everywhere_else = role_without(&["Datastore.AllocateTemplate"]);
+    let s = sim_with_acl(
+        &tmp.path().join("sim"),
+        &[
+            ("/", &everywhere_else),
+            ("/storage/local-lvm", &["Datastore.AllocateTemplate"]),
+        ],
+    );
+    let img = image(tmp.path(), "lb", "4.0.1", true, false);
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("Datastore.AllocateTemplate on /storage/local (upload the disk)")
+            && err.contains("pveum role add KilnPublish"),
+        "{err}"
+    );
+    assert_eq!(s.state().upload_bytes, 0);
+    assert!(s.state().vms.is_empty());
+}
+
+#[test]
+fn a_token_that_cannot_read_the_import_storage_hears_about_datastore_audit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_read = role_without(&["Datastore.Audit", "Datastore.AllocateSpace"]);
+    let s = sim_with_acl(
+        &tmp.path().join("sim"),
+        &[
+            ("/vms", KILN_ROLE),
+            ("/sdn", KILN_ROLE),
+            ("/storage/local-lvm", KILN_ROLE),
+            ("/storage/local", &no_read),
+        ],
+    );
+    let img = image(tmp.path(), "lb", "4.0.2", true, false);
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("Datastore.Audit or Datastore.AllocateSpace on /storage/local"),
+        "{err}"
+    );
+    assert!(!err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn a_token_without_vm_audit_is_refused_instead_of_publishing_a_duplicate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), "lb", "4.0.3", true, false);
+    let s = sim(&tmp.path().join("sim"));
+    let first = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    // The same simulator state behind a token that cannot see VMs.
+    let blind = sim_with_acl(
+        &tmp.path().join("sim2"),
+        &[("/", &role_without(&["VM.Audit"]))],
+    );
+    std::mem::swap(&mut *blind.state(), &mut *s.state());
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&blind.url()),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("VM.Audit on /vms/9000"),
+        "{}",
+        stderr(&out)
+    );
+    let st = blind.state();
+    assert_eq!(st.vms.keys().copied().collect::<Vec<_>>(), vec![first.vmid]);
+}
+
+#[test]
+fn a_failed_import_file_removal_is_a_warning_not_a_failed_publish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    s.inject("volume-delete:500".parse().unwrap());
+    let img = image(tmp.path(), "lb", "4.0.4", true, false);
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert!(r.created);
+    assert!(s.state().vms[&r.vmid].template);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("removing the import file") && w.contains("pvesm free")),
+        "{:?}",
+        r.warnings
+    );
+}
+
+#[test]
+fn without_datastore_allocate_the_import_file_stays_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_acl(
+        &tmp.path().join("sim"),
+        &[("/", &role_without(&["Datastore.Allocate"]))],
+    );
+    let img = image(tmp.path(), "lb", "4.0.5", true, false);
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert!(r.created);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("Datastore.Allocate on /storage/local")),
+        "{:?}",
+        r.warnings
+    );
+}

@@ -374,3 +374,43 @@ fn an_upload_name_outside_pves_alphabet_is_stored_rewritten_and_logged() {
         st.tasks[&upid].log
     );
 }
+
+#[test]
+fn vms_the_token_may_not_audit_are_left_out_and_creating_needs_vm_allocate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_acl(
+        tmp.path(),
+        &[
+            ("/vms/100", &["VM.Audit"]),
+            ("/storage", &["Datastore.Audit"]),
+        ],
+    );
+    s.state().add_vm(100, "seen", "", false);
+    s.state().add_vm(101, "hidden", "", false);
+    let r = client()
+        .get(format!("{}/api2/json/cluster/resources?type=vm", s.url()))
+        .header("Authorization", auth())
+        .send()
+        .unwrap();
+    let v: Value = r.json().unwrap();
+    let ids: Vec<u64> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["vmid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![100]);
+    let (code, v) = post(&s, "/nodes/pve/qemu", &[("vmid", "102")]);
+    assert_eq!(code, 403, "{v}");
+    let r = client()
+        .get(format!(
+            "{}/api2/json/access/permissions?path=/vms/100",
+            s.url()
+        ))
+        .header("Authorization", auth())
+        .send()
+        .unwrap();
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["data"]["/vms/100"]["VM.Audit"], 1, "{v}");
+    assert!(v["data"]["/vms/100"].get("VM.Allocate").is_none(), "{v}");
+}

@@ -22,6 +22,46 @@ pub fn sim(data: &Path) -> Sim {
     Sim::start(cfg).expect("simulator starts")
 }
 
+/// The privileges of the KilnPublish role README.md documents.
+pub const KILN_ROLE: &[&str] = &[
+    "Datastore.Allocate",
+    "Datastore.AllocateSpace",
+    "Datastore.AllocateTemplate",
+    "Datastore.Audit",
+    "SDN.Use",
+    "VM.Allocate",
+    "VM.Audit",
+    "VM.Config.CPU",
+    "VM.Config.Disk",
+    "VM.Config.HWType",
+    "VM.Config.Memory",
+    "VM.Config.Network",
+    "VM.Config.Options",
+];
+
+/// A simulator whose token has exactly these privileges per path.
+pub fn sim_with_acl(data: &Path, acl: &[(&str, &[&str])]) -> Sim {
+    let mut cfg = SimConfig::new(&token(), data);
+    cfg.task_delay = Duration::from_millis(30);
+    let mut a = pve_sim::Acl::new();
+    for (path, privs) in acl {
+        a.entry(path.to_string())
+            .or_default()
+            .extend(privs.iter().map(|p| p.to_string()));
+    }
+    cfg.acl = Some(a);
+    Sim::start(cfg).expect("simulator starts")
+}
+
+/// The KilnPublish role's privileges without `leave_out`.
+pub fn role_without(leave_out: &[&str]) -> Vec<&'static str> {
+    KILN_ROLE
+        .iter()
+        .copied()
+        .filter(|p| !leave_out.contains(p))
+        .collect()
+}
+
 /// Fabricate images/<name>/<version>/ with a real (small) qcow2.
 pub fn image(root: &Path, name: &str, version: &str, validated: bool, lxc: bool) -> PathBuf {
     let dir = root.join("images").join(name).join(version);

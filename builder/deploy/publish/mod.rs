@@ -11,6 +11,7 @@ pub(crate) mod journal;
 pub(crate) mod naming;
 pub(crate) mod ssh;
 
+use crate::deploy::pve::access::{self, Need};
 use crate::deploy::pve::client::{seg, Pve};
 use crate::deploy::pve::config::Target;
 use crate::deploy::pve::errors::{is_missing, ApiError};
@@ -118,6 +119,85 @@ pub fn load_image(dir: &Path, allow_unvalidated: bool, json: bool) -> Result<Ima
     Ok(m)
 }
 
+/// The privileges a publish uses, on the paths it uses them (see
+/// `access::KILN_PUBLISH_PRIVS` for the role that has them all). VM ones are
+/// checked on the first VMID of the range (an ACL on `/vms` or `/` covers it).
+fn needs(target: &Target, m: &ImageManifest, via: Via) -> Vec<Need> {
+    let c = &target.cfg;
+    let vms = format!("/vms/{}", c.vmid_range[0]);
+    let st = |s: &str| format!("/storage/{s}");
+    let mut n = vec![Need::new(
+        &vms,
+        "VM.Audit",
+        "read VMs; without it Proxmox silently leaves them out of every list",
+    )];
+    let read_storage = |s: &str, why: &str| Need {
+        any_of: vec!["Datastore.Audit", "Datastore.AllocateSpace"],
+        ..Need::new(st(s), "Datastore.Audit", why)
+    };
+    n.push(read_storage(
+        &c.storage,
+        "see the storage for the template's disks",
+    ));
+    if via == Via::Api {
+        for (p, why) in [
+            (
+                "VM.Allocate",
+                "create VMs, make them templates, remove half-made ones",
+            ),
+            (
+                "VM.Config.Options",
+                "name, description, tags, BIOS, agent, OS type",
+            ),
+            (
+                "VM.Config.HWType",
+                "machine, SCSI controller, SMBIOS, serial port",
+            ),
+            ("VM.Config.CPU", "cores and CPU type"),
+            ("VM.Config.Memory", "memory"),
+            ("VM.Config.Disk", "boot order"),
+            ("VM.Config.Network", "the network device"),
+        ] {
+            n.push(Need::new(&vms, p, why));
+        }
+        n.push(Need::new(
+            format!("/sdn/zones/localnetwork/{}", c.vm.bridge),
+            "SDN.Use",
+            "attach the network device to the bridge",
+        ));
+        n.push(Need::new(
+            st(&c.storage),
+            "Datastore.AllocateSpace",
+            "create the template's disks",
+        ));
+        n.push(read_storage(&c.import_storage, "import the uploaded disk"));
+        n.push(Need::new(
+            st(&c.import_storage),
+            "Datastore.AllocateTemplate",
+            "upload the disk",
+        ));
+        if c.remove_import {
+            n.push(
+                Need::new(
+                    st(&c.import_storage),
+                    "Datastore.Allocate",
+                    "the uploaded disk will stay on the storage (remove_import)",
+                )
+                .optional(),
+            );
+        }
+    }
+    if m.lxc.is_some() {
+        n.push(read_storage(target.lxc_storage(), "find the LXC template"));
+        n.push(Need::new(
+            st(target.lxc_storage()),
+            "Datastore.AllocateTemplate",
+            "upload the LXC template",
+        ));
+    }
+    n
+}
+
 /// A template already published from this image, if any.
 fn find_existing(pve: &Pve, vms: &[VmEntry], m: &ImageManifest) -> Result<Option<VmEntry>> {
     let id_tag = naming::id_tag(m);
@@ -154,6 +234,10 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
         Via::Auto => Via::Api,
         v => v,
     };
+    let checked = access::check(&pve, &needs(target, &m, via))?;
+    if !checked.missing.is_empty() {
+        return Err(access::missing_error(&target.token.id, &checked.missing));
+    }
     check_storage(&pve, &target.cfg.storage, "images", "VM disks")?;
     if via == Via::Api {
         check_storage(&pve, &target.cfg.import_storage, "import", "disk upload")?;
@@ -174,7 +258,7 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
         lxc_volume: None,
         removed_leftovers: Vec::new(),
         created_by_other: false,
-        warnings: Vec::new(),
+        warnings: checked.warnings,
     };
     remove_dead_runs(&pve, target, &mut report)?;
     let vms = list_vms(&pve)?;
@@ -523,9 +607,13 @@ fn publish_api(
             let vmid = created.expect("a VM was created");
             report.vmid = vmid;
             if target.cfg.remove_import {
-                delete_volume(pve, storage, &volid).with_context(|| {
-                    format!("template {vmid} is ready, but removing the import file {volid} failed")
-                })?;
+                if let Err(e) = delete_volume(pve, storage, &volid) {
+                    // The template is made: a file left over is no failure.
+                    report.warnings.push(format!(
+                        "template {vmid} is ready, but removing the import file {volid} failed \
+                         ({e:#}); remove it by hand (`pvesm free {volid}`)"
+                    ));
+                }
             }
             Ok(())
         }

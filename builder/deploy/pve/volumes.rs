@@ -20,7 +20,15 @@ pub(crate) fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) 
             a.iter()
                 .find(|e| e.get("storage").and_then(Value::as_str) == Some(storage))
         })
-        .with_context(|| format!("storage `{storage}` does not exist on node {}", pve.node))?;
+        .with_context(|| {
+            // PVE lists only storages the token may read (`GET
+            // /nodes/{node}/storage`: Datastore.Audit or AllocateSpace).
+            format!(
+                "storage `{storage}` is not visible on node {}: it does not exist there, or the \
+                 API token lacks Datastore.Audit on /storage/{storage}",
+                pve.node
+            )
+        })?;
     let contents = entry.get("content").and_then(Value::as_str).unwrap_or("");
     if !contents.split(',').any(|c| c.trim() == content) {
         bail!(

@@ -5,7 +5,9 @@
 //! multipart rules (Content-Length required, chunked refused, fields before
 //! the file part, PVE's file name rules), asynchronous UPID tasks, config
 //! locks while tasks run, template rules, `400 Parameter verification failed`
-//! with per-parameter errors, and injectable faults (see [`Fault`]).
+//! with per-parameter errors, the token's privileges per path
+//! ([`SimConfig::acl`], `403` where PVE answers it), and injectable faults
+//! (see [`Fault`]).
 //! Storages: `local` (dir: iso, vztmpl, import, backup) and `local-lvm`
 //! (lvmthin: images, rootdir). Disk contents are not converted: an imported
 //! disk is recorded with its size, nothing boots.
@@ -18,6 +20,7 @@ pub mod http;
 pub mod multipart;
 pub mod params;
 
+mod access;
 mod faults;
 mod routes;
 mod state;
@@ -25,6 +28,7 @@ mod storage;
 mod tasks;
 mod vms;
 
+pub use access::{parse_acl, Acl};
 pub use faults::{parse_faults, Fault, FaultKind, FaultOp};
 pub use state::{Recorded, SimConfig, State, StorageDef, Task, Vm, Volume, NODE, STORAGES};
 

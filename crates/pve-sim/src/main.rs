@@ -39,6 +39,10 @@ struct Args {
     /// endpoint, not part of PVE): POST /api2/json/_sim/faults with spec=....
     #[arg(long)]
     fault: Vec<String>,
+    /// Give the token only these privileges, PATH=PRIV[,PRIV...], inherited
+    /// below PATH (repeatable). Without --acl the token may do everything.
+    #[arg(long)]
+    acl: Vec<String>,
 }
 
 fn main() {
@@ -65,6 +69,9 @@ fn run() -> Result<()> {
     cfg.task_delay = Duration::from_secs_f64(a.task_seconds);
     cfg.version = a.pve_version;
     cfg.faults = pve_sim::parse_faults(&a.fault)?;
+    if !a.acl.is_empty() {
+        cfg.acl = Some(pve_sim::parse_acl(&a.acl).map_err(anyhow::Error::msg)?);
+    }
     let sim = std::sync::Arc::new(pve_sim::Sim::start(cfg)?);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -42,6 +42,7 @@ pub(crate) fn param_err(name: &str, msg: impl Into<String>) -> ApiError {
 
 const ROUTES: &[(&str, &str)] = &[
     ("GET", "/version"),
+    ("GET", "/access/permissions"),
     ("GET", "/nodes"),
     ("GET", "/cluster/resources"),
     ("GET", "/cluster/nextid"),
@@ -293,10 +294,11 @@ fn dispatch(
             "release": shared.cfg.version.rsplit_once('.').map(|(a, _)| a).unwrap_or("8.4"),
             "repoid": "5a1b2c3d",
         })),
+        ("GET", "/access/permissions") => crate::access::permissions(shared, p),
         ("GET", "/nodes") => Ok(json!([{ "node": NODE, "status": "online", "type": "node" }])),
         ("GET", "/cluster/resources") => cluster_resources(shared, p),
         ("GET", "/cluster/nextid") => nextid(shared, p),
-        ("GET", "/nodes/{node}/storage") => storage_list(p),
+        ("GET", "/nodes/{node}/storage") => storage_list(shared, p),
         ("GET", "/nodes/{node}/storage/{storage}/content") => storage_content(shared, p),
         ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}") => {
             volume_delete(shared, p, user)

@@ -53,6 +53,9 @@ pub struct SimConfig {
     /// Reported by `/version`.
     pub version: String,
     pub faults: Vec<Fault>,
+    /// The token's privileges per path (inherited below each path); None
+    /// grants everything everywhere.
+    pub acl: Option<crate::access::Acl>,
 }
 
 impl SimConfig {
@@ -65,6 +68,7 @@ impl SimConfig {
             task_delay: Duration::from_millis(100),
             version: "8.4.1".into(),
             faults: Vec::new(),
+            acl: None,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::io::{BufReader, Read};
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::access;
 use crate::faults::{injected_500, FaultKind, FaultOp};
 use crate::http::{Conn, Head};
 use crate::multipart;
@@ -24,10 +25,19 @@ fn storage_entry(s: &StorageDef) -> Value {
     })
 }
 
-pub(crate) fn storage_list(p: &BTreeMap<String, String>) -> ApiResult {
+pub(crate) fn storage_list(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
     check_node(p)?;
     let out: Vec<Value> = STORAGES
         .iter()
+        // "Only list entries where you have 'Datastore.Audit' or
+        // 'Datastore.AllocateSpace' permissions on '/storage/<storage>'".
+        .filter(|s| {
+            access::has_any(
+                shared,
+                &format!("/storage/{}", s.id),
+                &["Datastore.Audit", "Datastore.AllocateSpace"],
+            )
+        })
         .filter(|s| p.get("storage").map(|x| x == s.id).unwrap_or(true))
         .filter(|s| {
             p.get("content")
@@ -51,6 +61,11 @@ pub(crate) fn known_storage(p: &BTreeMap<String, String>) -> Result<&'static Sto
 pub(crate) fn storage_content(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
     check_node(p)?;
     let s = known_storage(p)?;
+    access::require_any(
+        shared,
+        &format!("/storage/{}", s.id),
+        &["Datastore.Audit", "Datastore.AllocateSpace"],
+    )?;
     let st = lock(shared);
     let prefix = format!("{}:", s.id);
     let out: Vec<Value> = st
@@ -70,6 +85,7 @@ pub(crate) fn volume_delete(
 ) -> ApiResult {
     check_node(p)?;
     let s = known_storage(p)?;
+    access::require(shared, &format!("/storage/{}", s.id), "Datastore.Allocate")?;
     let vol = p.get("volume").cloned().unwrap_or_default();
     let volid = if vol.contains(':') {
         vol
@@ -278,6 +294,11 @@ fn upload_checked(
         _ => {}
     }
     let s = known_storage(p)?;
+    access::require(
+        shared,
+        &format!("/storage/{}", s.id),
+        "Datastore.AllocateTemplate",
+    )?;
     if !s.content.contains(&content.as_str()) {
         return Err(err500(format!(
             "storage '{}' does not support '{content}' content",

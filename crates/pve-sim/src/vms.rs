@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::access;
 use crate::faults::{injected_500, refuse_injected, FaultKind, FaultOp};
 use crate::params::{self, Errors};
 use crate::routes::{check_node, check_vmid, err500, param_err, ApiError, ApiResult};
@@ -49,7 +50,13 @@ pub(crate) fn cluster_resources(shared: &Shared, p: &BTreeMap<String, String>) -
     let mut out = Vec::new();
     let want = p.get("type").map(String::as_str);
     if want.is_none() || want == Some("vm") {
-        for vm in st.vms.values() {
+        // Without VM.Audit a VM is silently left out (pve-manager,
+        // PVE/API2/Cluster.pm, `resources`).
+        for vm in st
+            .vms
+            .values()
+            .filter(|vm| access::has(shared, &format!("/vms/{}", vm.vmid), "VM.Audit"))
+        {
             let mut v = vm_summary(vm);
             v["id"] = json!(format!("qemu/{}", vm.vmid));
             v["type"] = json!("qemu");
@@ -58,7 +65,10 @@ pub(crate) fn cluster_resources(shared: &Shared, p: &BTreeMap<String, String>) -
         }
     }
     if want.is_none() || want == Some("storage") {
-        for s in STORAGES {
+        for s in STORAGES
+            .iter()
+            .filter(|s| access::has(shared, &format!("/storage/{}", s.id), "Datastore.Audit"))
+        {
             out.push(json!({"id": format!("storage/{NODE}/{}", s.id), "type": "storage", "storage": s.id, "node": NODE, "content": s.content.join(","), "status": "available"}));
         }
     }
@@ -93,6 +103,7 @@ pub(crate) fn vm_list(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResul
 pub(crate) fn vm_config(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
     check_node(p)?;
     let vmid = check_vmid(p, "vmid")?;
+    access::require(shared, &format!("/vms/{vmid}"), "VM.Audit")?;
     let st = lock(shared);
     let vm = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?;
     let mut m = serde_json::Map::new();
@@ -112,6 +123,7 @@ pub(crate) fn vm_config(shared: &Shared, p: &BTreeMap<String, String>) -> ApiRes
 pub(crate) fn vm_status(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
     check_node(p)?;
     let vmid = check_vmid(p, "vmid")?;
+    access::require(shared, &format!("/vms/{vmid}"), "VM.Audit")?;
     let st = lock(shared);
     let vm = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?;
     Ok(vm_summary(vm))
@@ -450,6 +462,129 @@ fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, 
     Ok(vmid.expect("checked") as u32)
 }
 
+/// The privilege an option of `POST /nodes/{node}/qemu` needs on the VM
+/// (`PVE/API2/Qemu.pm`, `check_vm_modify_config_perm`, serial ports in
+/// `check_vm_create_serial_perm`, tags in `PVE::GuestHelpers::assert_tag_permissions`);
+/// None for disks (checked on their storage) and the path parameters.
+fn option_privilege(k: &str) -> Option<&'static [&'static str]> {
+    const CPU: &[&str] = &[
+        "cores", "cpu", "cpulimit", "cpuunits", "numa", "smp", "sockets", "vcpus",
+    ];
+    const MEMORY: &[&str] = &["memory", "balloon", "shares"];
+    const HWTYPE: &[&str] = &[
+        "acpi", "hotplug", "kvm", "machine", "scsihw", "smbios1", "tablet", "vga", "watchdog",
+    ];
+    const GENERAL: &[&str] = &[
+        "agent",
+        "autostart",
+        "bios",
+        "description",
+        "keyboard",
+        "localtime",
+        "name",
+        "onboot",
+        "ostype",
+        "protection",
+        "reboot",
+        "startdate",
+        "startup",
+        "tdf",
+        "template",
+        "tags",
+    ];
+    const CLOUDINIT: &[&str] = &[
+        "cicustom",
+        "cipassword",
+        "citype",
+        "ciuser",
+        "nameserver",
+        "searchdomain",
+        "sshkeys",
+    ];
+    if is_disk_key(k) || ["vmid", "node", "pool", "storage", "start"].contains(&k) {
+        None
+    } else if CPU.contains(&k) {
+        Some(&["VM.Config.CPU"])
+    } else if MEMORY.contains(&k) {
+        Some(&["VM.Config.Memory"])
+    } else if HWTYPE.contains(&k) || is_indexed(k, "serial", 3) {
+        Some(&["VM.Config.HWType"])
+    } else if GENERAL.contains(&k) {
+        Some(&["VM.Config.Options"])
+    } else if ["boot", "bootdisk", "vmstatestorage"].contains(&k) {
+        Some(&["VM.Config.Disk"])
+    } else if is_indexed(k, "net", 31) {
+        Some(&["VM.Config.Network"])
+    } else if CLOUDINIT.contains(&k) || is_indexed(k, "ipconfig", 31) {
+        Some(&["VM.Config.Cloudinit", "VM.Config.Network"])
+    } else {
+        None
+    }
+}
+
+/// A VM privilege holds on `/vms/{vmid}` or on the pool it goes into
+/// (`PVE::RPCEnvironment::check_vm_perm`).
+fn vm_perm(shared: &Shared, vmid: u32, pool: Option<&String>, privs: &[&str]) -> bool {
+    access::has_any(shared, &format!("/vms/{vmid}"), privs)
+        || pool.is_some_and(|p| access::has_any(shared, &format!("/pool/{p}"), privs))
+}
+
+/// The permission checks of `POST /nodes/{node}/qemu` after its parameters
+/// passed: VM.Allocate, each option's privilege, Datastore.AllocateSpace on
+/// the storage of each new disk, read access to an `import-from` volume's
+/// storage (`PVE::Storage::check_volume_access`), SDN.Use on each bridge
+/// (`PVE::QemuServer::check_bridge_access`).
+fn check_create_perms(
+    shared: &Shared,
+    vmid: u32,
+    p: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let pool = p.get("pool");
+    if !vm_perm(shared, vmid, pool, &["VM.Allocate"]) {
+        return Err(access::denied(&format!("/vms/{vmid}"), "VM.Allocate"));
+    }
+    for k in p.keys() {
+        if let Some(privs) = option_privilege(k) {
+            if !vm_perm(shared, vmid, pool, privs) {
+                return Err(access::denied(&format!("/vms/{vmid}"), privs[0]));
+            }
+        }
+    }
+    for (k, v) in p {
+        if is_disk_key(k) {
+            let (file, opts) = params::property_string(v, "file").unwrap_or_default();
+            let file = file.unwrap_or_default();
+            if let Some((sid, rest)) = file.split_once(':') {
+                if rest != "cloudinit" && rest.parse::<f64>().is_ok() {
+                    access::require(
+                        shared,
+                        &format!("/storage/{sid}"),
+                        "Datastore.AllocateSpace",
+                    )?;
+                }
+            }
+            if let Some((src, _)) = opts.get("import-from").and_then(|s| s.split_once(':')) {
+                access::require_any(
+                    shared,
+                    &format!("/storage/{src}"),
+                    &["Datastore.AllocateSpace", "Datastore.Audit"],
+                )?;
+            }
+        }
+        if is_indexed(k, "net", 31) {
+            let (_, o) = params::property_string(v, "model").unwrap_or_default();
+            if let Some(bridge) = o.get("bridge") {
+                access::require(
+                    shared,
+                    &format!("/sdn/zones/localnetwork/{bridge}"),
+                    "SDN.Use",
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `smbios1` (format `pve-qm-smbios1`): known keys, `uuid` a UUID.
 fn check_smbios1(e: &mut Errors, v: &str) {
     // The format has no default key: a bare value is an error.
@@ -500,6 +635,7 @@ pub(crate) fn create_vm(
     check_node(p)?;
     let mut st = lock(shared);
     let vmid = check_create_params(&st, p)?;
+    check_create_perms(shared, vmid, p)?;
     let (delay, fail, kind) = task_plan(shared, &mut st, FaultOp::Create);
     if kind == Some(FaultKind::Race) {
         st.add_vm(vmid, "someone-else", "", false);
@@ -666,6 +802,7 @@ pub(crate) fn template(
 ) -> ApiResult {
     check_node(p)?;
     let vmid = check_vmid(p, "vmid")?;
+    access::require(shared, &format!("/vms/{vmid}"), "VM.Allocate")?;
     let failed = format!("converting VM {vmid} to a template failed (fault injected by pve-sim)");
     vm_task(
         shared,
@@ -749,6 +886,10 @@ pub(crate) fn clone_vm(
     };
     if !e.is_empty() {
         return Err(ApiError::Params(e));
+    }
+    access::require(shared, &format!("/vms/{vmid}"), "VM.Clone")?;
+    if !vm_perm(shared, newid, p.get("pool"), &["VM.Allocate"]) {
+        return Err(access::denied(&format!("/vms/{newid}"), "VM.Allocate"));
     }
     let mut st = lock(shared);
     let src = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?.clone();
@@ -886,6 +1027,7 @@ pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: 
     if !e.is_empty() {
         return Err(ApiError::Params(e));
     }
+    access::require(shared, &format!("/vms/{vmid}"), "VM.Allocate")?;
     let skiplock = p.get("skiplock").map(|v| v == "1").unwrap_or(false);
     let failed = format!("destroying VM {vmid} failed (fault injected by pve-sim)");
     vm_task(
