@@ -275,7 +275,9 @@ fn a_running_vm_cannot_become_a_template() {
 fn a_template_with_a_linked_clone_cannot_be_destroyed() {
     let tmp = tempfile::tempdir().unwrap();
     let s = sim(tmp.path());
-    s.state().add_vm(100, "t", "kiln", true);
+    // On ZFS (as on RBD and directories) a linked clone's disk names its
+    // base; LVM-thin shows no link and lets the template go.
+    s.state().add_vm_on("local-zfs", 100, "t", "kiln", true);
     let (code, v) = post(
         &s,
         "/nodes/pve/qemu/100/clone",
@@ -413,4 +415,57 @@ fn vms_the_token_may_not_audit_are_left_out_and_creating_needs_vm_allocate() {
     let v: Value = r.json().unwrap();
     assert_eq!(v["data"]["/vms/100"]["VM.Audit"], 1, "{v}");
     assert!(v["data"]["/vms/100"].get("VM.Allocate").is_none(), "{v}");
+}
+
+fn delete(s: &pve_sim::Sim, path: &str) -> (u16, Value) {
+    let r = client()
+        .delete(format!("{}/api2/json{path}", s.url()))
+        .header("Authorization", auth())
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn linked_clones_are_named_per_storage_type_and_only_lvm_thin_lets_their_template_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    for (storage, base, linked, refused) in [
+        (
+            "local-zfs",
+            "local-zfs:base-100-disk-1",
+            "local-zfs:base-100-disk-1/vm-101-disk-1",
+            true,
+        ),
+        (
+            "nfs",
+            "nfs:100/base-100-disk-1.qcow2",
+            "nfs:100/base-100-disk-1.qcow2/101/vm-101-disk-1.qcow2",
+            true,
+        ),
+        (
+            "local-lvm",
+            "local-lvm:base-100-disk-1",
+            "local-lvm:vm-101-disk-1",
+            false,
+        ),
+    ] {
+        s.state().vms.clear();
+        s.state().add_vm_on(storage, 100, "t", "kiln", true);
+        assert!(s.state().vms[&100].config["scsi0"].starts_with(base));
+        let (code, v) = post(&s, "/nodes/pve/qemu/100/clone", &[("newid", "101")]);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
+        let disk = s.state().vms[&101].config["scsi0"].clone();
+        assert!(disk.starts_with(&format!("{linked},")), "{storage}: {disk}");
+        let (code, v) = delete(&s, "/nodes/pve/qemu/100");
+        assert_eq!(code, 200, "{v}");
+        let exit = wait(&s, v["data"].as_str().unwrap());
+        assert_eq!(
+            exit.contains("still in use by linked clone"),
+            refused,
+            "{storage}: {exit}"
+        );
+        assert_eq!(s.state().vms.contains_key(&100), refused, "{storage}");
+    }
 }

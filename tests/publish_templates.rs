@@ -103,3 +103,96 @@ fn prune_dry_run_deletes_nothing() {
     );
     assert_eq!(s.state().vms.len(), 2);
 }
+
+#[test]
+fn prune_keeps_templates_whose_linked_clones_name_them_on_zfs_and_directory_storage() {
+    for storage in ["local-zfs", "nfs"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = sim(&tmp.path().join("sim"));
+        let env = env_target_with(&s.url(), &[("KILN_PVE_STORAGE", storage)]);
+        let a = publish_versions(tmp.path(), &env, "k3s-server", 2);
+        // A Terraform-made clone: its own name and description; only its
+        // disks' names tell which template it is a linked clone of.
+        api_task(
+            &s,
+            api_post(
+                &s,
+                &format!("/nodes/pve/qemu/{}/clone", a[0]),
+                &[
+                    ("newid", "120"),
+                    ("name", "node-a"),
+                    ("description", "managed by terraform"),
+                ],
+            ),
+        );
+        let out = kiln(tmp.path(), &["templates", "prune", "--keep", "1"], &env);
+        assert!(out.status.success(), "{storage}: {}", stderr(&out));
+        assert!(
+            stdout(&out).contains("linked clones [120] use it"),
+            "{storage}: {}",
+            stdout(&out)
+        );
+        assert!(s.state().vms.contains_key(&a[0]), "{storage}");
+    }
+}
+
+#[test]
+fn prune_on_lvm_thin_keeps_a_template_that_vms_were_cloned_from_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let env = env_target(&s.url());
+    let a = publish_versions(tmp.path(), &env, "k3s-server", 2);
+    api_task(
+        &s,
+        api_post(
+            &s,
+            &format!("/nodes/pve/qemu/{}/clone", a[0]),
+            &[("newid", "120"), ("name", "node-a")],
+        ),
+    );
+    // LVM-thin: the clone's disk is a plain vm-120-disk-N.
+    assert!(s.state().vms[&120].config["scsi0"].starts_with("local-lvm:vm-120-disk-"));
+    let out = kiln(tmp.path(), &["templates", "prune", "--keep", "1"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("linked clones [120] may use it") && stdout(&out).contains("--force"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(s.state().vms.contains_key(&a[0]));
+    let out = kiln(
+        tmp.path(),
+        &["templates", "prune", "--keep", "1", "--force"],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st = s.state();
+    assert!(!st.vms.contains_key(&a[0]), "--force deletes it");
+    assert!(st.vms.contains_key(&120), "the clone stays");
+}
+
+#[test]
+fn prune_keeps_a_template_proxmox_refuses_to_free_for_a_clone_kiln_cannot_see() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_acl(
+        &tmp.path().join("sim"),
+        &[
+            ("/storage", KILN_ROLE),
+            ("/sdn", KILN_ROLE),
+            ("/vms/9000", KILN_ROLE),
+            ("/vms/9001", KILN_ROLE),
+        ],
+    );
+    let env = env_target_with(&s.url(), &[("KILN_PVE_STORAGE", "local-zfs")]);
+    let a = publish_versions(tmp.path(), &env, "k3s-server", 2);
+    // Another team's linked clone, which kiln's token may not see.
+    s.state().add_linked_clone(a[0], 120, "their-vm");
+    let out = kiln(tmp.path(), &["templates", "prune", "--keep", "1"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("Proxmox says linked clones use it"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(s.state().vms.contains_key(&a[0]));
+}

@@ -73,7 +73,14 @@ pub fn templates(cmd: TemplatesCommand) -> Result<()> {
                 }
             }
             TemplatesCommand::Prune(a) => {
-                let outcome = crate::deploy::templates::prune(&pve, a.keep, a.dry_run)?;
+                let outcome = crate::deploy::templates::prune(
+                    &pve,
+                    crate::deploy::templates::PruneOptions {
+                        keep: a.keep,
+                        dry_run: a.dry_run,
+                        force: a.force,
+                    },
+                )?;
                 if a.target.json {
                     println!("{}", serde_json::to_string_pretty(&outcome)?);
                 } else {

@@ -184,6 +184,16 @@ pub fn kiln_command(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Comm
     cmd
 }
 
+/// [`env_target`] with some variables replaced or added.
+pub fn env_target_with(url: &str, vars: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = env_target(url);
+    for (k, v) in vars {
+        env.retain(|(x, _)| x != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
 /// Run the kiln binary (see [`kiln_command`]) and check the token's secret
 /// appears in none of its output.
 pub fn kiln(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Output {

@@ -8,8 +8,10 @@
 //! with per-parameter errors, the token's privileges per path
 //! ([`SimConfig::acl`], `403` where PVE answers it), and injectable faults
 //! (see [`Fault`]).
-//! Storages: `local` (dir: iso, vztmpl, import, backup) and `local-lvm`
-//! (lvmthin: images, rootdir). Disk contents are not converted: an imported
+//! Storages: `local` (dir: iso, vztmpl, import, backup), `local-lvm`
+//! (lvmthin: images, rootdir), `local-zfs` (zfspool: images, rootdir) and
+//! `nfs` (shared: images, import, vztmpl, iso), each naming disks and linked
+//! clones as its PVE storage type does (see `disks`). Disk contents are not converted: an imported
 //! disk is recorded with its size, nothing boots.
 //!
 //! Modules: `state` (what the node holds), `routes` (route table, auth,
@@ -21,6 +23,7 @@ pub mod multipart;
 pub mod params;
 
 mod access;
+mod disks;
 mod faults;
 mod routes;
 mod state;

@@ -17,8 +17,11 @@ pub const NODE: &str = "pve";
 #[derive(Debug, Clone, Copy)]
 pub struct StorageDef {
     pub id: &'static str,
+    /// PVE storage type: `dir`, `lvmthin`, `zfspool`, `nfs`.
     pub kind: &'static str,
     pub content: &'static [&'static str],
+    /// The same storage on every node (network storage).
+    pub shared: bool,
 }
 
 pub const STORAGES: &[StorageDef] = &[
@@ -26,11 +29,25 @@ pub const STORAGES: &[StorageDef] = &[
         id: "local",
         kind: "dir",
         content: &["iso", "vztmpl", "import", "backup"],
+        shared: false,
     },
     StorageDef {
         id: "local-lvm",
         kind: "lvmthin",
         content: &["images", "rootdir"],
+        shared: false,
+    },
+    StorageDef {
+        id: "local-zfs",
+        kind: "zfspool",
+        content: &["images", "rootdir"],
+        shared: false,
+    },
+    StorageDef {
+        id: "nfs",
+        kind: "nfs",
+        content: &["images", "import", "vztmpl", "iso"],
+        shared: true,
     },
 ];
 
@@ -133,17 +150,29 @@ pub struct State {
 impl State {
     /// Seed a VM (as if someone else created it), e.g. to occupy a VMID.
     pub fn add_vm(&mut self, vmid: u32, name: &str, tags: &str, template: bool) {
+        self.add_vm_on("local-lvm", vmid, name, tags, template)
+    }
+
+    /// [`State::add_vm`] with its disk on `storage`.
+    pub fn add_vm_on(
+        &mut self,
+        storage_id: &str,
+        vmid: u32,
+        name: &str,
+        tags: &str,
+        template: bool,
+    ) {
         let mut config = BTreeMap::new();
         config.insert("name".into(), name.into());
         if !tags.is_empty() {
             config.insert("tags".into(), normalize_tags(tags));
         }
-        let disk = if template {
-            format!("local-lvm:base-{vmid}-disk-1,size=4G")
-        } else {
-            format!("local-lvm:vm-{vmid}-disk-1,size=4G")
-        };
-        config.insert("scsi0".into(), disk);
+        let sdef = storage(storage_id).expect("a storage of the simulator");
+        let mut disk = crate::disks::new_disk(sdef, vmid, 1);
+        if template {
+            disk = crate::disks::to_base(&disk, vmid).expect("a VM disk");
+        }
+        config.insert("scsi0".into(), format!("{disk},size=4G"));
         config.insert("smbios1".into(), format!("uuid={}", new_uuid()));
         self.vms.insert(
             vmid,
@@ -156,12 +185,31 @@ impl State {
         );
     }
 
-    /// Seed a linked clone of template `base`.
+    /// Seed a linked clone of template `base`, as `POST .../clone` makes it:
+    /// the template's config (tags, description) with a new SMBIOS UUID and
+    /// each disk a linked clone named the way the disk's storage names them.
     pub fn add_linked_clone(&mut self, base: u32, vmid: u32, name: &str) {
-        self.add_vm(vmid, name, "", false);
-        self.vms.get_mut(&vmid).unwrap().config.insert(
-            "scsi0".into(),
-            format!("local-lvm:base-{base}-disk-1/vm-{vmid}-disk-1,size=4G"),
+        let src = self.vms.get(&base).expect("the template exists").clone();
+        let mut config = src.config.clone();
+        config.insert("name".into(), name.into());
+        config.insert("smbios1".into(), format!("uuid={}", new_uuid()));
+        for v in config.values_mut() {
+            let (vol, rest) = match v.split_once(',') {
+                Some((a, b)) => (a.to_string(), format!(",{b}")),
+                None => (v.clone(), String::new()),
+            };
+            if let Some(c) = crate::disks::clone_disk(&vol, base, vmid, true) {
+                *v = format!("{c}{rest}");
+            }
+        }
+        self.vms.insert(
+            vmid,
+            Vm {
+                vmid,
+                config,
+                template: false,
+                running: false,
+            },
         );
     }
 }

@@ -20,7 +20,7 @@ use crate::tasks::{spawn_task, task_plan};
 fn storage_entry(s: &StorageDef) -> Value {
     json!({
         "storage": s.id, "type": s.kind, "content": s.content.join(","),
-        "active": 1, "enabled": 1, "shared": 0,
+        "active": 1, "enabled": 1, "shared": if s.shared { 1 } else { 0 },
         "total": 100u64 << 30, "used": 10u64 << 30, "avail": 90u64 << 30,
     })
 }

@@ -711,11 +711,14 @@ pub(crate) fn create_vm(
                 let Some((sid, rest)) = file.split_once(':') else {
                     continue;
                 };
+                let Some(sdef) = storage(sid) else {
+                    continue;
+                };
                 let new = if rest == "cloudinit" {
-                    format!("{sid}:vm-{vmid}-cloudinit,media=cdrom")
+                    format!("{},media=cdrom", crate::disks::cloudinit(sdef, vmid))
                 } else {
                     n += 1;
-                    let vol = format!("{sid}:vm-{vmid}-disk-{}", n - 1);
+                    let vol = crate::disks::new_disk(sdef, vmid, n - 1);
                     let mut extra: Vec<String> = opts
                         .iter()
                         .filter(|(k, _)| k.as_str() != "import-from")
@@ -745,6 +748,14 @@ pub(crate) fn create_vm(
         }),
     );
     Ok(json!(upid))
+}
+
+/// A disk option's volume id and the rest (`,discard=on,...`).
+fn split_volume(v: &str) -> (String, String) {
+    match v.split_once(',') {
+        Some((a, b)) => (a.to_string(), format!(",{b}")),
+        None => (v.to_string(), String::new()),
+    }
 }
 
 /// A VM's config lock (`lock: create`, `clone`, ...) refuses other tasks.
@@ -824,19 +835,21 @@ pub(crate) fn template(
         move |st| {
             let vm = st.vms.get_mut(&vmid).ok_or(format!("VM {vmid} vanished"))?;
             vm.template = true;
-            let renamed: Vec<(String, String)> = vm
-                .config
-                .iter()
-                .filter(|(_, v)| v.contains(&format!(":vm-{vmid}-disk-")))
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.replace(&format!(":vm-{vmid}-disk-"), &format!(":base-{vmid}-disk-")),
-                    )
-                })
-                .collect();
-            for (k, v) in renamed {
-                vm.config.insert(k, v);
+            // Each disk becomes a base volume (`create_base` of its storage).
+            let mut renamed = Vec::new();
+            for (k, v) in vm.config.iter().filter(|(k, _)| is_disk_key(k)) {
+                let (vol, rest) = split_volume(v);
+                if let Some(base) = crate::disks::to_base(&vol, vmid) {
+                    renamed.push((k.clone(), vol, format!("{base}{rest}")));
+                }
+            }
+            for (k, old, new) in renamed {
+                let base = new.split(',').next().unwrap_or("").to_string();
+                vm.config.insert(k, new);
+                if let Some(mut v) = st.volumes.remove(&old) {
+                    v.volid = base.clone();
+                    st.volumes.insert(base, v);
+                }
             }
             Ok(())
         },
@@ -928,20 +941,39 @@ pub(crate) fn clone_vm(
     if let Some(n) = p.get("name") {
         config.insert("name".into(), n.clone());
     }
-    for v in config.values_mut() {
-        if v.contains(&format!(":base-{vmid}-disk-")) || v.contains(&format!(":vm-{vmid}-disk-")) {
-            let (vol, rest) = v
-                .split_once(',')
-                .map(|(a, b)| (a.to_string(), format!(",{b}")))
-                .unwrap_or((v.clone(), String::new()));
-            let disk_no = vol.rsplit('-').next().unwrap_or("0").to_string();
-            let sid = vol.split(':').next().unwrap_or("local-lvm");
-            *v = if full {
-                format!("{sid}:vm-{newid}-disk-{disk_no}{rest}")
-            } else {
-                format!("{vol}/vm-{newid}-disk-{disk_no}{rest}")
-            };
+    if let Some(d) = p.get("description").filter(|d| !d.is_empty()) {
+        config.insert("description".into(), d.clone());
+    }
+    let mut full_copies = Vec::new();
+    for (k, v) in config.iter_mut().filter(|(k, _)| is_disk_key(k)) {
+        let (vol, rest) = split_volume(v);
+        if vol.ends_with("-cloudinit") || vol.ends_with("-cloudinit.qcow2") {
+            // A clone gets a cloud-init drive of its own.
+            if let Some(sdef) = vol.split_once(':').and_then(|(sid, _)| storage(sid)) {
+                *v = format!("{}{rest}", crate::disks::cloudinit(sdef, newid));
+            }
+            continue;
         }
+        if let Some(c) = crate::disks::clone_disk(&vol, vmid, newid, !full) {
+            if full {
+                full_copies.push(c.clone());
+            }
+            *v = format!("{c}{rest}");
+        }
+        let _ = k;
+    }
+    for vol in full_copies {
+        st.volumes.insert(
+            vol.clone(),
+            Volume {
+                volid: vol,
+                content: "images".into(),
+                format: "raw".into(),
+                size: 4 << 30,
+                ctime: now(),
+                path: None,
+            },
+        );
     }
     config.insert("lock".into(), "clone".into());
     st.vms.insert(
@@ -1047,22 +1079,25 @@ pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: 
             }
         },
         move |st| {
-            let base = format!(":base-{vmid}-disk-");
-            let in_use = st.vms.values().any(|o| {
-                o.vmid != vmid
-                    && o.config
-                        .values()
-                        .any(|v| v.contains(&base) && v.contains('/'))
+            // PVE refuses to free a base volume a linked clone's name points
+            // at (`PVE::Storage::vdisk_free`); on LVM-thin nothing points at
+            // it and the template goes (its clones' thin volumes stay).
+            let in_use = st.vms.values().filter(|o| o.vmid != vmid).find_map(|o| {
+                o.config
+                    .iter()
+                    .filter(|(k, _)| is_disk_key(k))
+                    .map(|(_, v)| split_volume(v).0)
+                    .find(|vol| crate::disks::linked_base(vol) == Some(vmid))
             });
-            if in_use {
+            if let Some(vol) = in_use {
+                let base = crate::disks::base_volume(&vol).unwrap_or(vol);
                 return Err(format!(
-                    "base volume 'local-lvm:base-{vmid}-disk-1' is still in use by linked cloned"
+                    "base volume '{base}' is still in use by linked cloned"
                 ));
             }
             st.vms.remove(&vmid);
-            let prefix_vm = format!(":vm-{vmid}-");
             st.volumes
-                .retain(|k, _| !k.contains(&prefix_vm) && !k.contains(&base));
+                .retain(|k, _| crate::disks::owner(k) != Some(vmid));
             Ok(())
         },
     )
