@@ -754,3 +754,63 @@ fn without_datastore_allocate_the_import_file_stays_with_a_warning() {
         r.warnings
     );
 }
+
+#[test]
+fn a_retry_while_the_killed_runs_create_still_runs_leaves_its_import_file_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "5.0.0", true, false);
+    // The first run, killed while its create task runs, is from another
+    // machine: the retry has no record of it (another HOME).
+    let (here, there) = (tmp.path().join("here"), tmp.path().join("there"));
+    std::fs::create_dir_all(&here).unwrap();
+    std::fs::create_dir_all(&there).unwrap();
+    kill_publish_while_creating(&s, &there, &img, 9000);
+    // As in Proxmox, the VM shows nothing but its lock until the create
+    // task ends: no name, no tags to recognise it by.
+    assert_eq!(
+        s.state().vms[&9000].config.keys().collect::<Vec<_>>(),
+        vec!["lock"]
+    );
+    std::fs::write(
+        here.join("kiln.toml"),
+        format!(
+            "[targets.lab]\nurl = \"{}\"\nnode = \"pve\"\nstorage = \"local-lvm\"\n\
+             import_storage = \"local\"\nvmid_range = [9000, 9099]\ntoken_env = \"KILN_LAB_TOKEN\"\n\
+             concurrent_publish_wait = 1\n",
+            s.url()
+        ),
+    )
+    .unwrap();
+    let out = kiln(
+        &here,
+        &[
+            "publish",
+            img.to_str().unwrap(),
+            "--json",
+            "--target",
+            "lab",
+        ],
+        &[("KILN_LAB_TOKEN".to_string(), token())],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: kiln::deploy::publish::PublishReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r.created);
+    assert_ne!(r.vmid, 9000);
+    // The killed run's create read its import file to the end, untouched,
+    // and its VM is left alone (nothing proves its run is dead) with a word.
+    let st = s.state();
+    let first_create = st
+        .tasks
+        .values()
+        .filter(|t| t.kind == "qmcreate")
+        .min_by_key(|t| t.pid)
+        .unwrap();
+    assert_eq!(first_create.exitstatus.as_deref(), Some("OK"));
+    assert!(st.vms[&r.vmid].template && !st.vms[&9000].template);
+    assert!(
+        r.warnings.iter().any(|w| w.contains("VM 9000")),
+        "{:?}",
+        r.warnings
+    );
+}

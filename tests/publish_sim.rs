@@ -336,6 +336,7 @@ fn a_create_without_smbios1_gets_a_uuid_and_a_bad_uuid_is_refused() {
     let s = sim(tmp.path());
     let (code, v) = post(&s, "/nodes/pve/qemu", &[("vmid", "100")]);
     assert_eq!(code, 200, "{v}");
+    assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
     assert!(s.state().vms[&100].config["smbios1"].starts_with("uuid="));
     let (code, v) = post(
         &s,

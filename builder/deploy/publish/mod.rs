@@ -456,11 +456,6 @@ enum Settled {
     Theirs(VmEntry),
 }
 
-/// How long a lower competitor may stay unconverted, with nothing below it
-/// still being created, before it is taken for the leftover of a dead run on
-/// another machine (a live run converts within one template task).
-const STALE_COMPETITOR: std::time::Duration = std::time::Duration::from_secs(120);
-
 /// Decide, after this run's VM `mine` is created, whether it becomes the
 /// template. Proxmox has no lock kiln could take across runs, but the
 /// creates themselves order them: among VMs of this image made by kiln runs
@@ -471,6 +466,10 @@ const STALE_COMPETITOR: std::time::Duration = std::time::Duration::from_secs(120
 /// waited for too.
 fn settle(pve: &Pve, job: &Job, mine: u32, report: &mut PublishReport) -> Result<Settled> {
     let [lo, _] = job.target.cfg.vmid_range;
+    // How long a lower competitor may stay unconverted, with nothing below
+    // it still being created, before it is taken for the leftover of a dead
+    // run on another machine (a live run converts within one template task).
+    let stale_after = std::time::Duration::from_secs(job.target.cfg.concurrent_publish_wait);
     let id_tag = naming::id_tag(job.m);
     let mut unconverted_since: std::collections::BTreeMap<u32, std::time::Instant> =
         Default::default();
@@ -514,7 +513,7 @@ fn settle(pve: &Pve, job: &Job, mine: u32, report: &mut PublishReport) -> Result
             if creating {
                 *since = std::time::Instant::now();
             }
-            if since.elapsed() < STALE_COMPETITOR {
+            if since.elapsed() < stale_after {
                 waiting = true;
             } else if stale_noted.insert(v.vmid) {
                 report.warnings.push(format!(
@@ -522,7 +521,7 @@ fn settle(pve: &Pve, job: &Job, mine: u32, report: &mut PublishReport) -> Result
                      for {} s; taken for the leftover of a dead run and not waited for",
                     v.vmid,
                     v.node,
-                    STALE_COMPETITOR.as_secs()
+                    stale_after.as_secs()
                 ));
             }
         }

@@ -50,6 +50,11 @@ pub struct TargetConfig {
     /// Seconds to wait for one Proxmox task.
     #[serde(default = "default_task_timeout")]
     pub task_timeout: u64,
+    /// Seconds another publish of the same image may leave its VM unconverted
+    /// (with nothing below it being created) before kiln takes it for the
+    /// leftover of a run that died on another machine and stops waiting.
+    #[serde(default = "default_concurrent_publish_wait")]
+    pub concurrent_publish_wait: u64,
     #[serde(default)]
     pub vm: VmDefaults,
     /// SSH access for Proxmox VE older than 8.4 (no import content).
@@ -107,6 +112,9 @@ fn yes() -> bool {
 }
 fn default_task_timeout() -> u64 {
     1800
+}
+fn default_concurrent_publish_wait() -> u64 {
+    120
 }
 fn default_cores() -> u32 {
     2
@@ -393,6 +401,7 @@ fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Target> {
         fingerprint: env("KILN_PVE_FINGERPRINT"),
         remove_import: true,
         task_timeout: default_task_timeout(),
+        concurrent_publish_wait: default_concurrent_publish_wait(),
         vm: VmDefaults::default(),
         ssh: None,
     };

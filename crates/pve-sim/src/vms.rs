@@ -665,16 +665,31 @@ pub(crate) fn create_vm(
     config
         .entry("smbios1".into())
         .or_insert_with(|| format!("uuid={}", new_uuid()));
-    config.insert("lock".into(), "create".into());
+    // While the task runs the config holds only the lock: PVE writes the
+    // rest (name, tags, description, disks) when the task ends
+    // (PVE/API2/Qemu.pm create_vm: create_and_lock_config, then write_config).
+    let locked: BTreeMap<String, String> = [("lock".to_string(), "create".to_string())].into();
     st.vms.insert(
         vmid,
         Vm {
             vmid,
-            config,
+            config: locked,
             template: false,
             running: false,
         },
     );
+    // The import sources as they are now: the import reads them during the
+    // task, and a file replaced meanwhile (an upload of the same name) spoils it.
+    let sources: Vec<(String, Option<u64>)> = config
+        .iter()
+        .filter(|(k, _)| is_disk_key(k))
+        .filter_map(|(_, v)| params::property_string(v, "file").ok())
+        .filter_map(|(_, o)| o.get("import-from").cloned())
+        .map(|src| {
+            let ino = file_identity(&st, &src);
+            (src, ino)
+        })
+        .collect();
     let lock_timeout_fault = kind == Some(FaultKind::LockTimeout);
     let upid = spawn_task(
         shared,
@@ -695,9 +710,19 @@ pub(crate) fn create_vm(
                     )
                 });
             }
+            if let Some((src, _)) = sources
+                .iter()
+                .find(|(src, ino)| file_identity(st, src) != *ino)
+            {
+                st.vms.remove(&vmid);
+                return Err(format!(
+                    "unable to create VM {vmid} - import failed: '{src}' was replaced or removed while it was read"
+                ));
+            }
             let Some(vm) = st.vms.get_mut(&vmid) else {
                 return Err(format!("VM {vmid} vanished during creation"));
             };
+            vm.config = config;
             let mut new_vols = Vec::new();
             let mut n = 0;
             let keys: Vec<String> = vm.config.keys().cloned().collect();
@@ -748,6 +773,16 @@ pub(crate) fn create_vm(
         }),
     );
     Ok(json!(upid))
+}
+
+/// Which file a volume is right now (its inode), None when it is gone.
+fn file_identity(st: &State, volid: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let v = st.volumes.get(volid)?;
+    match &v.path {
+        Some(p) => std::fs::metadata(p).ok().map(|m| m.ino()),
+        None => Some(0),
+    }
 }
 
 /// A disk option's volume id and the rest (`,discard=on,...`).
