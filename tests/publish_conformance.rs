@@ -197,6 +197,8 @@ fn prop_for<'a>(props: &'a serde_json::Map<String, Value>, name: &str) -> Option
 /// only what their documented parameters are, nothing copied.
 fn endpoints_outside_the_subset() -> Value {
     serde_json::json!({
+        // "Get datacenter options."
+        "/cluster/options": { "GET": { "parameters": { "properties": {} }}},
         // "Retrieve effective permissions of given user/token."
         "/access/permissions": { "GET": { "parameters": { "properties": {
             "path": { "type": "string", "optional": 1 },

@@ -814,3 +814,79 @@ fn a_retry_while_the_killed_runs_create_still_runs_leaves_its_import_file_alone(
         r.warnings
     );
 }
+
+#[test]
+fn a_target_pool_takes_the_template_and_its_privileges_suffice() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The token may touch VMs only through the pool.
+    let s = sim_with_acl(
+        &tmp.path().join("sim"),
+        &[
+            ("/pool/kiln", KILN_ROLE),
+            ("/storage", KILN_ROLE),
+            ("/sdn", KILN_ROLE),
+        ],
+    );
+    s.add_pool("kiln");
+    let img = image(tmp.path(), "lb", "6.0.0", true, false);
+    let env = env_target_with(&s.url(), &[("KILN_PVE_POOL", "kiln")]);
+    let r = publish_json(tmp.path(), &img, &env);
+    assert!(r.created);
+    assert_eq!(s.pool_members("kiln"), Some(vec![r.vmid]));
+    assert!(s.state().vms[&r.vmid].template);
+    // Idempotent through the pool's VM.Audit too.
+    let again = publish_json(tmp.path(), &img, &env);
+    assert!(!again.created);
+    assert_eq!(again.vmid, r.vmid);
+}
+
+#[test]
+fn a_tag_policy_that_refuses_kiln_tags_stops_the_publish_before_the_upload() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Users may set only tags some VM already carries: the new image's id
+    // tag is new. The token is no Sys.Modify on / (not privileged).
+    let s = sim_with_config(&tmp.path().join("sim"), |c| {
+        c.datacenter = serde_json::json!({"user-tag-access": {"user-allow": "existing"}});
+        c.acl = Some(
+            [(
+                "/".to_string(),
+                KILN_ROLE.iter().map(|p| p.to_string()).collect(),
+            )]
+            .into(),
+        );
+    });
+    let img = image(tmp.path(), "lb", "7.0.0", true, false);
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("user-allow=existing") && err.contains(&format!("`id-{}`", m.short_id())),
+        "{err}"
+    );
+    assert_eq!(s.state().upload_bytes, 0, "refused before the upload");
+    assert!(s.state().vms.is_empty());
+}
+
+#[test]
+fn without_sys_audit_the_tag_policy_is_a_warning_and_the_publish_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_acl(
+        &tmp.path().join("sim"),
+        &[("/", &role_without(&["Sys.Audit"]))],
+    );
+    let img = image(tmp.path(), "lb", "7.0.1", true, false);
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert!(r.created);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("tag policy") && w.contains("Sys.Audit")),
+        "{:?}",
+        r.warnings
+    );
+}

@@ -470,3 +470,30 @@ fn linked_clones_are_named_per_storage_type_and_only_lvm_thin_lets_their_templat
         assert_eq!(s.state().vms.contains_key(&100), refused, "{storage}");
     }
 }
+
+#[test]
+fn a_tag_the_policy_refuses_fails_the_create_task_after_the_import() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_config(tmp.path(), |c| {
+        c.datacenter = serde_json::json!({"registered-tags": ["prod"]});
+        c.acl = Some(
+            [(
+                "/".to_string(),
+                KILN_ROLE.iter().map(|p| p.to_string()).collect(),
+            )]
+            .into(),
+        );
+    });
+    let (code, v) = post(
+        &s,
+        "/nodes/pve/qemu",
+        &[("vmid", "100"), ("tags", "kiln;prod")],
+    );
+    assert_eq!(code, 200, "{v}");
+    let exit = wait(&s, v["data"].as_str().unwrap());
+    assert!(
+        exit.contains("Sys.Modify for modifying tag 'prod'"),
+        "{exit}"
+    );
+    assert!(s.state().vms.is_empty());
+}

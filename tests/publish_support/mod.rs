@@ -29,6 +29,7 @@ pub const KILN_ROLE: &[&str] = &[
     "Datastore.AllocateTemplate",
     "Datastore.Audit",
     "SDN.Use",
+    "Sys.Audit",
     "VM.Allocate",
     "VM.Audit",
     "VM.Config.CPU",
@@ -50,6 +51,14 @@ pub fn sim_with_acl(data: &Path, acl: &[(&str, &[&str])]) -> Sim {
             .extend(privs.iter().map(|p| p.to_string()));
     }
     cfg.acl = Some(a);
+    Sim::start(cfg).expect("simulator starts")
+}
+
+/// A simulator with quick tasks, configured by `f` first.
+pub fn sim_with_config(data: &Path, f: impl FnOnce(&mut SimConfig)) -> Sim {
+    let mut cfg = SimConfig::new(&token(), data);
+    cfg.task_delay = Duration::from_millis(30);
+    f(&mut cfg);
     Sim::start(cfg).expect("simulator starts")
 }
 

@@ -126,11 +126,14 @@ fn needs(target: &Target, m: &ImageManifest, via: Via) -> Vec<Need> {
     let c = &target.cfg;
     let vms = format!("/vms/{}", c.vmid_range[0]);
     let st = |s: &str| format!("/storage/{s}");
+    // In a pool, a VM has the pool's privileges too (`check_vm_perm`).
+    let pool = c.pool.as_ref().map(|p| format!("/pool/{p}"));
     let mut n = vec![Need::new(
         &vms,
         "VM.Audit",
         "read VMs; without it Proxmox silently leaves them out of every list",
-    )];
+    )
+    .or_on(pool.clone())];
     let read_storage = |s: &str, why: &str| Need {
         any_of: vec!["Datastore.Audit", "Datastore.AllocateSpace"],
         ..Need::new(st(s), "Datastore.Audit", why)
@@ -158,7 +161,7 @@ fn needs(target: &Target, m: &ImageManifest, via: Via) -> Vec<Need> {
             ("VM.Config.Disk", "boot order"),
             ("VM.Config.Network", "the network device"),
         ] {
-            n.push(Need::new(&vms, p, why));
+            n.push(Need::new(&vms, p, why).or_on(pool.clone()));
         }
         n.push(Need::new(
             format!("/sdn/zones/localnetwork/{}", c.vm.bridge),
@@ -269,6 +272,7 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
         report.via = "existing".into();
     } else {
         warn_about_foreign_half_made(&pve, &vms, &m, &mut report);
+        check_tag_policy(&pve, &vms, &report.tags.clone(), &mut report)?;
         let mut run = journal::Run::start(&target.cfg.url, &m.id)?;
         let res = match via {
             Via::Ssh => ssh::publish(&pve, target, &args.image, &m, &vms, &mut run, &mut report),
@@ -375,6 +379,46 @@ fn remove_if_made_by(pve: &Pve, node: &str, vmid: u32, run: &str) -> Result<bool
     }
     destroy_vm(pve, node, vmid)?;
     Ok(true)
+}
+
+/// Refuse before any upload when the datacenter's tag policy would refuse
+/// the template's tags: Proxmox checks them inside the create task, after
+/// the import (PVE/API2/Qemu.pm create_vm), so the whole upload and import
+/// would be lost. Reading the policy needs Sys.Audit on `/` (pve-manager
+/// PVE/API2/Cluster.pm get_options); without it this is a warning.
+fn check_tag_policy(
+    pve: &Pve,
+    vms: &[VmEntry],
+    tags: &[String],
+    report: &mut PublishReport,
+) -> Result<()> {
+    let options = match pve.get("/cluster/options", &[]) {
+        Ok(v) => v,
+        Err(e) => {
+            report.warnings.push(format!(
+                "the datacenter tag policy could not be read ({e:#}; needs Sys.Audit on /): \
+                 if it restricts tags, the create fails after the upload"
+            ));
+            return Ok(());
+        }
+    };
+    let privileged = access::has(pve, "/", "Sys.Modify")?;
+    let existing: std::collections::BTreeSet<String> =
+        vms.iter().flat_map(|v| v.tags.iter().cloned()).collect();
+    let (refused, policy) = access::refused_tags(&options, privileged, tags, &existing);
+    if !refused.is_empty() {
+        bail!(
+            "the datacenter tag policy ({policy}) does not let this API token set the tag(s) {} \
+             kiln gives the template: allow them (Datacenter > Options > User Tag Access, e.g. \
+             user-allow-list) or give the token Sys.Modify on /",
+            refused
+                .iter()
+                .map(|t| format!("`{t}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Non-template VMs of this image made by some kiln run on another machine

@@ -236,6 +236,7 @@ pub(crate) fn create_params(
         ("cpu".into(), vm.cpu.clone()),
         ("net0".into(), format!("virtio,bridge={}", vm.bridge)),
         ("tags".into(), tags(m).join(";")),
+        ("pool".into(), t.cfg.pool.clone().unwrap_or_default()),
         ("smbios1".into(), smbios1(run)),
         ("description".into(), description(m, created, run)),
     ];

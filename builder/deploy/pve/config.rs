@@ -29,6 +29,10 @@ pub struct TargetConfig {
     /// Storage with `vztmpl` content for LXC templates (default: import_storage).
     #[serde(default)]
     pub lxc_storage: Option<String>,
+    /// Resource pool the templates go into (it must exist). VM privileges
+    /// may then be granted on `/pool/<pool>` instead of `/vms`.
+    #[serde(default)]
+    pub pool: Option<String>,
     /// Inclusive VMID range kiln may use for templates.
     #[serde(default = "default_range")]
     pub vmid_range: [u32; 2],
@@ -323,6 +327,15 @@ fn check_target(name: &str, cfg: &TargetConfig) -> Result<()> {
     if let Some(fp) = &cfg.fingerprint {
         parse_fingerprint(fp).with_context(|| format!("target `{name}`: bad fingerprint"))?;
     }
+    if let Some(p) = &cfg.pool {
+        // pve-poolid: a letter, then letters, digits, `-`, `_`, `.`.
+        let ok = p.starts_with(|c: char| c.is_ascii_alphabetic())
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !ok {
+            bail!("target `{name}`: pool `{p}` is not a Proxmox pool id (a letter, then letters, digits, -, _, .)");
+        }
+    }
     Ok(())
 }
 
@@ -394,6 +407,7 @@ fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Target> {
         storage: get("KILN_PVE_STORAGE"),
         import_storage: get("KILN_PVE_IMPORT_STORAGE"),
         lxc_storage: env("KILN_PVE_LXC_STORAGE"),
+        pool: env("KILN_PVE_POOL").filter(|p| !p.trim().is_empty()),
         vmid_range,
         token_env: None,
         token_file: None,

@@ -29,10 +29,17 @@ fn ancestors(path: &str) -> Vec<String> {
 }
 
 /// Effective privileges at `path`; None means "everything" (no ACL set).
+/// A VM in a pool also has the pool's (`/pool/<pool>`) privileges.
 pub(crate) fn privileges(shared: &Shared, path: &str) -> Option<BTreeSet<String>> {
     let acl = shared.cfg.acl.as_ref()?;
+    let mut paths = ancestors(path);
+    if let Some(vmid) = path.strip_prefix("/vms/").and_then(|v| v.parse().ok()) {
+        if let Some(pool) = shared.pool_of(vmid) {
+            paths.extend(ancestors(&format!("/pool/{pool}")));
+        }
+    }
     let mut out = BTreeSet::new();
-    for a in ancestors(path) {
+    for a in paths {
         if let Some(p) = acl.get(&a) {
             out.extend(p.iter().cloned());
         }
@@ -116,6 +123,52 @@ pub(crate) fn permissions(shared: &Shared, p: &BTreeMap<String, String>) -> ApiR
         out.insert(path, Value::Object(m));
     }
     Ok(Value::Object(out))
+}
+
+/// Whether the token may set `tag` on a new VM under the datacenter's tag
+/// policy (pve-guest-common, `PVE::GuestHelpers::assert_tag_permissions` and
+/// `get_allowed_tags`): Sys.Modify on `/` may set any tag; otherwise a
+/// registered tag never, and another one when `user-allow` is `free`
+/// (the default), or it is in `user-allow-list` (unless `none`), or, for
+/// `existing`, some VM the token may audit already carries it.
+pub(crate) fn tag_allowed(shared: &Shared, tag: &str, existing: &BTreeSet<String>) -> bool {
+    if has(shared, "/", "Sys.Modify") {
+        return true;
+    }
+    let dc = &shared.cfg.datacenter;
+    let list = |v: Option<&Value>| -> Vec<String> {
+        match v {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect(),
+            Some(Value::String(s)) => s
+                .split([';', ',', ' '])
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    if list(dc.get("registered-tags")).iter().any(|t| t == tag) {
+        return false;
+    }
+    let uta = dc.get("user-tag-access");
+    let user_allow = uta
+        .and_then(|u| u.get("user-allow"))
+        .and_then(Value::as_str)
+        .unwrap_or("free");
+    if user_allow == "free" {
+        return true;
+    }
+    if user_allow != "none"
+        && list(uta.and_then(|u| u.get("user-allow-list")))
+            .iter()
+            .any(|t| t == tag)
+    {
+        return true;
+    }
+    user_allow == "existing" && existing.contains(tag)
 }
 
 /// Parse `PATH=PRIV,PRIV` specs (the binary's `--acl`).

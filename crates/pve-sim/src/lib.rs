@@ -106,6 +106,7 @@ impl Sim {
             state: Mutex::new(state),
             tls,
             stopped: AtomicBool::new(false),
+            pools: Mutex::new(Default::default()),
         });
         let s2 = shared.clone();
         std::thread::spawn(move || {
@@ -142,6 +143,19 @@ impl Sim {
     /// Inspect or seed the simulator's state.
     pub fn state(&self) -> MutexGuard<'_, State> {
         state::lock(&self.shared)
+    }
+
+    /// Create a resource pool (as `pveum pool add NAME` would).
+    pub fn add_pool(&self, name: &str) {
+        self.shared.pools().entry(name.to_string()).or_default();
+    }
+
+    /// The VMs in a pool, None when there is no such pool.
+    pub fn pool_members(&self, name: &str) -> Option<Vec<u32>> {
+        self.shared
+            .pools()
+            .get(name)
+            .map(|m| m.iter().copied().collect())
     }
 
     pub fn inject(&self, fault: Fault) {

@@ -46,6 +46,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/nodes"),
     ("GET", "/cluster/resources"),
     ("GET", "/cluster/nextid"),
+    ("GET", "/cluster/options"),
     ("GET", "/nodes/{node}/storage"),
     ("GET", "/nodes/{node}/storage/{storage}/content"),
     ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"),
@@ -298,6 +299,11 @@ fn dispatch(
         ("GET", "/nodes") => Ok(json!([{ "node": NODE, "status": "online", "type": "node" }])),
         ("GET", "/cluster/resources") => cluster_resources(shared, p),
         ("GET", "/cluster/nextid") => nextid(shared, p),
+        // pve-manager PVE/API2/Cluster.pm get_options: Sys.Audit on /.
+        ("GET", "/cluster/options") => {
+            crate::access::require(shared, "/", "Sys.Audit")?;
+            Ok(shared.cfg.datacenter.clone())
+        }
         ("GET", "/nodes/{node}/storage") => storage_list(shared, p),
         ("GET", "/nodes/{node}/storage/{storage}/content") => storage_content(shared, p),
         ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}") => {

@@ -73,6 +73,10 @@ pub struct SimConfig {
     /// The token's privileges per path (inherited below each path); None
     /// grants everything everywhere.
     pub acl: Option<crate::access::Acl>,
+    /// Datacenter options (`datacenter.cfg`) as `GET /cluster/options`
+    /// answers them, e.g. `{"user-tag-access": {"user-allow": "existing"},
+    /// "registered-tags": ["prod"]}`; they decide which tags a token may set.
+    pub datacenter: serde_json::Value,
 }
 
 impl SimConfig {
@@ -86,6 +90,7 @@ impl SimConfig {
             version: "8.4.1".into(),
             faults: Vec::new(),
             acl: None,
+            datacenter: serde_json::json!({}),
         }
     }
 }
@@ -222,6 +227,26 @@ pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) stopped: AtomicBool,
+    /// Resource pools and their VMs (PVE keeps them in user.cfg, not in the
+    /// VM config). Apart from `state` so privilege checks can read it while
+    /// a handler holds the state.
+    pub(crate) pools: Mutex<BTreeMap<String, std::collections::BTreeSet<u32>>>,
+}
+
+impl Shared {
+    pub(crate) fn pools(
+        &self,
+    ) -> MutexGuard<'_, BTreeMap<String, std::collections::BTreeSet<u32>>> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pool a VM is in.
+    pub(crate) fn pool_of(&self, vmid: u32) -> Option<String> {
+        self.pools()
+            .iter()
+            .find(|(_, m)| m.contains(&vmid))
+            .map(|(p, _)| p.clone())
+    }
 }
 
 /// The state, also after a thread panicked while holding it.

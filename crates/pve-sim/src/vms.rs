@@ -58,6 +58,9 @@ pub(crate) fn cluster_resources(shared: &Shared, p: &BTreeMap<String, String>) -
             .filter(|vm| access::has(shared, &format!("/vms/{}", vm.vmid), "VM.Audit"))
         {
             let mut v = vm_summary(vm);
+            if let Some(pool) = shared.pool_of(vm.vmid) {
+                v["pool"] = json!(pool);
+            }
             v["id"] = json!(format!("qemu/{}", vm.vmid));
             v["type"] = json!("qemu");
             v["node"] = json!(NODE);
@@ -636,6 +639,12 @@ pub(crate) fn create_vm(
     let mut st = lock(shared);
     let vmid = check_create_params(&st, p)?;
     check_create_perms(shared, vmid, p)?;
+    // `$rpcenv->check_pool_exist($pool)` before the worker starts.
+    if let Some(pool) = p.get("pool") {
+        if !shared.pools().contains_key(pool) {
+            return Err(err500(format!("pool '{pool}' does not exist")));
+        }
+    }
     let (delay, fail, kind) = task_plan(shared, &mut st, FaultOp::Create);
     if kind == Some(FaultKind::Race) {
         st.add_vm(vmid, "someone-else", "", false);
@@ -691,6 +700,7 @@ pub(crate) fn create_vm(
         })
         .collect();
     let lock_timeout_fault = kind == Some(FaultKind::LockTimeout);
+    let shared2 = shared.clone();
     let upid = spawn_task(
         shared,
         &mut st,
@@ -710,6 +720,26 @@ pub(crate) fn create_vm(
                     )
                 });
             }
+            // Tags are checked inside the task, after the disks are made
+            // (PVE/API2/Qemu.pm create_vm: assert_tag_permissions before
+            // write_config): a refused tag costs the whole import.
+            let existing: std::collections::BTreeSet<String> = st
+                .vms
+                .values()
+                .filter(|v| access::has(&shared2, &format!("/vms/{}", v.vmid), "VM.Audit"))
+                .filter_map(|v| v.config.get("tags"))
+                .flat_map(|t| params::split_tags(t))
+                .collect();
+            if let Some(t) = config.get("tags").and_then(|t| {
+                params::split_tags(t)
+                    .into_iter()
+                    .find(|t| !access::tag_allowed(&shared2, t, &existing))
+            }) {
+                st.vms.remove(&vmid);
+                return Err(format!(
+                    "unable to create VM {vmid} - Permission check failed (/, Sys.Modify for modifying tag '{t}')"
+                ));
+            }
             if let Some((src, _)) = sources
                 .iter()
                 .find(|(src, ino)| file_identity(st, src) != *ino)
@@ -722,6 +752,11 @@ pub(crate) fn create_vm(
             let Some(vm) = st.vms.get_mut(&vmid) else {
                 return Err(format!("VM {vmid} vanished during creation"));
             };
+            // The pool is not part of the config (PVE keeps it in user.cfg,
+            // `add_vm_to_pool` after write_config).
+            if let Some(pool) = config.remove("pool") {
+                shared2.pools().entry(pool).or_default().insert(vmid);
+            }
             vm.config = config;
             let mut new_vols = Vec::new();
             let mut n = 0;
@@ -1097,6 +1132,7 @@ pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: 
     access::require(shared, &format!("/vms/{vmid}"), "VM.Allocate")?;
     let skiplock = p.get("skiplock").map(|v| v == "1").unwrap_or(false);
     let failed = format!("destroying VM {vmid} failed (fault injected by pve-sim)");
+    let shared2 = shared.clone();
     vm_task(
         shared,
         user,
@@ -1133,6 +1169,9 @@ pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: 
             st.vms.remove(&vmid);
             st.volumes
                 .retain(|k, _| crate::disks::owner(k) != Some(vmid));
+            for members in shared2.pools().values_mut() {
+                members.remove(&vmid);
+            }
             Ok(())
         },
     )
