@@ -890,3 +890,109 @@ fn without_sys_audit_the_tag_policy_is_a_warning_and_the_publish_goes_on() {
         r.warnings
     );
 }
+
+fn two_node_sim(data: &std::path::Path) -> pve_sim::Sim {
+    sim_with_config(data, |c| c.nodes = vec!["pve".into(), "pve2".into()])
+}
+
+#[test]
+fn a_target_with_two_nodes_gets_one_template_on_each_and_a_republish_uploads_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = two_node_sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "8.0.0", true, true);
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
+    let env = env_target_with(&s.url(), &[("KILN_PVE_NODE", "pve,pve2")]);
+    let r = publish_json(tmp.path(), &img, &env);
+    assert!(r.created);
+    let nodes: Vec<&str> = r.nodes.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(nodes, vec!["pve", "pve2"]);
+    assert_ne!(r.nodes[0].vmid, r.nodes[1].vmid);
+    for n in &r.nodes {
+        assert!(n.created);
+        assert_eq!(n.storage, "local-lvm");
+        assert_eq!(n.disk_interface, "scsi0");
+        assert_eq!(n.virtual_size, m.disk.virtual_size);
+    }
+    {
+        let st = s.state();
+        for n in &r.nodes {
+            let vm = &st.vms[&n.vmid];
+            assert!(vm.template);
+            assert_eq!(vm.node, n.node);
+            assert_eq!(vm.config["tags"], st.vms[&r.nodes[0].vmid].config["tags"]);
+            assert!(vm.config["description"].contains(&format!("kiln-id: {}", m.id)));
+        }
+        // The disk went to each node's own import storage, and is gone again.
+        let upload_nodes: Vec<&str> = st
+            .requests
+            .iter()
+            .filter(|q| q.path.ends_with("/upload") && q.params["content"] == "import")
+            .map(|q| q.params["node"].as_str())
+            .collect();
+        assert_eq!(upload_nodes, vec!["pve", "pve2"]);
+        assert!(st.volumes.keys().all(|v| !v.contains(":import/")));
+        // The LXC template is on each node's local storage.
+        let vol = r.lxc_volume.clone().unwrap();
+        assert!(st.volumes.contains_key(&st.volume_key("pve", &vol)));
+        assert!(st.volumes.contains_key(&st.volume_key("pve2", &vol)));
+    }
+    let bytes = s.state().upload_bytes;
+    let again = publish_json(tmp.path(), &img, &env);
+    assert!(!again.created);
+    assert!(again.nodes.iter().all(|n| !n.created));
+    assert_eq!(
+        again.nodes.iter().map(|n| n.vmid).collect::<Vec<_>>(),
+        r.nodes.iter().map(|n| n.vmid).collect::<Vec<_>>()
+    );
+    assert_eq!(s.state().upload_bytes, bytes, "nothing uploaded again");
+}
+
+#[test]
+fn a_shared_import_storage_gets_the_disk_once_for_all_nodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = two_node_sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "8.0.1", true, false);
+    let env = env_target_with(
+        &s.url(),
+        &[
+            ("KILN_PVE_NODE", "pve,pve2"),
+            ("KILN_PVE_IMPORT_STORAGE", "nfs"),
+            ("KILN_PVE_IMPORT_SHARED", "1"),
+        ],
+    );
+    let r = publish_json(tmp.path(), &img, &env);
+    assert_eq!(r.nodes.len(), 2);
+    let st = s.state();
+    let uploads = st
+        .requests
+        .iter()
+        .filter(|q| q.path.ends_with("/upload"))
+        .count();
+    assert_eq!(uploads, 1);
+    assert!(r.nodes.iter().all(|n| st.vms[&n.vmid].template));
+    assert!(st.volumes.keys().all(|v| !v.contains(":import/")));
+}
+
+#[test]
+fn a_node_added_to_the_target_gets_its_template_and_the_first_is_left_as_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = two_node_sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "8.0.2", true, false);
+    let first = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    let uploads_before = s.state().upload_bytes;
+    let both = publish_json(
+        tmp.path(),
+        &img,
+        &env_target_with(&s.url(), &[("KILN_PVE_NODE", "pve,pve2")]),
+    );
+    assert!(both.created);
+    assert_eq!(both.nodes[0].vmid, first.vmid);
+    assert!(!both.nodes[0].created);
+    assert!(both.nodes[1].created && both.nodes[1].node == "pve2");
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
+    assert_eq!(
+        s.state().upload_bytes - uploads_before,
+        m.disk.size,
+        "one upload, for pve2"
+    );
+}

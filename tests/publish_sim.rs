@@ -497,3 +497,61 @@ fn a_tag_the_policy_refuses_fails_the_create_task_after_the_import() {
     );
     assert!(s.state().vms.is_empty());
 }
+
+#[test]
+fn each_node_has_its_own_local_storage_and_vms_while_shared_storage_is_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_config(tmp.path(), |c| c.nodes = vec!["pve".into(), "pve2".into()]);
+    let body = |name: &str| {
+        multipart(&[
+            ("content", None, b"import"),
+            ("filename", Some(name), b"data"),
+        ])
+    };
+    for (node, storage, name) in [("pve2", "local", "a.qcow2"), ("pve2", "nfs", "b.qcow2")] {
+        let r = client()
+            .post(format!(
+                "{}/api2/json/nodes/{node}/storage/{storage}/upload",
+                s.url()
+            ))
+            .header("Authorization", auth())
+            .header("Content-Type", "multipart/form-data; boundary=BND")
+            .body(body(name))
+            .send()
+            .unwrap();
+        let v: Value = r.json().unwrap();
+        assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
+    }
+    let content = |node: &str, storage: &str| -> Vec<String> {
+        let r = client()
+            .get(format!(
+                "{}/api2/json/nodes/{node}/storage/{storage}/content",
+                s.url()
+            ))
+            .header("Authorization", auth())
+            .send()
+            .unwrap();
+        let v: Value = r.json().unwrap();
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["volid"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(content("pve2", "local"), vec!["local:import/a.qcow2"]);
+    assert!(content("pve", "local").is_empty(), "pve's local is its own");
+    assert_eq!(content("pve", "nfs"), vec!["nfs:import/b.qcow2"]);
+    let (code, v) = post(&s, "/nodes/pve2/qemu", &[("vmid", "100")]);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
+    assert!(v["data"].as_str().unwrap().starts_with("UPID:pve2:"));
+    let r = client()
+        .get(format!("{}/api2/json/nodes/pve/qemu/100/config", s.url()))
+        .header("Authorization", auth())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 500, "VM 100 is on pve2, not pve");
+    let (code, _) = post(&s, "/nodes/pve/qemu", &[("vmid", "100")]);
+    assert_eq!(code, 500, "VMIDs are unique in the cluster");
+}

@@ -196,3 +196,38 @@ fn prune_keeps_a_template_proxmox_refuses_to_free_for_a_clone_kiln_cannot_see() 
     );
     assert!(s.state().vms.contains_key(&a[0]));
 }
+
+#[test]
+fn list_and_prune_cover_every_node_of_the_target_and_keep_n_on_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_config(&tmp.path().join("sim"), |c| {
+        c.nodes = vec!["pve".into(), "pve2".into()]
+    });
+    let env = env_target_with(&s.url(), &[("KILN_PVE_NODE", "pve,pve2")]);
+    let mut vmids = Vec::new();
+    for v in ["1.0.0", "1.1.0"] {
+        let img = image(tmp.path(), "k3s-server", v, true, false);
+        let r = publish_json(tmp.path(), &img, &env);
+        vmids.push(r.nodes.iter().map(|n| n.vmid).collect::<Vec<_>>());
+    }
+    let out = kiln(tmp.path(), &["templates", "list", "--json"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut nodes: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["node"].as_str().unwrap())
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, vec!["pve", "pve", "pve2", "pve2"]);
+    let out = kiln(tmp.path(), &["templates", "prune", "--keep", "1"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st = s.state();
+    for old in &vmids[0] {
+        assert!(!st.vms.contains_key(old), "old template {old} stays");
+    }
+    for new in &vmids[1] {
+        assert!(st.vms.contains_key(new), "newest template {new} is gone");
+    }
+}

@@ -22,13 +22,12 @@ pub(crate) struct TemplateInfo {
     pub created: String,
 }
 
-/// Templates tagged `kiln`, newest first within each image.
-pub(crate) fn list(pve: &Pve) -> Result<Vec<TemplateInfo>> {
+/// Templates tagged `kiln` on `nodes`, newest first within each image.
+pub(crate) fn list(pve: &Pve, nodes: &[String]) -> Result<Vec<TemplateInfo>> {
     let mut out = Vec::new();
-    for vm in list_vms(pve)?
-        .into_iter()
-        .filter(|v| v.template && v.tags.iter().any(|t| t == naming::KILN_TAG))
-    {
+    for vm in list_vms(pve)?.into_iter().filter(|v| {
+        v.template && v.tags.iter().any(|t| t == naming::KILN_TAG) && nodes.contains(&v.node)
+    }) {
         let cfg = vm_config(pve, &vm.node, vm.vmid)?;
         let d =
             naming::parse_description(cfg.get("description").and_then(Value::as_str).unwrap_or(""));
@@ -46,6 +45,7 @@ pub(crate) fn list(pve: &Pve) -> Result<Vec<TemplateInfo>> {
     out.sort_by(|a, b| {
         a.image
             .cmp(&b.image)
+            .then(a.node.cmp(&b.node))
             .then(b.created.cmp(&a.created))
             .then(b.vmid.cmp(&a.vmid))
     });
@@ -106,14 +106,15 @@ pub(crate) struct PruneOutcome {
     pub kept_maybe_linked: Vec<(TemplateInfo, Vec<u32>, String)>,
 }
 
-/// Which templates a prune removes: all but the newest `keep` of each image.
+/// Which templates a prune removes: all but the newest `keep` of each image
+/// on each node (every node keeps its own copies).
 pub(crate) fn prune_plan(
     list: &[TemplateInfo],
     keep: usize,
 ) -> (Vec<TemplateInfo>, Vec<TemplateInfo>) {
-    let mut by_image: BTreeMap<&str, Vec<&TemplateInfo>> = BTreeMap::new();
+    let mut by_image: BTreeMap<(&str, &str), Vec<&TemplateInfo>> = BTreeMap::new();
     for t in list {
-        by_image.entry(&t.image).or_default().push(t);
+        by_image.entry((&t.image, &t.node)).or_default().push(t);
     }
     let (mut kept, mut gone) = (Vec::new(), Vec::new());
     for (_, mut ts) in by_image {
@@ -237,8 +238,8 @@ pub(crate) struct PruneOptions {
     pub force: bool,
 }
 
-pub(crate) fn prune(pve: &Pve, opts: PruneOptions) -> Result<PruneOutcome> {
-    let list = list(pve)?;
+pub(crate) fn prune(pve: &Pve, nodes: &[String], opts: PruneOptions) -> Result<PruneOutcome> {
+    let list = list(pve, nodes)?;
     let (kept, candidates) = prune_plan(&list, opts.keep);
     let mut configs = BTreeMap::new();
     for vm in list_vms(pve)? {
@@ -409,6 +410,21 @@ mod tests {
         assert_eq!(linked_base("local:120/vm-120-disk-0.qcow2"), None);
         assert_eq!(linked_base("local-lvm:vm-120-disk-1,size=4G"), None);
         assert_eq!(linked_base("local-lvm:base-9000-disk-1,size=4G"), None);
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_n_on_each_node() {
+        let mut on_b = t("a", "2026-01-01T00:00:00Z", 9010);
+        on_b.node = "pve2".into();
+        let list = vec![
+            t("a", "2026-01-01T00:00:00Z", 9000),
+            t("a", "2026-02-01T00:00:00Z", 9001),
+            on_b,
+        ];
+        let (kept, gone) = prune_plan(&list, 1);
+        let kept: Vec<u32> = kept.iter().map(|t| t.vmid).collect();
+        assert_eq!(kept, vec![9001, 9010]);
+        assert_eq!(gone.len(), 1);
     }
 
     #[test]

@@ -8,8 +8,9 @@ use super::client::{seg, Pve};
 use super::errors::is_missing;
 use super::vms::as_u64;
 
-/// Check a storage exists on the node and allows `content`.
-pub(crate) fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) -> Result<()> {
+/// Check a storage exists on the node and allows `content`; whether it is
+/// shared by all nodes (its `shared` flag).
+pub(crate) fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) -> Result<bool> {
     let v = pve.get(
         &format!("/nodes/{}/storage", seg(&pve.node)),
         &[("storage", storage.into())],
@@ -36,7 +37,8 @@ pub(crate) fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) 
             pve.node
         );
     }
-    Ok(())
+    let shared = entry.get("shared");
+    Ok(shared.and_then(Value::as_bool).unwrap_or(false) || shared.and_then(as_u64) == Some(1))
 }
 
 /// Delete a volume (gone already counts as done).

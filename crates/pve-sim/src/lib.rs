@@ -1,4 +1,5 @@
-//! pve-sim: a labelled STAND-IN for the Proxmox VE HTTP API (one node `pve`), so
+//! pve-sim: a labelled STAND-IN for the Proxmox VE HTTP API (a cluster of one
+//! node `pve` by default, or of [`SimConfig::nodes`]), so
 //! `kiln publish` can be tested and tried without Proxmox. It is a simulator, not Proxmox.
 //!
 //! What it reproduces: API-token auth (401 otherwise), the upload endpoint's
@@ -97,6 +98,11 @@ impl Sim {
         let state = State {
             faults: cfg.faults.clone(),
             next_pid: 4000,
+            first_node: cfg
+                .nodes
+                .first()
+                .cloned()
+                .unwrap_or_else(|| NODE.to_string()),
             ..State::default()
         };
         let shared = Arc::new(Shared {

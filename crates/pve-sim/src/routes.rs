@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::faults::add_fault;
 use crate::http::{self, respond, Conn, Head};
 use crate::params::{self, Errors};
-use crate::state::{lock, Recorded, Shared, NODE};
+use crate::state::{lock, Recorded, Shared};
 use crate::storage::{storage_content, storage_list, upload, volume_delete};
 use crate::tasks::{task_log, task_status};
 use crate::vms::{
@@ -261,9 +261,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub(crate) fn check_node(p: &BTreeMap<String, String>) -> Result<(), ApiError> {
+pub(crate) fn check_node(shared: &Shared, p: &BTreeMap<String, String>) -> Result<(), ApiError> {
     match p.get("node").map(String::as_str) {
-        Some(NODE) => Ok(()),
+        Some(n) if shared.cfg.nodes.iter().any(|x| x == n) => Ok(()),
         Some(n) if params::is_safe_id(n) => Err(err500(format!(
             "hostname lookup '{n}' failed - failed to get address info for: {n}: Name or service not known"
         ))),
@@ -296,7 +296,12 @@ fn dispatch(
             "repoid": "5a1b2c3d",
         })),
         ("GET", "/access/permissions") => crate::access::permissions(shared, p),
-        ("GET", "/nodes") => Ok(json!([{ "node": NODE, "status": "online", "type": "node" }])),
+        ("GET", "/nodes") => Ok(json!(shared
+            .cfg
+            .nodes
+            .iter()
+            .map(|n| json!({ "node": n, "status": "online", "type": "node" }))
+            .collect::<Vec<_>>())),
         ("GET", "/cluster/resources") => cluster_resources(shared, p),
         ("GET", "/cluster/nextid") => nextid(shared, p),
         // pve-manager PVE/API2/Cluster.pm get_options: Sys.Audit on /.

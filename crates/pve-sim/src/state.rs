@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::faults::Fault;
 use crate::params;
 
+/// The first (default) node's name.
 pub const NODE: &str = "pve";
 
 /// A storage of the simulated node.
@@ -61,7 +62,8 @@ pub struct SimConfig {
     pub listen: SocketAddr,
     /// `USER@REALM!TOKENID=SECRET`.
     pub token: String,
-    /// Where uploads and volumes live (`var-tmp/`, `storage/<id>/`).
+    /// Where uploads and volumes live (`var-tmp/`, `storage/<id>/`, other
+    /// nodes' local storages in `nodes/<node>/storage/<id>/`).
     pub data_dir: PathBuf,
     /// PEM certificate chain and key: serve HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -69,6 +71,9 @@ pub struct SimConfig {
     pub task_delay: Duration,
     /// Reported by `/version`.
     pub version: String,
+    /// The cluster's nodes (default: one, `pve`). Local storages exist on
+    /// each with their own contents; shared ones (`nfs`) once for all.
+    pub nodes: Vec<String>,
     pub faults: Vec<Fault>,
     /// The token's privileges per path (inherited below each path); None
     /// grants everything everywhere.
@@ -88,6 +93,7 @@ impl SimConfig {
             tls: None,
             task_delay: Duration::from_millis(100),
             version: "8.4.1".into(),
+            nodes: vec![NODE.to_string()],
             faults: Vec::new(),
             acl: None,
             datacenter: serde_json::json!({}),
@@ -98,6 +104,8 @@ impl SimConfig {
 #[derive(Debug, Clone)]
 pub struct Vm {
     pub vmid: u32,
+    /// The node the VM is on.
+    pub node: String,
     /// Config keys as `qm config` shows them (`lock` while a task runs).
     pub config: BTreeMap<String, String>,
     pub template: bool,
@@ -150,9 +158,41 @@ pub struct State {
     /// Bytes of upload file parts received (also for failed uploads).
     pub upload_bytes: u64,
     pub(crate) next_pid: u32,
+    /// The first node: its volumes (and shared storages' volumes) are keyed
+    /// by volid alone in `volumes`, other nodes' by `NODE/volid`.
+    pub(crate) first_node: String,
 }
 
 impl State {
+    /// The key of `volid` on `node` in [`State::volumes`]: the volid for the
+    /// first node and for shared storages, `NODE/volid` for other nodes.
+    pub fn volume_key(&self, node: &str, volid: &str) -> String {
+        let shared = volid
+            .split_once(':')
+            .and_then(|(sid, _)| storage(sid))
+            .is_some_and(|s| s.shared);
+        if shared || self.first_node.is_empty() || node == self.first_node {
+            volid.to_string()
+        } else {
+            format!("{node}/{volid}")
+        }
+    }
+
+    /// The volumes of storage `sid` as node `node` sees them.
+    pub(crate) fn volumes_on<'a>(
+        &'a self,
+        node: &'a str,
+        sid: &'a str,
+    ) -> impl Iterator<Item = &'a Volume> + 'a {
+        let prefix = format!("{sid}:");
+        self.volumes
+            .iter()
+            .filter(move |(k, v)| {
+                v.volid.starts_with(&prefix) && **k == self.volume_key(node, &v.volid)
+            })
+            .map(|(_, v)| v)
+    }
+
     /// Seed a VM (as if someone else created it), e.g. to occupy a VMID.
     pub fn add_vm(&mut self, vmid: u32, name: &str, tags: &str, template: bool) {
         self.add_vm_on("local-lvm", vmid, name, tags, template)
@@ -179,10 +219,16 @@ impl State {
         }
         config.insert("scsi0".into(), format!("{disk},size=4G"));
         config.insert("smbios1".into(), format!("uuid={}", new_uuid()));
+        let node = if self.first_node.is_empty() {
+            NODE.to_string()
+        } else {
+            self.first_node.clone()
+        };
         self.vms.insert(
             vmid,
             Vm {
                 vmid,
+                node,
                 config,
                 template,
                 running: false,
@@ -211,6 +257,7 @@ impl State {
             vmid,
             Vm {
                 vmid,
+                node: src.node.clone(),
                 config,
                 template: false,
                 running: false,

@@ -14,8 +14,8 @@ use crate::http::{Conn, Head};
 use crate::multipart;
 use crate::params::{self, Errors};
 use crate::routes::{check_node, err500, param_err, reply, ApiError, ApiResult, Outcome};
-use crate::state::{lock, now, storage, Recorded, Shared, StorageDef, Volume, NODE, STORAGES};
-use crate::tasks::{spawn_task, task_plan};
+use crate::state::{lock, now, storage, Recorded, Shared, StorageDef, Volume, STORAGES};
+use crate::tasks::{spawn_task, task_plan, TaskOf};
 
 fn storage_entry(s: &StorageDef) -> Value {
     json!({
@@ -26,7 +26,7 @@ fn storage_entry(s: &StorageDef) -> Value {
 }
 
 pub(crate) fn storage_list(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let out: Vec<Value> = STORAGES
         .iter()
         // "Only list entries where you have 'Datastore.Audit' or
@@ -59,7 +59,7 @@ pub(crate) fn known_storage(p: &BTreeMap<String, String>) -> Result<&'static Sto
 }
 
 pub(crate) fn storage_content(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let s = known_storage(p)?;
     access::require_any(
         shared,
@@ -67,11 +67,9 @@ pub(crate) fn storage_content(shared: &Shared, p: &BTreeMap<String, String>) -> 
         &["Datastore.Audit", "Datastore.AllocateSpace"],
     )?;
     let st = lock(shared);
-    let prefix = format!("{}:", s.id);
+    let node = p.get("node").cloned().unwrap_or_default();
     let out: Vec<Value> = st
-        .volumes
-        .values()
-        .filter(|v| v.volid.starts_with(&prefix))
+        .volumes_on(&node, s.id)
         .filter(|v| p.get("content").map(|c| *c == v.content).unwrap_or(true))
         .map(|v| json!({"volid": v.volid, "content": v.content, "format": v.format, "size": v.size, "ctime": v.ctime}))
         .collect();
@@ -83,7 +81,7 @@ pub(crate) fn volume_delete(
     p: &BTreeMap<String, String>,
     user: &str,
 ) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let s = known_storage(p)?;
     access::require(shared, &format!("/storage/{}", s.id), "Datastore.Allocate")?;
     let vol = p.get("volume").cloned().unwrap_or_default();
@@ -92,27 +90,33 @@ pub(crate) fn volume_delete(
     } else {
         format!("{}:{vol}", s.id)
     };
+    let node = p.get("node").cloned().unwrap_or_default();
     let mut st = lock(shared);
-    if !st.volumes.contains_key(&volid) {
+    let key = st.volume_key(&node, &volid);
+    if !st.volumes.contains_key(&key) {
         return Err(err500(format!("volume '{volid}' does not exist")));
     }
     let (delay, fail, kind) = task_plan(shared, &mut st, FaultOp::VolumeDelete);
     if kind == Some(FaultKind::Http500) {
         return Err(injected_500());
     }
-    let v2 = volid.clone();
     let upid = spawn_task(
         shared,
         &mut st,
-        "imgdel",
-        &volid,
-        user,
+        TaskOf {
+            node: &node,
+            kind: "imgdel",
+            id: &volid.clone(),
+            user,
+        },
         delay,
         Box::new(move |st, _log| {
             if fail {
-                return Err(format!("error removing '{v2}' (fault injected by pve-sim)"));
+                return Err(format!(
+                    "error removing '{volid}' (fault injected by pve-sim)"
+                ));
             }
-            if let Some(v) = st.volumes.remove(&v2) {
+            if let Some(v) = st.volumes.remove(&key) {
                 if let Some(path) = v.path {
                     let _ = std::fs::remove_file(path);
                 }
@@ -208,7 +212,7 @@ fn upload_checked(
         path: "/nodes/{node}/storage/{storage}/upload".into(),
         params: p.clone(),
     });
-    check_node(p)?;
+    check_node(shared, p)?;
     let mut e = Errors::new();
     for k in p.keys() {
         if ![
@@ -310,7 +314,14 @@ fn upload_checked(
         "vztmpl" => "template/cache",
         _ => "template/iso",
     };
-    let dest_dir = shared.cfg.data_dir.join("storage").join(s.id).join(sub);
+    let node = p.get("node").cloned().unwrap_or_default();
+    // Other nodes' local storages live apart; shared ones are one place.
+    let root = if s.shared || shared.cfg.nodes.first() == Some(&node) {
+        shared.cfg.data_dir.clone()
+    } else {
+        shared.cfg.data_dir.join("nodes").join(&node)
+    };
+    let dest_dir = root.join("storage").join(s.id).join(sub);
     let volid = format!(
         "{}:{}/{}",
         s.id,
@@ -323,12 +334,16 @@ fn upload_checked(
     let (delay, fail, _) = task_plan(shared, &mut st, FaultOp::Upload);
     let tmp = file.tmp_path.clone();
     let size = file.size;
+    let key = st.volume_key(&node, &volid);
     let upid = spawn_task(
         shared,
         &mut st,
-        "imgcopy",
-        "",
-        user,
+        TaskOf {
+            node: &node.clone(),
+            kind: "imgcopy",
+            id: "",
+            user,
+        },
         delay,
         Box::new(move |st, log| {
             let cleanup = || {
@@ -355,7 +370,7 @@ fn upload_checked(
             let dest = dest_dir.join(&name);
             // The lines PVE's imgcopy task logs (PVE/API2/Storage/Status.pm).
             log.push(format!("starting file import from: {}", tmp.display()));
-            log.push(format!("target node: {NODE}"));
+            log.push(format!("target node: {node}"));
             log.push(format!("target file: {}", dest.display()));
             log.push(format!("file size is: {size}"));
             std::fs::rename(&tmp, &dest).map_err(|e| {
@@ -364,7 +379,7 @@ fn upload_checked(
             })?;
             let format = name.rsplit('.').next().unwrap_or("raw").to_string();
             st.volumes.insert(
-                volid.clone(),
+                key,
                 Volume {
                     volid,
                     content,

@@ -10,14 +10,24 @@ use crate::faults::{injected_500, refuse_injected, FaultKind, FaultOp};
 use crate::params::{self, Errors};
 use crate::routes::{check_node, check_vmid, err500, param_err, ApiError, ApiResult};
 use crate::state::{
-    lock, new_uuid, normalize_tags, now, storage, Shared, State, Vm, Volume, NODE, STORAGES,
+    lock, new_uuid, normalize_tags, now, storage, Shared, State, Vm, Volume, STORAGES,
 };
-use crate::tasks::{spawn_task, task_plan};
+use crate::tasks::{spawn_task, task_plan, TaskOf};
 
-fn vm_missing(vmid: u32) -> ApiError {
+fn vm_missing(node: &str, vmid: u32) -> ApiError {
     err500(format!(
-        "Configuration file 'nodes/{NODE}/qemu-server/{vmid}.conf' does not exist"
+        "Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist"
     ))
+}
+
+/// The VM `vmid` on the request's node (a VM on another node is missing
+/// there: its config lives under that node's directory).
+fn vm_on<'a>(st: &'a State, p: &BTreeMap<String, String>, vmid: u32) -> Result<&'a Vm, ApiError> {
+    let node = p.get("node").map(String::as_str).unwrap_or("");
+    st.vms
+        .get(&vmid)
+        .filter(|vm| vm.node == node)
+        .ok_or_else(|| vm_missing(node, vmid))
 }
 
 fn vm_summary(vm: &Vm) -> Value {
@@ -63,7 +73,7 @@ pub(crate) fn cluster_resources(shared: &Shared, p: &BTreeMap<String, String>) -
             }
             v["id"] = json!(format!("qemu/{}", vm.vmid));
             v["type"] = json!("qemu");
-            v["node"] = json!(NODE);
+            v["node"] = json!(vm.node);
             out.push(v);
         }
     }
@@ -72,13 +82,18 @@ pub(crate) fn cluster_resources(shared: &Shared, p: &BTreeMap<String, String>) -
             .iter()
             .filter(|s| access::has(shared, &format!("/storage/{}", s.id), "Datastore.Audit"))
         {
-            out.push(json!({"id": format!("storage/{NODE}/{}", s.id), "type": "storage", "storage": s.id, "node": NODE, "content": s.content.join(","), "status": "available"}));
+            // One entry per node, also for a shared storage (PVE does so).
+            for node in &shared.cfg.nodes {
+                out.push(json!({"id": format!("storage/{node}/{}", s.id), "type": "storage", "storage": s.id, "node": node, "content": s.content.join(","), "shared": if s.shared { 1 } else { 0 }, "status": "available"}));
+            }
         }
     }
     if want.is_none() || want == Some("node") {
-        out.push(
-            json!({"id": format!("node/{NODE}"), "type": "node", "node": NODE, "status": "online"}),
-        );
+        for node in &shared.cfg.nodes {
+            out.push(
+                json!({"id": format!("node/{node}"), "type": "node", "node": node, "status": "online"}),
+            );
+        }
     }
     Ok(Value::Array(out))
 }
@@ -98,17 +113,24 @@ pub(crate) fn nextid(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult
 }
 
 pub(crate) fn vm_list(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let st = lock(shared);
-    Ok(Value::Array(st.vms.values().map(vm_summary).collect()))
+    let node = p.get("node").cloned().unwrap_or_default();
+    Ok(Value::Array(
+        st.vms
+            .values()
+            .filter(|vm| vm.node == node)
+            .map(vm_summary)
+            .collect(),
+    ))
 }
 
 pub(crate) fn vm_config(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
     access::require(shared, &format!("/vms/{vmid}"), "VM.Audit")?;
     let st = lock(shared);
-    let vm = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?;
+    let vm = vm_on(&st, p, vmid)?;
     let mut m = serde_json::Map::new();
     for (k, v) in &vm.config {
         m.insert(k.clone(), Value::String(v.clone()));
@@ -124,11 +146,11 @@ pub(crate) fn vm_config(shared: &Shared, p: &BTreeMap<String, String>) -> ApiRes
 }
 
 pub(crate) fn vm_status(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
     access::require(shared, &format!("/vms/{vmid}"), "VM.Audit")?;
     let st = lock(shared);
-    let vm = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?;
+    let vm = vm_on(&st, p, vmid)?;
     Ok(vm_summary(vm))
 }
 
@@ -187,7 +209,14 @@ fn is_disk_key(k: &str) -> bool {
 
 /// Check one disk option: a new volume (`STORAGE:SIZE`), an import
 /// (`STORAGE:0,import-from=VOLUME`), `STORAGE:cloudinit`, or `none`.
-fn check_disk(st: &State, e: &mut Errors, key: &str, v: &str, efi: bool) -> Result<(), ApiError> {
+fn check_disk(
+    st: &State,
+    node: &str,
+    e: &mut Errors,
+    key: &str,
+    v: &str,
+    efi: bool,
+) -> Result<(), ApiError> {
     let (file, opts) = match params::property_string(v, "file") {
         Ok(x) => x,
         Err(m) => {
@@ -257,7 +286,7 @@ fn check_disk(st: &State, e: &mut Errors, key: &str, v: &str, efi: bool) -> Resu
                 ),
             ));
         }
-        if !st.volumes.contains_key(src) {
+        if !st.volumes.contains_key(&st.volume_key(node, src)) {
             return Err(err500(format!("volume '{src}' does not exist")));
         }
     } else if rest.parse::<f64>().is_err() {
@@ -269,7 +298,7 @@ fn check_disk(st: &State, e: &mut Errors, key: &str, v: &str, efi: bool) -> Resu
             );
             return Ok(());
         }
-        if !st.volumes.contains_key(&file) {
+        if !st.volumes.contains_key(&st.volume_key(node, &file)) {
             return Err(err500(format!("volume '{file}' does not exist")));
         }
     }
@@ -451,7 +480,8 @@ fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, 
     let mut hard = None;
     for (k, v) in p {
         if is_disk_key(k) {
-            if let Err(x) = check_disk(st, &mut e, k, v, k == "efidisk0") {
+            let node = p.get("node").map(String::as_str).unwrap_or("");
+            if let Err(x) = check_disk(st, node, &mut e, k, v, k == "efidisk0") {
                 hard.get_or_insert(x);
             }
         }
@@ -635,7 +665,7 @@ pub(crate) fn create_vm(
     p: &BTreeMap<String, String>,
     user: &str,
 ) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let mut st = lock(shared);
     let vmid = check_create_params(&st, p)?;
     check_create_perms(shared, vmid, p)?;
@@ -649,9 +679,13 @@ pub(crate) fn create_vm(
     if kind == Some(FaultKind::Race) {
         st.add_vm(vmid, "someone-else", "", false);
     }
-    if st.vms.contains_key(&vmid) {
-        return Err(err500(format!("VM {vmid} already exists on node '{NODE}'")));
+    if let Some(other) = st.vms.get(&vmid) {
+        return Err(err500(format!(
+            "VM {vmid} already exists on node '{}'",
+            other.node
+        )));
     }
+    let node = p.get("node").cloned().unwrap_or_default();
     match kind {
         Some(FaultKind::Http500) => return Err(injected_500()),
         Some(FaultKind::Drop) => return Err(ApiError::Drop),
@@ -682,6 +716,7 @@ pub(crate) fn create_vm(
         vmid,
         Vm {
             vmid,
+            node: node.clone(),
             config: locked,
             template: false,
             running: false,
@@ -695,7 +730,7 @@ pub(crate) fn create_vm(
         .filter_map(|(_, v)| params::property_string(v, "file").ok())
         .filter_map(|(_, o)| o.get("import-from").cloned())
         .map(|src| {
-            let ino = file_identity(&st, &src);
+            let ino = file_identity(&st, &node, &src);
             (src, ino)
         })
         .collect();
@@ -704,9 +739,12 @@ pub(crate) fn create_vm(
     let upid = spawn_task(
         shared,
         &mut st,
-        "qmcreate",
-        &vmid.to_string(),
-        user,
+        TaskOf {
+            node: &node.clone(),
+            kind: "qmcreate",
+            id: &vmid.to_string(),
+            user,
+        },
         delay,
         Box::new(move |st, _log| {
             if fail || lock_timeout_fault {
@@ -742,7 +780,7 @@ pub(crate) fn create_vm(
             }
             if let Some((src, _)) = sources
                 .iter()
-                .find(|(src, ino)| file_identity(st, src) != *ino)
+                .find(|(src, ino)| file_identity(st, &node, src) != *ino)
             {
                 st.vms.remove(&vmid);
                 return Err(format!(
@@ -793,7 +831,7 @@ pub(crate) fn create_vm(
             vm.config.remove("lock");
             for vol in new_vols {
                 st.volumes.insert(
-                    vol.clone(),
+                    st.volume_key(&node, &vol),
                     Volume {
                         volid: vol,
                         content: "images".into(),
@@ -811,9 +849,9 @@ pub(crate) fn create_vm(
 }
 
 /// Which file a volume is right now (its inode), None when it is gone.
-fn file_identity(st: &State, volid: &str) -> Option<u64> {
+fn file_identity(st: &State, node: &str, volid: &str) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
-    let v = st.volumes.get(volid)?;
+    let v = st.volumes.get(&st.volume_key(node, volid))?;
     match &v.path {
         Some(p) => std::fs::metadata(p).ok().map(|m| m.ino()),
         None => Some(0),
@@ -844,14 +882,18 @@ fn not_locked(vm: &Vm) -> Result<(), ApiError> {
 fn vm_task(
     shared: &Arc<Shared>,
     user: &str,
-    vmid: u32,
+    (node, vmid): (&str, u32),
     kind: &str,
     faults: Option<(FaultOp, String)>,
     check: impl FnOnce(&Vm) -> Result<(), ApiError>,
     work: impl FnOnce(&mut State) -> Result<(), String> + Send + 'static,
 ) -> ApiResult {
     let mut st = lock(shared);
-    let vm = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?;
+    let vm = st
+        .vms
+        .get(&vmid)
+        .filter(|vm| vm.node == node)
+        .ok_or_else(|| vm_missing(node, vmid))?;
     check(vm)?;
     let (delay, failed) = match faults {
         Some((op, error)) => {
@@ -864,9 +906,12 @@ fn vm_task(
     let upid = spawn_task(
         shared,
         &mut st,
-        kind,
-        &vmid.to_string(),
-        user,
+        TaskOf {
+            node,
+            kind,
+            id: &vmid.to_string(),
+            user,
+        },
         delay,
         Box::new(move |st, _log| match failed {
             Some(error) => Err(error),
@@ -881,14 +926,15 @@ pub(crate) fn template(
     p: &BTreeMap<String, String>,
     user: &str,
 ) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
     access::require(shared, &format!("/vms/{vmid}"), "VM.Allocate")?;
     let failed = format!("converting VM {vmid} to a template failed (fault injected by pve-sim)");
+    let node = p.get("node").cloned().unwrap_or_default();
     vm_task(
         shared,
         user,
-        vmid,
+        (&node, vmid),
         "qmtemplate",
         Some((FaultOp::Template, failed)),
         |vm| {
@@ -913,12 +959,17 @@ pub(crate) fn template(
                     renamed.push((k.clone(), vol, format!("{base}{rest}")));
                 }
             }
-            for (k, old, new) in renamed {
+            let node = vm.node.clone();
+            for (k, _, new) in &renamed {
+                vm.config.insert(k.clone(), new.clone());
+            }
+            for (_, old, new) in renamed {
                 let base = new.split(',').next().unwrap_or("").to_string();
-                vm.config.insert(k, new);
-                if let Some(mut v) = st.volumes.remove(&old) {
-                    v.volid = base.clone();
-                    st.volumes.insert(base, v);
+                let old_key = st.volume_key(&node, &old);
+                let new_key = st.volume_key(&node, &base);
+                if let Some(mut v) = st.volumes.remove(&old_key) {
+                    v.volid = base;
+                    st.volumes.insert(new_key, v);
                 }
             }
             Ok(())
@@ -931,7 +982,7 @@ pub(crate) fn clone_vm(
     p: &BTreeMap<String, String>,
     user: &str,
 ) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
     let newid = check_vmid(p, "newid")?;
     let mut e = Errors::new();
@@ -975,7 +1026,8 @@ pub(crate) fn clone_vm(
         return Err(access::denied(&format!("/vms/{newid}"), "VM.Allocate"));
     }
     let mut st = lock(shared);
-    let src = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?.clone();
+    let src = vm_on(&st, p, vmid)?.clone();
+    let node = src.node.clone();
     if st.vms.contains_key(&newid) {
         return Err(err500(format!(
             "unable to create VM {newid}: config file already exists"
@@ -1033,8 +1085,9 @@ pub(crate) fn clone_vm(
         let _ = k;
     }
     for vol in full_copies {
+        let key = st.volume_key(&node, &vol);
         st.volumes.insert(
-            vol.clone(),
+            key,
             Volume {
                 volid: vol,
                 content: "images".into(),
@@ -1050,6 +1103,7 @@ pub(crate) fn clone_vm(
         newid,
         Vm {
             vmid: newid,
+            node: node.clone(),
             config,
             template: false,
             running: false,
@@ -1065,9 +1119,12 @@ pub(crate) fn clone_vm(
     let upid = spawn_task(
         shared,
         &mut st,
-        "qmclone",
-        &vmid.to_string(),
-        user,
+        TaskOf {
+            node: &node,
+            kind: "qmclone",
+            id: &vmid.to_string(),
+            user,
+        },
         delay,
         Box::new(move |st, _log| {
             if let Some(s) = st.vms.get_mut(&vmid) {
@@ -1095,12 +1152,13 @@ pub(crate) fn power(
     user: &str,
     on: bool,
 ) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
+    let node = p.get("node").cloned().unwrap_or_default();
     vm_task(
         shared,
         user,
-        vmid,
+        (&node, vmid),
         if on { "qmstart" } else { "qmstop" },
         None,
         |vm| {
@@ -1118,7 +1176,7 @@ pub(crate) fn power(
 }
 
 pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: &str) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
     let mut e = Errors::new();
     for k in ["purge", "destroy-unreferenced-disks", "skiplock"] {
@@ -1133,10 +1191,11 @@ pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: 
     let skiplock = p.get("skiplock").map(|v| v == "1").unwrap_or(false);
     let failed = format!("destroying VM {vmid} failed (fault injected by pve-sim)");
     let shared2 = shared.clone();
+    let node = p.get("node").cloned().unwrap_or_default();
     vm_task(
         shared,
         user,
-        vmid,
+        (&node, vmid),
         "qmdestroy",
         Some((FaultOp::Destroy, failed)),
         |vm| {
