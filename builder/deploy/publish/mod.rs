@@ -586,7 +586,7 @@ fn warn_about_foreign_half_made(
     let id_tag = naming::id_tag(m);
     for vm in vms
         .iter()
-        .filter(|v| !v.template && v.tags.contains(&id_tag))
+        .filter(|v| v.node == pve.node && !v.template && v.tags.contains(&id_tag))
     {
         let Ok(cfg) = vm_config(pve, &vm.node, vm.vmid) else {
             continue;
