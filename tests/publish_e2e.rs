@@ -176,19 +176,9 @@ fn clones_full_and_linked_survive_a_republish_and_a_killed_run_beside_them() {
             ),
         );
     }
-    // The template disappears while its linked clone stays, as Proxmox
-    // allows on LVM-thin, where a linked clone keeps no visible link to its
-    // base (design.md); the simulator's storage is not that precise here,
-    // so the clone's disk is given its LVM-thin name by hand.
-    {
-        let mut st = s.state();
-        st.vms.remove(&first.vmid);
-        for v in st.vms.get_mut(&121).unwrap().config.values_mut() {
-            if let Some((_, clone)) = v.split_once('/').filter(|_| v.contains(":base-")) {
-                *v = format!("local-lvm:{clone}");
-            }
-        }
-    }
+    // Proxmox lets the template go while its linked clone stays on LVM-thin,
+    // where a linked clone keeps no visible link to its base (design.md).
+    api_task(&s, api_delete(&s, &format!("/nodes/pve/qemu/{base}")));
     // A run killed while creating leaves a half-made VM beside the clones.
     kill_publish_while_creating(&s, tmp.path(), &img, 9000);
     let again = publish_json(tmp.path(), &img, &env);
@@ -612,4 +602,397 @@ fn two_publishes_at_once_agree_when_the_first_create_finishes_last() {
     // Only the first create is slow: the other VM is ready first and must
     // wait for the lower one still being created.
     two_publishes_at_once("create:slow=2", "3.0.1");
+}
+
+#[test]
+fn a_version_with_a_plus_publishes_and_republishes_without_uploading_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "2026.11+b1", true, true);
+    let env = env_target(&s.url());
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
+    let first = publish_json(tmp.path(), &img, &env);
+    assert!(first.created);
+    // Proxmox stores `+` as `_`: kiln names the archive that way itself.
+    let vol = format!("local:vztmpl/kiln-lb-2026.11_b1-{}.tar.zst", m.short_id());
+    assert_eq!(first.lxc_volume.as_deref(), Some(vol.as_str()));
+    assert!(s.state().volumes.contains_key(&vol));
+    let bytes = s.state().upload_bytes;
+    let again = publish_json(tmp.path(), &img, &env);
+    assert!(!again.created);
+    assert_eq!(again.uploaded_bytes, 0);
+    assert_eq!(s.state().upload_bytes, bytes, "nothing was uploaded again");
+    assert_eq!(again.lxc_volume.as_deref(), Some(vol.as_str()));
+}
+
+#[test]
+fn the_documented_role_is_enough_to_publish_with_lxc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_acl(&tmp.path().join("sim"), &[("/", KILN_ROLE)]);
+    let img = image(tmp.path(), "lb", "4.0.0", true, true);
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert!(r.created && r.warnings.is_empty(), "{:?}", r.warnings);
+    assert!(s.state().volumes.keys().all(|v| !v.contains(":import/")));
+}
+
+#[test]
+fn a_missing_privilege_is_named_with_its_path_before_anything_is_uploaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let everywhere_else = role_without(&["Datastore.AllocateTemplate"]);
+    let s = sim_with_acl(
+        &tmp.path().join("sim"),
+        &[
+            ("/", &everywhere_else),
+            ("/storage/local-lvm", &["Datastore.AllocateTemplate"]),
+        ],
+    );
+    let img = image(tmp.path(), "lb", "4.0.1", true, false);
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("Datastore.AllocateTemplate on /storage/local (upload the disk)")
+            && err.contains("pveum role add KilnPublish"),
+        "{err}"
+    );
+    assert_eq!(s.state().upload_bytes, 0);
+    assert!(s.state().vms.is_empty());
+}
+
+#[test]
+fn a_token_that_cannot_read_the_import_storage_hears_about_datastore_audit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_read = role_without(&["Datastore.Audit", "Datastore.AllocateSpace"]);
+    let s = sim_with_acl(
+        &tmp.path().join("sim"),
+        &[
+            ("/vms", KILN_ROLE),
+            ("/sdn", KILN_ROLE),
+            ("/storage/local-lvm", KILN_ROLE),
+            ("/storage/local", &no_read),
+        ],
+    );
+    let img = image(tmp.path(), "lb", "4.0.2", true, false);
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("Datastore.Audit or Datastore.AllocateSpace on /storage/local"),
+        "{err}"
+    );
+    assert!(!err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn a_token_without_vm_audit_is_refused_instead_of_publishing_a_duplicate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), "lb", "4.0.3", true, false);
+    let s = sim(&tmp.path().join("sim"));
+    let first = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    // The same simulator state behind a token that cannot see VMs.
+    let blind = sim_with_acl(
+        &tmp.path().join("sim2"),
+        &[("/", &role_without(&["VM.Audit"]))],
+    );
+    std::mem::swap(&mut *blind.state(), &mut *s.state());
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&blind.url()),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("VM.Audit on /vms/9000"),
+        "{}",
+        stderr(&out)
+    );
+    let st = blind.state();
+    assert_eq!(st.vms.keys().copied().collect::<Vec<_>>(), vec![first.vmid]);
+}
+
+#[test]
+fn a_failed_import_file_removal_is_a_warning_not_a_failed_publish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    s.inject("volume-delete:500".parse().unwrap());
+    let img = image(tmp.path(), "lb", "4.0.4", true, false);
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert!(r.created);
+    assert!(s.state().vms[&r.vmid].template);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("removing the import file") && w.contains("pvesm free")),
+        "{:?}",
+        r.warnings
+    );
+}
+
+#[test]
+fn without_datastore_allocate_the_import_file_stays_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_acl(
+        &tmp.path().join("sim"),
+        &[("/", &role_without(&["Datastore.Allocate"]))],
+    );
+    let img = image(tmp.path(), "lb", "4.0.5", true, false);
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert!(r.created);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("Datastore.Allocate on /storage/local")),
+        "{:?}",
+        r.warnings
+    );
+}
+
+#[test]
+fn a_retry_while_the_killed_runs_create_still_runs_leaves_its_import_file_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "5.0.0", true, false);
+    // The first run, killed while its create task runs, is from another
+    // machine: the retry has no record of it (another HOME).
+    let (here, there) = (tmp.path().join("here"), tmp.path().join("there"));
+    std::fs::create_dir_all(&here).unwrap();
+    std::fs::create_dir_all(&there).unwrap();
+    kill_publish_while_creating(&s, &there, &img, 9000);
+    // As in Proxmox, the VM shows nothing but its lock until the create
+    // task ends: no name, no tags to recognise it by.
+    assert_eq!(
+        s.state().vms[&9000].config.keys().collect::<Vec<_>>(),
+        vec!["lock"]
+    );
+    std::fs::write(
+        here.join("kiln.toml"),
+        format!(
+            "[targets.lab]\nurl = \"{}\"\nnode = \"pve\"\nstorage = \"local-lvm\"\n\
+             import_storage = \"local\"\nvmid_range = [9000, 9099]\ntoken_env = \"KILN_LAB_TOKEN\"\n\
+             concurrent_publish_wait = 1\n",
+            s.url()
+        ),
+    )
+    .unwrap();
+    let out = kiln(
+        &here,
+        &[
+            "publish",
+            img.to_str().unwrap(),
+            "--json",
+            "--target",
+            "lab",
+        ],
+        &[("KILN_LAB_TOKEN".to_string(), token())],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: kiln::deploy::publish::PublishReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r.created);
+    assert_ne!(r.vmid, 9000);
+    // The killed run's create read its import file to the end, untouched,
+    // and its VM is left alone (nothing proves its run is dead) with a word.
+    let st = s.state();
+    let first_create = st
+        .tasks
+        .values()
+        .filter(|t| t.kind == "qmcreate")
+        .min_by_key(|t| t.pid)
+        .unwrap();
+    assert_eq!(first_create.exitstatus.as_deref(), Some("OK"));
+    assert!(st.vms[&r.vmid].template && !st.vms[&9000].template);
+    assert!(
+        r.warnings.iter().any(|w| w.contains("VM 9000")),
+        "{:?}",
+        r.warnings
+    );
+}
+
+#[test]
+fn a_target_pool_takes_the_template_and_its_privileges_suffice() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The token may touch VMs only through the pool.
+    let s = sim_with_acl(
+        &tmp.path().join("sim"),
+        &[
+            ("/pool/kiln", KILN_ROLE),
+            ("/storage", KILN_ROLE),
+            ("/sdn", KILN_ROLE),
+        ],
+    );
+    s.add_pool("kiln");
+    let img = image(tmp.path(), "lb", "6.0.0", true, false);
+    let env = env_target_with(&s.url(), &[("KILN_PVE_POOL", "kiln")]);
+    let r = publish_json(tmp.path(), &img, &env);
+    assert!(r.created);
+    assert_eq!(s.pool_members("kiln"), Some(vec![r.vmid]));
+    assert!(s.state().vms[&r.vmid].template);
+    // Idempotent through the pool's VM.Audit too.
+    let again = publish_json(tmp.path(), &img, &env);
+    assert!(!again.created);
+    assert_eq!(again.vmid, r.vmid);
+}
+
+#[test]
+fn a_tag_policy_that_refuses_kiln_tags_stops_the_publish_before_the_upload() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Users may set only tags some VM already carries: the new image's id
+    // tag is new. The token is no Sys.Modify on / (not privileged).
+    let s = sim_with_config(&tmp.path().join("sim"), |c| {
+        c.datacenter = serde_json::json!({"user-tag-access": {"user-allow": "existing"}});
+        c.acl = Some(
+            [(
+                "/".to_string(),
+                KILN_ROLE.iter().map(|p| p.to_string()).collect(),
+            )]
+            .into(),
+        );
+    });
+    let img = image(tmp.path(), "lb", "7.0.0", true, false);
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
+    let out = kiln(
+        tmp.path(),
+        &["publish", img.to_str().unwrap()],
+        &env_target(&s.url()),
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("user-allow=existing") && err.contains(&format!("`id-{}`", m.short_id())),
+        "{err}"
+    );
+    assert_eq!(s.state().upload_bytes, 0, "refused before the upload");
+    assert!(s.state().vms.is_empty());
+}
+
+#[test]
+fn without_sys_audit_the_tag_policy_is_a_warning_and_the_publish_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_acl(
+        &tmp.path().join("sim"),
+        &[("/", &role_without(&["Sys.Audit"]))],
+    );
+    let img = image(tmp.path(), "lb", "7.0.1", true, false);
+    let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    assert!(r.created);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("tag policy") && w.contains("Sys.Audit")),
+        "{:?}",
+        r.warnings
+    );
+}
+
+fn two_node_sim(data: &std::path::Path) -> pve_sim::Sim {
+    sim_with_config(data, |c| c.nodes = vec!["pve".into(), "pve2".into()])
+}
+
+#[test]
+fn a_target_with_two_nodes_gets_one_template_on_each_and_a_republish_uploads_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = two_node_sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "8.0.0", true, true);
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
+    let env = env_target_with(&s.url(), &[("KILN_PVE_NODE", "pve,pve2")]);
+    let r = publish_json(tmp.path(), &img, &env);
+    assert!(r.created);
+    let nodes: Vec<&str> = r.nodes.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(nodes, vec!["pve", "pve2"]);
+    assert_ne!(r.nodes[0].vmid, r.nodes[1].vmid);
+    for n in &r.nodes {
+        assert!(n.created);
+        assert_eq!(n.storage, "local-lvm");
+        assert_eq!(n.disk_interface, "scsi0");
+        assert_eq!(n.virtual_size, m.disk.virtual_size);
+    }
+    {
+        let st = s.state();
+        for n in &r.nodes {
+            let vm = &st.vms[&n.vmid];
+            assert!(vm.template);
+            assert_eq!(vm.node, n.node);
+            assert_eq!(vm.config["tags"], st.vms[&r.nodes[0].vmid].config["tags"]);
+            assert!(vm.config["description"].contains(&format!("kiln-id: {}", m.id)));
+        }
+        // The disk went to each node's own import storage, and is gone again.
+        let upload_nodes: Vec<&str> = st
+            .requests
+            .iter()
+            .filter(|q| q.path.ends_with("/upload") && q.params["content"] == "import")
+            .map(|q| q.params["node"].as_str())
+            .collect();
+        assert_eq!(upload_nodes, vec!["pve", "pve2"]);
+        assert!(st.volumes.keys().all(|v| !v.contains(":import/")));
+        // The LXC template is on each node's local storage.
+        let vol = r.lxc_volume.clone().unwrap();
+        assert!(st.volumes.contains_key(&st.volume_key("pve", &vol)));
+        assert!(st.volumes.contains_key(&st.volume_key("pve2", &vol)));
+    }
+    let bytes = s.state().upload_bytes;
+    let again = publish_json(tmp.path(), &img, &env);
+    assert!(!again.created);
+    assert!(again.nodes.iter().all(|n| !n.created));
+    assert_eq!(
+        again.nodes.iter().map(|n| n.vmid).collect::<Vec<_>>(),
+        r.nodes.iter().map(|n| n.vmid).collect::<Vec<_>>()
+    );
+    assert_eq!(s.state().upload_bytes, bytes, "nothing uploaded again");
+}
+
+#[test]
+fn a_shared_import_storage_gets_the_disk_once_for_all_nodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = two_node_sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "8.0.1", true, false);
+    let env = env_target_with(
+        &s.url(),
+        &[
+            ("KILN_PVE_NODE", "pve,pve2"),
+            ("KILN_PVE_IMPORT_STORAGE", "nfs"),
+            ("KILN_PVE_IMPORT_SHARED", "1"),
+        ],
+    );
+    let r = publish_json(tmp.path(), &img, &env);
+    assert_eq!(r.nodes.len(), 2);
+    let st = s.state();
+    let uploads = st
+        .requests
+        .iter()
+        .filter(|q| q.path.ends_with("/upload"))
+        .count();
+    assert_eq!(uploads, 1);
+    assert!(r.nodes.iter().all(|n| st.vms[&n.vmid].template));
+    assert!(st.volumes.keys().all(|v| !v.contains(":import/")));
+}
+
+#[test]
+fn a_node_added_to_the_target_gets_its_template_and_the_first_is_left_as_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = two_node_sim(&tmp.path().join("sim"));
+    let img = image(tmp.path(), "lb", "8.0.2", true, false);
+    let first = publish_json(tmp.path(), &img, &env_target(&s.url()));
+    let uploads_before = s.state().upload_bytes;
+    let both = publish_json(
+        tmp.path(),
+        &img,
+        &env_target_with(&s.url(), &[("KILN_PVE_NODE", "pve,pve2")]),
+    );
+    assert!(both.created);
+    assert_eq!(both.nodes[0].vmid, first.vmid);
+    assert!(!both.nodes[0].created);
+    assert!(both.nodes[1].created && both.nodes[1].node == "pve2");
+    let m = kiln::image::manifest::ImageManifest::load(&img).unwrap();
+    assert_eq!(
+        s.state().upload_bytes - uploads_before,
+        m.disk.size,
+        "one upload, for pve2"
+    );
 }

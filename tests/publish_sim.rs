@@ -271,7 +271,9 @@ fn a_running_vm_cannot_become_a_template() {
 fn a_template_with_a_linked_clone_cannot_be_destroyed() {
     let tmp = tempfile::tempdir().unwrap();
     let s = sim(tmp.path());
-    s.state().add_vm(100, "t", "kiln", true);
+    // On ZFS (as on RBD and directories) a linked clone's disk names its
+    // base; LVM-thin shows no link and lets the template go.
+    s.state().add_vm_on("local-zfs", 100, "t", "kiln", true);
     let (code, v) = post(
         &s,
         "/nodes/pve/qemu/100/clone",
@@ -330,6 +332,7 @@ fn a_create_without_smbios1_gets_a_uuid_and_a_bad_uuid_is_refused() {
     let s = sim(tmp.path());
     let (code, v) = post(&s, "/nodes/pve/qemu", &[("vmid", "100")]);
     assert_eq!(code, 200, "{v}");
+    assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
     assert!(s.state().vms[&100].config["smbios1"].starts_with("uuid="));
     let (code, v) = post(
         &s,
@@ -338,4 +341,213 @@ fn a_create_without_smbios1_gets_a_uuid_and_a_bad_uuid_is_refused() {
     );
     assert_eq!(code, 400);
     assert!(v["errors"]["smbios1"].is_string(), "{v}");
+}
+
+#[test]
+fn an_upload_name_outside_pves_alphabet_is_stored_rewritten_and_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    let (code, v) = upload(
+        &s,
+        multipart(&[
+            ("content", None, b"vztmpl"),
+            ("filename", Some("lb-2026.11+b1 x.tar.zst"), b"data"),
+        ]),
+    );
+    assert_eq!(code, 200, "{v}");
+    let upid = v["data"].as_str().unwrap().to_string();
+    assert_eq!(wait(&s, &upid), "OK");
+    let st = s.state();
+    assert!(
+        st.volumes
+            .contains_key("local:vztmpl/lb-2026.11_b1_x.tar.zst"),
+        "{:?}",
+        st.volumes.keys()
+    );
+    assert!(
+        st.tasks[&upid]
+            .log
+            .iter()
+            .any(|l| l.starts_with("target file: ") && l.ends_with("/lb-2026.11_b1_x.tar.zst")),
+        "{:?}",
+        st.tasks[&upid].log
+    );
+}
+
+#[test]
+fn vms_the_token_may_not_audit_are_left_out_and_creating_needs_vm_allocate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_acl(
+        tmp.path(),
+        &[
+            ("/vms/100", &["VM.Audit"]),
+            ("/storage", &["Datastore.Audit"]),
+        ],
+    );
+    s.state().add_vm(100, "seen", "", false);
+    s.state().add_vm(101, "hidden", "", false);
+    let r = client()
+        .get(format!("{}/api2/json/cluster/resources?type=vm", s.url()))
+        .header("Authorization", auth())
+        .send()
+        .unwrap();
+    let v: Value = r.json().unwrap();
+    let ids: Vec<u64> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["vmid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![100]);
+    let (code, v) = post(&s, "/nodes/pve/qemu", &[("vmid", "102")]);
+    assert_eq!(code, 403, "{v}");
+    let r = client()
+        .get(format!(
+            "{}/api2/json/access/permissions?path=/vms/100",
+            s.url()
+        ))
+        .header("Authorization", auth())
+        .send()
+        .unwrap();
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["data"]["/vms/100"]["VM.Audit"], 1, "{v}");
+    assert!(v["data"]["/vms/100"].get("VM.Allocate").is_none(), "{v}");
+}
+
+fn delete(s: &pve_sim::Sim, path: &str) -> (u16, Value) {
+    let r = client()
+        .delete(format!("{}/api2/json{path}", s.url()))
+        .header("Authorization", auth())
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn linked_clones_are_named_per_storage_type_and_only_lvm_thin_lets_their_template_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim(tmp.path());
+    for (storage, base, linked, refused) in [
+        (
+            "local-zfs",
+            "local-zfs:base-100-disk-1",
+            "local-zfs:base-100-disk-1/vm-101-disk-1",
+            true,
+        ),
+        (
+            "nfs",
+            "nfs:100/base-100-disk-1.qcow2",
+            "nfs:100/base-100-disk-1.qcow2/101/vm-101-disk-1.qcow2",
+            true,
+        ),
+        (
+            "local-lvm",
+            "local-lvm:base-100-disk-1",
+            "local-lvm:vm-101-disk-1",
+            false,
+        ),
+    ] {
+        s.state().vms.clear();
+        s.state().add_vm_on(storage, 100, "t", "kiln", true);
+        assert!(s.state().vms[&100].config["scsi0"].starts_with(base));
+        let (code, v) = post(&s, "/nodes/pve/qemu/100/clone", &[("newid", "101")]);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
+        let disk = s.state().vms[&101].config["scsi0"].clone();
+        assert!(disk.starts_with(&format!("{linked},")), "{storage}: {disk}");
+        let (code, v) = delete(&s, "/nodes/pve/qemu/100");
+        assert_eq!(code, 200, "{v}");
+        let exit = wait(&s, v["data"].as_str().unwrap());
+        assert_eq!(
+            exit.contains("still in use by linked clone"),
+            refused,
+            "{storage}: {exit}"
+        );
+        assert_eq!(s.state().vms.contains_key(&100), refused, "{storage}");
+    }
+}
+
+#[test]
+fn a_tag_the_policy_refuses_fails_the_create_task_after_the_import() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_config(tmp.path(), |c| {
+        c.datacenter = serde_json::json!({"registered-tags": ["prod"]});
+        c.acl = Some(
+            [(
+                "/".to_string(),
+                KILN_ROLE.iter().map(|p| p.to_string()).collect(),
+            )]
+            .into(),
+        );
+    });
+    let (code, v) = post(
+        &s,
+        "/nodes/pve/qemu",
+        &[("vmid", "100"), ("tags", "kiln;prod")],
+    );
+    assert_eq!(code, 200, "{v}");
+    let exit = wait(&s, v["data"].as_str().unwrap());
+    assert!(
+        exit.contains("Sys.Modify for modifying tag 'prod'"),
+        "{exit}"
+    );
+    assert!(s.state().vms.is_empty());
+}
+
+#[test]
+fn each_node_has_its_own_local_storage_and_vms_while_shared_storage_is_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_config(tmp.path(), |c| c.nodes = vec!["pve".into(), "pve2".into()]);
+    let body = |name: &str| {
+        multipart(&[
+            ("content", None, b"import"),
+            ("filename", Some(name), b"data"),
+        ])
+    };
+    for (node, storage, name) in [("pve2", "local", "a.qcow2"), ("pve2", "nfs", "b.qcow2")] {
+        let r = client()
+            .post(format!(
+                "{}/api2/json/nodes/{node}/storage/{storage}/upload",
+                s.url()
+            ))
+            .header("Authorization", auth())
+            .header("Content-Type", "multipart/form-data; boundary=BND")
+            .body(body(name))
+            .send()
+            .unwrap();
+        let v: Value = r.json().unwrap();
+        assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
+    }
+    let content = |node: &str, storage: &str| -> Vec<String> {
+        let r = client()
+            .get(format!(
+                "{}/api2/json/nodes/{node}/storage/{storage}/content",
+                s.url()
+            ))
+            .header("Authorization", auth())
+            .send()
+            .unwrap();
+        let v: Value = r.json().unwrap();
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["volid"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(content("pve2", "local"), vec!["local:import/a.qcow2"]);
+    assert!(content("pve", "local").is_empty(), "pve's local is its own");
+    assert_eq!(content("pve", "nfs"), vec!["nfs:import/b.qcow2"]);
+    let (code, v) = post(&s, "/nodes/pve2/qemu", &[("vmid", "100")]);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(wait(&s, v["data"].as_str().unwrap()), "OK");
+    assert!(v["data"].as_str().unwrap().starts_with("UPID:pve2:"));
+    let r = client()
+        .get(format!("{}/api2/json/nodes/pve/qemu/100/config", s.url()))
+        .header("Authorization", auth())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 500, "VM 100 is on pve2, not pve");
+    let (code, _) = post(&s, "/nodes/pve/qemu", &[("vmid", "100")]);
+    assert_eq!(code, 500, "VMIDs are unique in the cluster");
 }

@@ -177,6 +177,10 @@ pub struct TemplatesPruneArgs {
     /// Show what would be deleted without deleting.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also delete templates on storage that shows no link from a linked
+    /// clone to its template (LVM-thin) when VMs cloned from them exist.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]

@@ -28,6 +28,27 @@ pub fn publish(args: PublishArgs) -> Result<()> {
         .map_err(|e| anyhow!("{}", token.redact(&format!("{e:#}"))))?;
     if args.target.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.nodes.len() > 1 {
+        for n in &report.nodes {
+            println!(
+                "{} template {} (vmid {}) on {} [{}]",
+                if n.created {
+                    "published"
+                } else {
+                    "already published:"
+                },
+                n.name,
+                n.vmid,
+                n.node,
+                report.tags.join(";")
+            );
+        }
+        println!(
+            "image {}: {} uploaded in {:.1} s",
+            report.image_id,
+            crate::util::human_bytes(report.uploaded_bytes),
+            report.upload_seconds
+        );
     } else if report.created {
         println!(
             "published {} as template {} (vmid {}) on {} [{}], {} uploaded in {:.1} s",
@@ -45,9 +66,12 @@ pub fn publish(args: PublishArgs) -> Result<()> {
             report.name, report.vmid, report.node, report.image_id
         );
     }
-    if let Some(v) = &report.lxc_volume {
-        if !args.target.json {
+    if !args.target.json {
+        if let Some(v) = &report.lxc_volume {
             println!("LXC template: {v}");
+        }
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
         }
     }
     Ok(())
@@ -65,7 +89,7 @@ pub fn templates(cmd: TemplatesCommand) -> Result<()> {
         pve.version().context("cannot reach the Proxmox VE API")?;
         match cmd {
             TemplatesCommand::List(a) => {
-                let list = crate::deploy::templates::list(&pve)?;
+                let list = crate::deploy::templates::list(&pve, &target.nodes())?;
                 if a.target.json {
                     println!("{}", serde_json::to_string_pretty(&list)?);
                 } else {
@@ -73,7 +97,15 @@ pub fn templates(cmd: TemplatesCommand) -> Result<()> {
                 }
             }
             TemplatesCommand::Prune(a) => {
-                let outcome = crate::deploy::templates::prune(&pve, a.keep, a.dry_run)?;
+                let outcome = crate::deploy::templates::prune(
+                    &pve,
+                    &target.nodes(),
+                    crate::deploy::templates::PruneOptions {
+                        keep: a.keep,
+                        dry_run: a.dry_run,
+                        force: a.force,
+                    },
+                )?;
                 if a.target.json {
                     println!("{}", serde_json::to_string_pretty(&outcome)?);
                 } else {

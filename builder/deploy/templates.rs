@@ -2,7 +2,8 @@
 //! removal of old ones that keeps the newest N per image and any with linked clones.
 
 use crate::deploy::publish::naming;
-use crate::deploy::pve::vms::{destroy_vm, list_vms, vm_config, VmEntry};
+use crate::deploy::pve::client::seg;
+use crate::deploy::pve::vms::{destroy_vm, list_vms, vm_config};
 use crate::deploy::pve::Pve;
 use anyhow::Result;
 use serde::Serialize;
@@ -21,13 +22,12 @@ pub(crate) struct TemplateInfo {
     pub created: String,
 }
 
-/// Templates tagged `kiln`, newest first within each image.
-pub(crate) fn list(pve: &Pve) -> Result<Vec<TemplateInfo>> {
+/// Templates tagged `kiln` on `nodes`, newest first within each image.
+pub(crate) fn list(pve: &Pve, nodes: &[String]) -> Result<Vec<TemplateInfo>> {
     let mut out = Vec::new();
-    for vm in list_vms(pve)?
-        .into_iter()
-        .filter(|v| v.template && v.tags.iter().any(|t| t == naming::KILN_TAG))
-    {
+    for vm in list_vms(pve)?.into_iter().filter(|v| {
+        v.template && v.tags.iter().any(|t| t == naming::KILN_TAG) && nodes.contains(&v.node)
+    }) {
         let cfg = vm_config(pve, &vm.node, vm.vmid)?;
         let d =
             naming::parse_description(cfg.get("description").and_then(Value::as_str).unwrap_or(""));
@@ -45,6 +45,7 @@ pub(crate) fn list(pve: &Pve) -> Result<Vec<TemplateInfo>> {
     out.sort_by(|a, b| {
         a.image
             .cmp(&b.image)
+            .then(a.node.cmp(&b.node))
             .then(b.created.cmp(&a.created))
             .then(b.vmid.cmp(&a.vmid))
     });
@@ -93,18 +94,27 @@ pub(crate) fn table(list: &[TemplateInfo]) -> String {
 pub(crate) struct PruneOutcome {
     pub kept: Vec<TemplateInfo>,
     pub deleted: Vec<TemplateInfo>,
-    /// Templates past the newest N that stay because linked clones use them.
+    /// Templates past the newest N that stay because linked clones use them
+    /// (an empty list: Proxmox refused to remove it for a linked clone kiln
+    /// cannot see).
     pub kept_linked: Vec<(TemplateInfo, Vec<u32>)>,
+    /// Templates past the newest N on storage that shows no link from a
+    /// linked clone to its template (LVM-thin), kept because VMs cloned from
+    /// them exist (they carry the template's description); `--force`
+    /// deletes them anyway.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub kept_maybe_linked: Vec<(TemplateInfo, Vec<u32>, String)>,
 }
 
-/// Which templates a prune removes: all but the newest `keep` of each image.
+/// Which templates a prune removes: all but the newest `keep` of each image
+/// on each node (every node keeps its own copies).
 pub(crate) fn prune_plan(
     list: &[TemplateInfo],
     keep: usize,
 ) -> (Vec<TemplateInfo>, Vec<TemplateInfo>) {
-    let mut by_image: BTreeMap<&str, Vec<&TemplateInfo>> = BTreeMap::new();
+    let mut by_image: BTreeMap<(&str, &str), Vec<&TemplateInfo>> = BTreeMap::new();
     for t in list {
-        by_image.entry(&t.image).or_default().push(t);
+        by_image.entry((&t.image, &t.node)).or_default().push(t);
     }
     let (mut kept, mut gone) = (Vec::new(), Vec::new());
     for (_, mut ts) in by_image {
@@ -120,38 +130,123 @@ pub(crate) fn prune_plan(
     (kept, gone)
 }
 
-/// For every VM, the templates its disks are linked clones of
-/// (`<storage>:base-<template>-disk-N/vm-<vmid>-disk-N`), read once before any change.
-fn linked_clone_users(pve: &Pve, vms: &[VmEntry]) -> Result<BTreeMap<u32, Vec<u32>>> {
+/// Disk options of a VM config (`scsiN`, `virtioN`, `sataN`, `ideN`, `efidisk0`, `tpmstate0`).
+fn is_disk_key(k: &str) -> bool {
+    let digits = |p: &str| {
+        k.strip_prefix(p)
+            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+    };
+    digits("scsi")
+        || digits("virtio")
+        || digits("sata")
+        || digits("ide")
+        || k == "efidisk0"
+        || k == "tpmstate0"
+}
+
+/// The storages a VM's disks are on.
+fn disk_storages(cfg: &serde_json::Map<String, Value>) -> Vec<String> {
+    let mut out: Vec<String> = cfg
+        .iter()
+        .filter(|(k, _)| is_disk_key(k))
+        .filter_map(|(_, v)| v.as_str()?.split(',').next()?.split_once(':'))
+        .map(|(s, _)| s.to_string())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// For every VM, the templates its disks are visible linked clones of, read
+/// once before any change.
+fn linked_clone_users(
+    configs: &BTreeMap<u32, serde_json::Map<String, Value>>,
+) -> BTreeMap<u32, Vec<u32>> {
     let mut users: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    for vm in vms {
-        let cfg = vm_config(pve, &vm.node, vm.vmid)?;
-        for v in cfg.values().filter_map(Value::as_str) {
-            if let Some(base) = linked_base(v) {
-                if base != vm.vmid {
+    for (vmid, cfg) in configs {
+        for (_, v) in cfg.iter().filter(|(k, _)| is_disk_key(k)) {
+            if let Some(base) = v.as_str().and_then(linked_base) {
+                if base != *vmid {
                     let e = users.entry(base).or_default();
-                    if !e.contains(&vm.vmid) {
-                        e.push(vm.vmid);
+                    if !e.contains(vmid) {
+                        e.push(*vmid);
                     }
                 }
             }
         }
     }
-    Ok(users)
+    users
 }
 
-/// The template VMID a disk value is a linked clone of.
+/// The template VMID a disk value is a linked clone of, where the storage
+/// shows it in the name (pve-storage's `clone_image`):
+/// ZFS/RBD `base-X-disk-N/vm-Y-disk-M`, file based (dir, NFS, CIFS, BTRFS)
+/// `X/base-X-disk-N.qcow2/Y/vm-Y-disk-M.qcow2`. LVM-thin names a linked
+/// clone `vm-Y-disk-M` like any disk (`LvmThinPlugin::clone_image`).
 pub(crate) fn linked_base(disk: &str) -> Option<u32> {
     let vol = disk.split(',').next()?;
     let (_, path) = vol.split_once(':')?;
-    let (base, _clone) = path.split_once('/')?;
-    base.strip_prefix("base-")?.split('-').next()?.parse().ok()
+    let parts: Vec<&str> = path.split('/').collect();
+    match parts.as_slice() {
+        [base, _clone] => base.strip_prefix("base-")?.split('-').next()?.parse().ok(),
+        [x, base, _, _] if base.starts_with(&format!("base-{x}-")) => x.parse().ok(),
+        _ => None,
+    }
 }
 
-pub(crate) fn prune(pve: &Pve, keep: usize, dry_run: bool) -> Result<PruneOutcome> {
-    let list = list(pve)?;
-    let (kept, candidates) = prune_plan(&list, keep);
-    let users = linked_clone_users(pve, &list_vms(pve)?)?;
+/// Whether linked clones on a storage of this type show their template in
+/// their disk names (or cannot exist there at all). LVM-thin and types kiln
+/// does not know cannot tell.
+pub(crate) fn storage_shows_links(kind: &str) -> bool {
+    matches!(
+        kind,
+        "zfspool" | "zfs" | "rbd" | "dir" | "nfs" | "cifs" | "btrfs" | "glusterfs" | "cephfs"
+            // No clones at all.
+            | "lvm" | "iscsi" | "iscsidirect"
+    )
+}
+
+/// Storage id to type on a node (`GET /nodes/{node}/storage`).
+fn storage_kinds(pve: &Pve, node: &str) -> Result<BTreeMap<String, String>> {
+    let v = pve.get(&format!("/nodes/{}/storage", seg(node)), &[])?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| {
+                    Some((
+                        e.get("storage")?.as_str()?.to_string(),
+                        e.get("type")?.as_str()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Whether an error is Proxmox refusing to free a base volume a linked clone
+/// uses (`PVE::Storage::vdisk_free`: "... is still in use by linked cloned").
+fn in_use_by_linked_clone(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("still in use by linked clone")
+}
+
+/// What a prune deletes and how carefully.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PruneOptions {
+    pub keep: usize,
+    pub dry_run: bool,
+    /// Delete templates on LVM-thin even when VMs cloned from them exist.
+    pub force: bool,
+}
+
+pub(crate) fn prune(pve: &Pve, nodes: &[String], opts: PruneOptions) -> Result<PruneOutcome> {
+    let list = list(pve, nodes)?;
+    let (kept, candidates) = prune_plan(&list, opts.keep);
+    let mut configs = BTreeMap::new();
+    for vm in list_vms(pve)? {
+        configs.insert(vm.vmid, vm_config(pve, &vm.node, vm.vmid)?);
+    }
+    let users = linked_clone_users(&configs);
+    let mut kinds: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut out = PruneOutcome {
         kept,
         ..Default::default()
@@ -161,12 +256,73 @@ pub(crate) fn prune(pve: &Pve, keep: usize, dry_run: bool) -> Result<PruneOutcom
             out.kept_linked.push((t, u.clone()));
             continue;
         }
-        if !dry_run {
-            destroy_vm(pve, &t.node, t.vmid)?;
+        let Some(cfg) = configs.get(&t.vmid) else {
+            continue;
+        };
+        if !kinds.contains_key(&t.node) {
+            kinds.insert(t.node.clone(), storage_kinds(pve, &t.node)?);
+        }
+        let blind: Vec<String> = disk_storages(cfg)
+            .into_iter()
+            .filter_map(|s| {
+                let kind = kinds[&t.node]
+                    .get(&s)
+                    .map(String::as_str)
+                    .unwrap_or("unknown");
+                (!storage_shows_links(kind)).then(|| format!("`{s}` ({kind})"))
+            })
+            .collect();
+        if !blind.is_empty() && !opts.force {
+            let clones = clones_of(&configs, t.vmid, cfg);
+            if !clones.is_empty() {
+                out.kept_maybe_linked.push((t, clones, blind.join(", ")));
+                continue;
+            }
+        }
+        if !opts.dry_run {
+            match destroy_vm(pve, &t.node, t.vmid) {
+                Ok(()) => {}
+                Err(e) if in_use_by_linked_clone(&e) => {
+                    out.kept_linked.push((t, Vec::new()));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
         }
         out.deleted.push(t);
     }
     Ok(out)
+}
+
+/// VMs cloned from template `vmid`: they carry its description (Proxmox
+/// copies it into clones, `PVE/API2/Qemu.pm` `clone_vm`) with its
+/// `kiln-run` line, but not its SMBIOS UUID.
+fn clones_of(
+    configs: &BTreeMap<u32, serde_json::Map<String, Value>>,
+    vmid: u32,
+    template: &serde_json::Map<String, Value>,
+) -> Vec<u32> {
+    let desc = |c: &serde_json::Map<String, Value>| {
+        naming::parse_description(c.get("description").and_then(Value::as_str).unwrap_or(""))
+    };
+    let d = desc(template);
+    let key = if d.contains_key(naming::keys::RUN) {
+        naming::keys::RUN
+    } else {
+        naming::keys::ID
+    };
+    let Some(mine) = d.get(key) else {
+        return Vec::new();
+    };
+    configs
+        .iter()
+        .filter(|(id, c)| {
+            **id != vmid
+                && c.get("template").and_then(Value::as_u64) != Some(1)
+                && desc(c).get(key) == Some(mine)
+        })
+        .map(|(id, _)| *id)
+        .collect()
 }
 
 pub(crate) fn prune_summary(o: &PruneOutcome, dry_run: bool) -> String {
@@ -179,16 +335,30 @@ pub(crate) fn prune_summary(o: &PruneOutcome, dry_run: bool) -> String {
         ));
     }
     for (t, users) in &o.kept_linked {
+        if users.is_empty() {
+            s.push_str(&format!(
+                "kept {} {} (vmid {}): Proxmox says linked clones use it\n",
+                t.image, t.version, t.vmid
+            ));
+        } else {
+            s.push_str(&format!(
+                "kept {} {} (vmid {}): linked clones {:?} use it\n",
+                t.image, t.version, t.vmid, users
+            ));
+        }
+    }
+    for (t, clones, storages) in &o.kept_maybe_linked {
         s.push_str(&format!(
-            "kept {} {} (vmid {}): linked clones {:?} use it\n",
-            t.image, t.version, t.vmid, users
+            "kept {} {} (vmid {}): linked clones {:?} may use it (its storage {storages} \
+             shows no link from a clone to its template); --force deletes it\n",
+            t.image, t.version, t.vmid, clones
         ));
     }
     s.push_str(&format!(
         "{} kept as newest, {} {verb}, {} kept for linked clones\n",
         o.kept.len(),
         o.deleted.len(),
-        o.kept_linked.len()
+        o.kept_linked.len() + o.kept_maybe_linked.len()
     ));
     s
 }
@@ -229,8 +399,32 @@ mod tests {
             linked_base("local-lvm:base-9000-disk-1/vm-120-disk-1,size=4G"),
             Some(9000)
         );
+        assert_eq!(
+            linked_base("local:9000/base-9000-disk-0.qcow2/120/vm-120-disk-0.qcow2,size=4G"),
+            Some(9000)
+        );
+        assert_eq!(
+            linked_base("local:9000/base-9000-disk-0.qcow2,size=4G"),
+            None
+        );
+        assert_eq!(linked_base("local:120/vm-120-disk-0.qcow2"), None);
         assert_eq!(linked_base("local-lvm:vm-120-disk-1,size=4G"), None);
         assert_eq!(linked_base("local-lvm:base-9000-disk-1,size=4G"), None);
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_n_on_each_node() {
+        let mut on_b = t("a", "2026-01-01T00:00:00Z", 9010);
+        on_b.node = "pve2".into();
+        let list = vec![
+            t("a", "2026-01-01T00:00:00Z", 9000),
+            t("a", "2026-02-01T00:00:00Z", 9001),
+            on_b,
+        ];
+        let (kept, gone) = prune_plan(&list, 1);
+        let kept: Vec<u32> = kept.iter().map(|t| t.vmid).collect();
+        assert_eq!(kept, vec![9001, 9010]);
+        assert_eq!(gone.len(), 1);
     }
 
     #[test]

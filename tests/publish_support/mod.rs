@@ -22,6 +22,55 @@ pub fn sim(data: &Path) -> Sim {
     Sim::start(cfg).expect("simulator starts")
 }
 
+/// The privileges of the KilnPublish role README.md documents.
+pub const KILN_ROLE: &[&str] = &[
+    "Datastore.Allocate",
+    "Datastore.AllocateSpace",
+    "Datastore.AllocateTemplate",
+    "Datastore.Audit",
+    "SDN.Use",
+    "Sys.Audit",
+    "VM.Allocate",
+    "VM.Audit",
+    "VM.Config.CPU",
+    "VM.Config.Disk",
+    "VM.Config.HWType",
+    "VM.Config.Memory",
+    "VM.Config.Network",
+    "VM.Config.Options",
+];
+
+/// A simulator whose token has exactly these privileges per path.
+pub fn sim_with_acl(data: &Path, acl: &[(&str, &[&str])]) -> Sim {
+    let mut cfg = SimConfig::new(&token(), data);
+    cfg.task_delay = Duration::from_millis(30);
+    let mut a = pve_sim::Acl::new();
+    for (path, privs) in acl {
+        a.entry(path.to_string())
+            .or_default()
+            .extend(privs.iter().map(|p| p.to_string()));
+    }
+    cfg.acl = Some(a);
+    Sim::start(cfg).expect("simulator starts")
+}
+
+/// A simulator with quick tasks, configured by `f` first.
+pub fn sim_with_config(data: &Path, f: impl FnOnce(&mut SimConfig)) -> Sim {
+    let mut cfg = SimConfig::new(&token(), data);
+    cfg.task_delay = Duration::from_millis(30);
+    f(&mut cfg);
+    Sim::start(cfg).expect("simulator starts")
+}
+
+/// The KilnPublish role's privileges without `leave_out`.
+pub fn role_without(leave_out: &[&str]) -> Vec<&'static str> {
+    KILN_ROLE
+        .iter()
+        .copied()
+        .filter(|p| !leave_out.contains(p))
+        .collect()
+}
+
 /// Fabricate images/<name>/<version>/ with a real (small) qcow2.
 pub fn image(root: &Path, name: &str, version: &str, validated: bool, lxc: bool) -> PathBuf {
     let dir = root.join("images").join(name).join(version);
@@ -142,6 +191,16 @@ pub fn kiln_command(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Comm
         cmd.env(k, v);
     }
     cmd
+}
+
+/// [`env_target`] with some variables replaced or added.
+pub fn env_target_with(url: &str, vars: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = env_target(url);
+    for (k, v) in vars {
+        env.retain(|(x, _)| x != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
 }
 
 /// Run the kiln binary (see [`kiln_command`]) and check the token's secret

@@ -1,16 +1,21 @@
 //! `kiln publish`: turn a validated image into a versioned Proxmox VE
 //! template over the PVE HTTP API, idempotently.
 //!
-//! Flow (PVE >= 8.4): check the image and the target, find an existing
-//! template with the image id (then stop), upload the disk as `import`
-//! content, create the VM with `import-from`, convert it to a template,
-//! remove the import file; the LB appliance's LXC rootfs goes up as
-//! `vztmpl`. Anything half-made is destroyed on failure or by the next run.
+//! Flow (PVE >= 8.4): check the image, the target and the token's
+//! privileges; then on each node of the target: find an existing template
+//! with the image id (then skip the node), upload the disk as `import`
+//! content (once, when the import storage is shared), create the VM with
+//! `import-from`, settle with concurrent publishes of the same image, convert
+//! it to a template, remove the import file; the LB appliance's LXC rootfs
+//! goes up as `vztmpl`. What this run made and does not keep is destroyed on
+//! failure; what a dead run left is removed by the next run on that machine
+//! (see `journal`).
 
 pub(crate) mod journal;
 pub(crate) mod naming;
 pub(crate) mod ssh;
 
+use crate::deploy::pve::access::{self, Need};
 use crate::deploy::pve::client::{seg, Pve};
 use crate::deploy::pve::config::Target;
 use crate::deploy::pve::errors::{is_missing, ApiError};
@@ -74,6 +79,26 @@ pub struct PublishReport {
     /// What the operator should know although the publish succeeded.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub warnings: Vec<String>,
+    /// The template on each node of the target, in the target's order (the
+    /// fields above describe the first).
+    #[serde(default)]
+    pub nodes: Vec<NodeReport>,
+}
+
+/// One node's template: what a Terraform `clone { vm_id, node_name }` needs.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct NodeReport {
+    pub node: String,
+    pub vmid: u32,
+    pub name: String,
+    /// False when the template already existed (or another run made it).
+    pub created: bool,
+    /// Storage of the template's boot disk (linked clones stay on it).
+    pub storage: String,
+    /// The disk the template boots from, e.g. `scsi0`.
+    pub disk_interface: String,
+    /// Bytes the guest sees on that disk.
+    pub virtual_size: u64,
 }
 
 /// Load the image and check it may be published.
@@ -110,12 +135,94 @@ pub fn load_image(dir: &Path, allow_unvalidated: bool, json: bool) -> Result<Ima
     Ok(m)
 }
 
-/// A template already published from this image, if any.
+/// The privileges a publish uses, on the paths it uses them (see
+/// `access::KILN_PUBLISH_PRIVS` for the role that has them all). VM ones are
+/// checked on the first VMID of the range (an ACL on `/vms` or `/` covers it).
+fn needs(target: &Target, m: &ImageManifest, via: Via) -> Vec<Need> {
+    let c = &target.cfg;
+    let vms = format!("/vms/{}", c.vmid_range[0]);
+    let st = |s: &str| format!("/storage/{s}");
+    // In a pool, a VM has the pool's privileges too (`check_vm_perm`).
+    let pool = c.pool.as_ref().map(|p| format!("/pool/{p}"));
+    let mut n = vec![Need::new(
+        &vms,
+        "VM.Audit",
+        "read VMs; without it Proxmox silently leaves them out of every list",
+    )
+    .or_on(pool.clone())];
+    let read_storage = |s: &str, why: &str| Need {
+        any_of: vec!["Datastore.Audit", "Datastore.AllocateSpace"],
+        ..Need::new(st(s), "Datastore.Audit", why)
+    };
+    n.push(read_storage(
+        &c.storage,
+        "see the storage for the template's disks",
+    ));
+    if via == Via::Api {
+        for (p, why) in [
+            (
+                "VM.Allocate",
+                "create VMs, make them templates, remove half-made ones",
+            ),
+            (
+                "VM.Config.Options",
+                "name, description, tags, BIOS, agent, OS type",
+            ),
+            (
+                "VM.Config.HWType",
+                "machine, SCSI controller, SMBIOS, serial port",
+            ),
+            ("VM.Config.CPU", "cores and CPU type"),
+            ("VM.Config.Memory", "memory"),
+            ("VM.Config.Disk", "boot order"),
+            ("VM.Config.Network", "the network device"),
+        ] {
+            n.push(Need::new(&vms, p, why).or_on(pool.clone()));
+        }
+        n.push(Need::new(
+            format!("/sdn/zones/localnetwork/{}", c.vm.bridge),
+            "SDN.Use",
+            "attach the network device to the bridge",
+        ));
+        n.push(Need::new(
+            st(&c.storage),
+            "Datastore.AllocateSpace",
+            "create the template's disks",
+        ));
+        n.push(read_storage(&c.import_storage, "import the uploaded disk"));
+        n.push(Need::new(
+            st(&c.import_storage),
+            "Datastore.AllocateTemplate",
+            "upload the disk",
+        ));
+        if c.remove_import {
+            n.push(
+                Need::new(
+                    st(&c.import_storage),
+                    "Datastore.Allocate",
+                    "the uploaded disk will stay on the storage (remove_import)",
+                )
+                .optional(),
+            );
+        }
+    }
+    if m.lxc.is_some() {
+        n.push(read_storage(target.lxc_storage(), "find the LXC template"));
+        n.push(Need::new(
+            st(target.lxc_storage()),
+            "Datastore.AllocateTemplate",
+            "upload the LXC template",
+        ));
+    }
+    n
+}
+
+/// A template already published from this image on `pve`'s node, if any.
 fn find_existing(pve: &Pve, vms: &[VmEntry], m: &ImageManifest) -> Result<Option<VmEntry>> {
     let id_tag = naming::id_tag(m);
     for vm in vms
         .iter()
-        .filter(|v| v.template && v.tags.contains(&id_tag))
+        .filter(|v| v.node == pve.node && v.template && v.tags.contains(&id_tag))
     {
         let cfg = vm_config(pve, &vm.node, vm.vmid)?;
         let desc = cfg.get("description").and_then(Value::as_str).unwrap_or("");
@@ -126,7 +233,9 @@ fn find_existing(pve: &Pve, vms: &[VmEntry], m: &ImageManifest) -> Result<Option
     Ok(None)
 }
 
-/// Everything of `kiln publish` after the target is resolved.
+/// Everything of `kiln publish` after the target is resolved: a template on
+/// each node of the target (local storage cannot be cloned to another node,
+/// Proxmox bug 2059), each node idempotent on its own.
 pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> {
     let json = !args.progress;
     let m = load_image(&args.image, args.allow_unvalidated, json)?;
@@ -146,17 +255,40 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
         Via::Auto => Via::Api,
         v => v,
     };
-    check_storage(&pve, &target.cfg.storage, "images", "VM disks")?;
-    if via == Via::Api {
-        check_storage(&pve, &target.cfg.import_storage, "import", "disk upload")?;
+    let nodes = target.nodes();
+    if via == Via::Ssh && nodes.len() > 1 {
+        bail!(
+            "target `{}` has {} nodes; the SSH path (PVE older than 8.4) publishes to one node only",
+            target.name,
+            nodes.len()
+        );
     }
-    if m.lxc.is_some() {
-        check_storage(&pve, target.lxc_storage(), "vztmpl", "LXC template")?;
+    let checked = access::check(&pve, &needs(target, &m, via))?;
+    if !checked.missing.is_empty() {
+        return Err(access::missing_error(&target.token.id, &checked.missing));
+    }
+    let mut lxc_shared = false;
+    for node in &nodes {
+        let pn = pve.for_node(node);
+        check_storage(&pn, &target.cfg.storage, "images", "VM disks")?;
+        if via == Via::Api {
+            let shared = check_storage(&pn, &target.cfg.import_storage, "import", "disk upload")?;
+            if target.cfg.shared_import_storage && !shared {
+                bail!(
+                    "target `{}` declares shared_import_storage, but Proxmox says storage `{}` is not shared",
+                    target.name,
+                    target.cfg.import_storage
+                );
+            }
+        }
+        if m.lxc.is_some() {
+            lxc_shared = check_storage(&pn, target.lxc_storage(), "vztmpl", "LXC template")?;
+        }
     }
     let mut report = PublishReport {
         vmid: 0,
         name: naming::vm_name(&m.name, &m.version),
-        node: pve.node.clone(),
+        node: nodes[0].clone(),
         image_id: m.id.clone(),
         tags: naming::tags(&m),
         created: false,
@@ -166,49 +298,117 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
         lxc_volume: None,
         removed_leftovers: Vec::new(),
         created_by_other: false,
-        warnings: Vec::new(),
+        warnings: checked.warnings,
+        nodes: Vec::new(),
     };
     remove_dead_runs(&pve, target, &mut report)?;
-    let vms = list_vms(&pve)?;
-    if let Some(existing) = find_existing(&pve, &vms, &m)? {
-        report.vmid = existing.vmid;
-        report.name = existing.name;
-        report.node = existing.node;
-        report.via = "existing".into();
-    } else {
-        warn_about_foreign_half_made(&pve, &vms, &m, &mut report);
-        let mut run = journal::Run::start(&target.cfg.url, &m.id)?;
-        let res = match via {
-            Via::Ssh => ssh::publish(&pve, target, &args.image, &m, &vms, &mut run, &mut report),
-            _ => {
-                let job = Job {
-                    target,
-                    dir: &args.image,
-                    m: &m,
-                    json,
-                };
-                publish_api(&pve, &job, &vms, &mut run, &mut report)
+    let job = Job {
+        target,
+        dir: &args.image,
+        m: &m,
+        json,
+    };
+    let mut run: Option<journal::Run> = None;
+    let mut shared_upload: Option<Upload> = None;
+    let mut tags_checked = false;
+    let mut res = (|| -> Result<()> {
+        for node in &nodes {
+            let pn = pve.for_node(node);
+            let vms = list_vms(&pve)?;
+            if let Some(existing) = find_existing(&pn, &vms, &m)? {
+                report
+                    .nodes
+                    .push(node_report(&pn, &existing.name, existing.vmid, &m, false)?);
+                continue;
             }
-        };
+            warn_about_foreign_half_made(&pn, &vms, &m, &mut report);
+            if !tags_checked {
+                check_tag_policy(&pve, &vms, &report.tags.clone(), &mut report)?;
+                tags_checked = true;
+            }
+            if run.is_none() {
+                run = Some(journal::Run::start(&target.cfg.url, &m.id)?);
+            }
+            let r = run.as_mut().expect("started above");
+            let nr = match via {
+                Via::Ssh => {
+                    ssh::publish(&pn, target, &args.image, &m, &vms, r, &mut report)?;
+                    node_report(&pn, &report.name.clone(), report.vmid, &m, true)?
+                }
+                _ => publish_on_node(&pn, &job, &vms, r, &mut report, &mut shared_upload)?,
+            };
+            report.nodes.push(nr);
+        }
+        Ok(())
+    })();
+    // A disk uploaded once to shared storage serves every node: it goes
+    // when all are done (or one failed).
+    if let Some(up) = shared_upload.take() {
+        if target.cfg.remove_import || res.is_err() {
+            if let Err(e) = delete_volume(&pve.for_node(&up.node), &up.storage, &up.volid) {
+                let note = format!(
+                    "removing the import file {} failed ({e:#}); remove it by hand (`pvesm free {}`)",
+                    up.volid, up.volid
+                );
+                match &mut res {
+                    Ok(()) => report.warnings.push(note),
+                    Err(err) => {
+                        if let Some(r) = run.as_mut() {
+                            r.left_behind = true;
+                        }
+                        *err = anyhow!("{err:#}; {note}");
+                    }
+                }
+            }
+        }
+    }
+    if let Some(r) = run {
         // A failed run whose cleanup failed too stays recorded: the next
         // publish removes what it left.
-        if res.is_ok() || !run.left_behind {
-            run.finish();
+        if res.is_ok() || !r.left_behind {
+            r.finish();
         }
-        res?;
-        report.created = !report.created_by_other;
+    }
+    if let Err(e) = res {
+        if report.nodes.is_empty() {
+            return Err(e);
+        }
+        let done: Vec<String> = report
+            .nodes
+            .iter()
+            .map(|n| format!("{} (vmid {})", n.node, n.vmid))
+            .collect();
+        return Err(e.context(format!(
+            "templates are ready on {}; publishing again finishes the rest",
+            done.join(", ")
+        )));
+    }
+    let first = report.nodes[0].clone();
+    report.vmid = first.vmid;
+    report.name = first.name;
+    report.node = first.node;
+    report.created = report.nodes.iter().any(|n| n.created);
+    if !report.created {
+        report.via = "existing".into();
     }
     if let Some(lxc) = &m.lxc {
         let storage = target.lxc_storage();
         let name = naming::lxc_file_name(&m);
         let volid = format!("{storage}:vztmpl/{name}");
-        if volume_exists(&pve, storage, "vztmpl", &volid)? != Some(lxc.size) {
+        // Once when the storage is shared, else once per node.
+        let lxc_nodes = if lxc_shared { &nodes[..1] } else { &nodes[..] };
+        for node in lxc_nodes {
+            let pn = pve.for_node(node);
+            if volume_exists(&pn, storage, "vztmpl", &volid)? == Some(lxc.size) {
+                report.lxc_volume = Some(volid.clone());
+                continue;
+            }
             let pb = crate::util::progress::bytes(
                 crate::util::progress::enabled(json),
                 Some(lxc.size),
                 "uploading LXC rootfs",
             );
-            let up = pve.upload(
+            let up = pn.upload(
                 storage,
                 "vztmpl",
                 &args.image.join(&lxc.file),
@@ -216,12 +416,56 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
                 &lxc.sha256,
                 Some(pb),
             )?;
-            pve.wait_task(&up.upid, &format!("copying {name} into {storage}"))?;
+            let stored = pn.finish_upload(
+                &up.upid,
+                &name,
+                &format!("copying {name} into {storage} on {node}"),
+            )?;
             report.uploaded_bytes += up.bytes;
+            report.lxc_volume = Some(format!("{storage}:vztmpl/{stored}"));
         }
-        report.lxc_volume = Some(volid);
     }
     Ok(report)
+}
+
+/// A template's entry in the report: its boot disk, that disk's storage.
+fn node_report(
+    pve: &Pve,
+    name: &str,
+    vmid: u32,
+    m: &ImageManifest,
+    created: bool,
+) -> Result<NodeReport> {
+    let cfg = vm_config(pve, &pve.node, vmid)?;
+    // `boot: order=scsi0;ide2`: the first entry that is a disk, not a CD.
+    let disk = cfg
+        .get("boot")
+        .and_then(Value::as_str)
+        .and_then(|b| b.strip_prefix("order="))
+        .and_then(|order| {
+            order.split(';').find(|d| {
+                cfg.get(*d)
+                    .and_then(Value::as_str)
+                    .is_some_and(|v| !v.contains("media=cdrom"))
+            })
+        })
+        .unwrap_or("scsi0")
+        .to_string();
+    let storage = cfg
+        .get(&disk)
+        .and_then(Value::as_str)
+        .and_then(|v| v.split(',').next()?.split_once(':'))
+        .map(|(s, _)| s.to_string())
+        .unwrap_or_default();
+    Ok(NodeReport {
+        node: pve.node.clone(),
+        vmid,
+        name: name.to_string(),
+        created,
+        storage,
+        disk_interface: disk,
+        virtual_size: m.disk.virtual_size,
+    })
 }
 
 /// Remove what publish runs on this machine left when they died: each VM a
@@ -245,8 +489,8 @@ fn remove_dead_runs(pve: &Pve, target: &Target, report: &mut PublishReport) -> R
                 }
             }
         }
-        for u in dead.entry.uploads.iter().filter(|u| u.node == pve.node) {
-            if let Err(e) = delete_volume(pve, &u.storage, &u.volid) {
+        for u in &dead.entry.uploads {
+            if let Err(e) = delete_volume(&pve.for_node(&u.node), &u.storage, &u.volid) {
                 done = false;
                 report.warnings.push(format!(
                     "{} left by an interrupted publish (run {run}) could not be removed: {e:#}",
@@ -282,6 +526,46 @@ fn remove_if_made_by(pve: &Pve, node: &str, vmid: u32, run: &str) -> Result<bool
     Ok(true)
 }
 
+/// Refuse before any upload when the datacenter's tag policy would refuse
+/// the template's tags: Proxmox checks them inside the create task, after
+/// the import (PVE/API2/Qemu.pm create_vm), so the whole upload and import
+/// would be lost. Reading the policy needs Sys.Audit on `/` (pve-manager
+/// PVE/API2/Cluster.pm get_options); without it this is a warning.
+fn check_tag_policy(
+    pve: &Pve,
+    vms: &[VmEntry],
+    tags: &[String],
+    report: &mut PublishReport,
+) -> Result<()> {
+    let options = match pve.get("/cluster/options", &[]) {
+        Ok(v) => v,
+        Err(e) => {
+            report.warnings.push(format!(
+                "the datacenter tag policy could not be read ({e:#}; needs Sys.Audit on /): \
+                 if it restricts tags, the create fails after the upload"
+            ));
+            return Ok(());
+        }
+    };
+    let privileged = access::has(pve, "/", "Sys.Modify")?;
+    let existing: std::collections::BTreeSet<String> =
+        vms.iter().flat_map(|v| v.tags.iter().cloned()).collect();
+    let (refused, policy) = access::refused_tags(&options, privileged, tags, &existing);
+    if !refused.is_empty() {
+        bail!(
+            "the datacenter tag policy ({policy}) does not let this API token set the tag(s) {} \
+             kiln gives the template: allow them (Datacenter > Options > User Tag Access, e.g. \
+             user-allow-list) or give the token Sys.Modify on /",
+            refused
+                .iter()
+                .map(|t| format!("`{t}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Non-template VMs of this image made by some kiln run on another machine
 /// (or by a run that is still going): never removed, but worth a word.
 /// Clones carry the same tags and description and are not mentioned.
@@ -294,7 +578,7 @@ fn warn_about_foreign_half_made(
     let id_tag = naming::id_tag(m);
     for vm in vms
         .iter()
-        .filter(|v| !v.template && v.tags.contains(&id_tag))
+        .filter(|v| v.node == pve.node && !v.template && v.tags.contains(&id_tag))
     {
         let Ok(cfg) = vm_config(pve, &vm.node, vm.vmid) else {
             continue;
@@ -361,11 +645,6 @@ enum Settled {
     Theirs(VmEntry),
 }
 
-/// How long a lower competitor may stay unconverted, with nothing below it
-/// still being created, before it is taken for the leftover of a dead run on
-/// another machine (a live run converts within one template task).
-const STALE_COMPETITOR: std::time::Duration = std::time::Duration::from_secs(120);
-
 /// Decide, after this run's VM `mine` is created, whether it becomes the
 /// template. Proxmox has no lock kiln could take across runs, but the
 /// creates themselves order them: among VMs of this image made by kiln runs
@@ -376,6 +655,10 @@ const STALE_COMPETITOR: std::time::Duration = std::time::Duration::from_secs(120
 /// waited for too.
 fn settle(pve: &Pve, job: &Job, mine: u32, report: &mut PublishReport) -> Result<Settled> {
     let [lo, _] = job.target.cfg.vmid_range;
+    // How long a lower competitor may stay unconverted, with nothing below
+    // it still being created, before it is taken for the leftover of a dead
+    // run on another machine (a live run converts within one template task).
+    let stale_after = std::time::Duration::from_secs(job.target.cfg.concurrent_publish_wait);
     let id_tag = naming::id_tag(job.m);
     let mut unconverted_since: std::collections::BTreeMap<u32, std::time::Instant> =
         Default::default();
@@ -419,7 +702,7 @@ fn settle(pve: &Pve, job: &Job, mine: u32, report: &mut PublishReport) -> Result
             if creating {
                 *since = std::time::Instant::now();
             }
-            if since.elapsed() < STALE_COMPETITOR {
+            if since.elapsed() < stale_after {
                 waiting = true;
             } else if stale_noted.insert(v.vmid) {
                 report.warnings.push(format!(
@@ -427,7 +710,7 @@ fn settle(pve: &Pve, job: &Job, mine: u32, report: &mut PublishReport) -> Result
                      for {} s; taken for the leftover of a dead run and not waited for",
                     v.vmid,
                     v.node,
-                    STALE_COMPETITOR.as_secs()
+                    stale_after.as_secs()
                 ));
             }
         }
@@ -446,36 +729,145 @@ struct Job<'a> {
     json: bool,
 }
 
-fn publish_api(
+/// A disk uploaded to an import storage.
+#[derive(Debug, Clone)]
+struct Upload {
+    node: String,
+    storage: String,
+    volid: String,
+}
+
+/// Publish on one node: upload (or use the one shared upload), make the
+/// template, remove the node's own upload.
+fn publish_on_node(
     pve: &Pve,
     job: &Job,
     vms: &[VmEntry],
     run: &mut journal::Run,
     report: &mut PublishReport,
-) -> Result<()> {
-    let (target, dir, m, json) = (job.target, job.dir, job.m, job.json);
+    shared: &mut Option<Upload>,
+) -> Result<NodeReport> {
+    let target = job.target;
+    let own = !target.cfg.shared_import_storage;
+    let upload = match shared {
+        Some(u) if !own => u.clone(),
+        _ => {
+            let u = upload_disk(pve, job, run, report)?;
+            if !own {
+                *shared = Some(u.clone());
+            }
+            u
+        }
+    };
+    let res = make_template(pve, job, vms, run, report, &upload.volid);
+    if !own {
+        return res;
+    }
+    // This node's own upload: not needed once its template exists, nor when
+    // another run made the template, nor after a failure.
+    let needed_after =
+        target.cfg.remove_import || res.as_ref().is_err() || res.as_ref().is_ok_and(|n| !n.created);
+    if !needed_after {
+        return res;
+    }
+    match (delete_volume(pve, &upload.storage, &upload.volid), res) {
+        (Ok(()), res) => res,
+        (Err(e), Ok(n)) => {
+            // The template is made: a file left over is no failure.
+            report.warnings.push(format!(
+                "template {} is ready, but removing the import file {} failed ({e:#}); remove it \
+                 by hand (`pvesm free {}`)",
+                n.vmid, upload.volid, upload.volid
+            ));
+            Ok(n)
+        }
+        (Err(c), Err(e)) => {
+            run.left_behind = true;
+            Err(anyhow!(
+                "{e:#}; import file {} is left behind ({c:#})",
+                upload.volid
+            ))
+        }
+    }
+}
+
+/// Upload the disk to the node's import storage under this run's name and
+/// wait until Proxmox has it; a failed copy is cleaned up.
+fn upload_disk(
+    pve: &Pve,
+    job: &Job,
+    run: &mut journal::Run,
+    report: &mut PublishReport,
+) -> Result<Upload> {
+    let (target, m) = (job.target, job.m);
     let storage = &target.cfg.import_storage;
     // Per run: a concurrent publish of the same image never overwrites or
     // deletes this upload (an upload replaces a file of the same name).
     let file_name = naming::import_file_name(m, run.id());
     let volid = format!("{storage}:import/{file_name}");
     run.will_upload(&pve.node, storage, &volid)?;
-    let disk = m.disk_path(dir);
     let pb = crate::util::progress::bytes(
-        crate::util::progress::enabled(json),
+        crate::util::progress::enabled(job.json),
         Some(m.disk.size),
         "uploading disk",
     );
-    let up = pve.upload(storage, "import", &disk, &file_name, &m.id, Some(pb))?;
+    let up = pve.upload(
+        storage,
+        "import",
+        &m.disk_path(job.dir),
+        &file_name,
+        &m.id,
+        Some(pb),
+    )?;
     report.uploaded_bytes += up.bytes;
-    report.upload_seconds = up.seconds;
+    report.upload_seconds += up.seconds;
+    match pve.finish_upload(
+        &up.upid,
+        &file_name,
+        &format!("copying {file_name} into {storage}"),
+    ) {
+        Ok(stored) => {
+            let mut volid = volid;
+            if stored != file_name {
+                // Not expected (the name is in PVE's alphabet), but the file
+                // is where the task says it is.
+                volid = format!("{storage}:import/{stored}");
+                run.will_upload(&pve.node, storage, &volid)?;
+            }
+            Ok(Upload {
+                node: pve.node.clone(),
+                storage: storage.clone(),
+                volid,
+            })
+        }
+        Err(e) => match delete_volume(pve, storage, &volid) {
+            Ok(()) => Err(e),
+            Err(c) => {
+                run.left_behind = true;
+                Err(anyhow!("{e:#}; import file {volid} is left behind ({c:#})"))
+            }
+        },
+    }
+}
+
+/// Create the VM on `pve`'s node from the uploaded disk, settle with other
+/// runs publishing the same image, make it a template. A VM this run made
+/// and does not keep is destroyed (or, if that fails, left to the next run).
+fn make_template(
+    pve: &Pve,
+    job: &Job,
+    vms: &[VmEntry],
+    run: &mut journal::Run,
+    report: &mut PublishReport,
+    volid: &str,
+) -> Result<NodeReport> {
+    let (target, m) = (job.target, job.m);
     let mut created: Option<u32> = None;
     let result = (|| -> Result<Settled> {
-        pve.wait_task(&up.upid, &format!("copying {file_name} into {storage}"))?;
         let when = naming::now_rfc3339();
         let run_id = run.id().to_string();
         let (vmid, upid) = create_vm(pve, target, vms, run, &|id| {
-            naming::create_params(target, m, id, &volid, &when, &run_id)
+            naming::create_params(target, m, id, volid, &when, &run_id)
         })?;
         created = Some(vmid);
         pve.wait_task(&upid, &format!("creating VM {vmid}"))?;
@@ -500,13 +892,7 @@ fn publish_api(
     match result {
         Ok(Settled::Mine) => {
             let vmid = created.expect("a VM was created");
-            report.vmid = vmid;
-            if target.cfg.remove_import {
-                delete_volume(pve, storage, &volid).with_context(|| {
-                    format!("template {vmid} is ready, but removing the import file {volid} failed")
-                })?;
-            }
-            Ok(())
+            node_report(pve, &naming::vm_name(&m.name, &m.version), vmid, m, true)
         }
         Ok(Settled::Theirs(t)) => {
             let mine = created.expect("a VM was created");
@@ -515,10 +901,6 @@ fn publish_api(
                  used; this run's VM {mine} is removed",
                 t.vmid, t.node
             ));
-            report.vmid = t.vmid;
-            report.name = t.name;
-            report.node = t.node;
-            report.via = "existing".into();
             report.created_by_other = true;
             if let Err(c) = destroy_vm(pve, &pve.node, mine) {
                 run.left_behind = true;
@@ -526,34 +908,18 @@ fn publish_api(
                     "VM {mine} is left behind ({c:#}); the next publish removes it"
                 ));
             }
-            if let Err(c) = delete_volume(pve, storage, &volid) {
-                run.left_behind = true;
-                report
-                    .warnings
-                    .push(format!("import file {volid} is left behind ({c:#})"));
-            }
-            Ok(())
+            node_report(pve, &t.name, t.vmid, m, false)
         }
         Err(e) => {
-            let mut notes = Vec::new();
             if let Some(vmid) = created {
                 if let Err(c) = destroy_vm(pve, &pve.node, vmid) {
-                    notes.push(format!(
-                        "VM {vmid} is left behind ({c:#}); the next publish removes it"
+                    run.left_behind = true;
+                    return Err(anyhow!(
+                        "{e:#}; VM {vmid} is left behind ({c:#}); the next publish removes it"
                     ));
                 }
             }
-            if target.cfg.remove_import {
-                if let Err(c) = delete_volume(pve, storage, &volid) {
-                    notes.push(format!("import file {volid} is left behind ({c:#})"));
-                }
-            }
-            run.left_behind = !notes.is_empty();
-            if notes.is_empty() {
-                Err(e)
-            } else {
-                Err(anyhow!("{e:#}; {}", notes.join("; ")))
-            }
+            Err(e)
         }
     }
 }

@@ -2,6 +2,7 @@
 //! tags, upload file names, the description, and the VM create parameters.
 
 use crate::deploy::pve::config::Target;
+pub(crate) use crate::deploy::pve::upload::pve_file_name;
 use crate::image::manifest::ImageManifest;
 
 /// Tag every kiln template carries.
@@ -66,16 +67,10 @@ pub(crate) fn tags(m: &ImageManifest) -> Vec<String> {
     t
 }
 
+/// A piece of an upload name in PVE's file-name alphabet (`+` in a version
+/// becomes `_`), so the stored name is the name kiln asked for.
 fn safe_file_part(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-.+=_".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    pve_file_name(&s.replace(['/', '\\'], "_"))
 }
 
 /// Upload name of the disk for publish run `run`: only PVE's safe
@@ -88,10 +83,8 @@ pub(crate) fn import_file_name(m: &ImageManifest, run: &str) -> String {
         "qcow2"
     };
     format!(
-        "kiln-{}-{}-{}-{}.{ext}",
-        safe_file_part(&m.name),
-        safe_file_part(&m.version),
-        m.short_id(),
+        "{}-{}.{ext}",
+        file_base(&m.name, &m.version, m.short_id()),
         run_tag(run)
     )
 }
@@ -106,11 +99,16 @@ pub(crate) fn run_tag(run: &str) -> String {
 
 /// Upload name of the LXC rootfs archive.
 pub(crate) fn lxc_file_name(m: &ImageManifest) -> String {
+    format!("{}.tar.zst", file_base(&m.name, &m.version, m.short_id()))
+}
+
+/// `kiln-NAME-VERSION-SHORTID` in PVE's file-name alphabet.
+fn file_base(name: &str, version: &str, short_id: &str) -> String {
     format!(
-        "kiln-{}-{}-{}.tar.zst",
-        safe_file_part(&m.name),
-        safe_file_part(&m.version),
-        m.short_id()
+        "kiln-{}-{}-{}",
+        safe_file_part(name),
+        safe_file_part(version),
+        safe_file_part(short_id)
     )
 }
 
@@ -238,6 +236,7 @@ pub(crate) fn create_params(
         ("cpu".into(), vm.cpu.clone()),
         ("net0".into(), format!("virtio,bridge={}", vm.bridge)),
         ("tags".into(), tags(m).join(";")),
+        ("pool".into(), t.cfg.pool.clone().unwrap_or_default()),
         ("smbios1".into(), smbios1(run)),
         ("description".into(), description(m, created, run)),
     ];
@@ -260,6 +259,25 @@ mod tests {
             "lb-appliance-2026-11-b1"
         );
         assert!(vm_name(&"x".repeat(100), "1").len() <= 63);
+    }
+
+    #[test]
+    fn upload_names_are_left_unchanged_by_pve() {
+        for (name, version) in [
+            ("lb", "2026.11+b1"),
+            ("k3s server", "1.0=x"),
+            ("a/b", "1\\2"),
+        ] {
+            let base = file_base(name, version, "abcdef012345");
+            for n in [format!("{base}-0f8e6a62.qcow2"), format!("{base}.tar.zst")] {
+                assert_eq!(pve_file_name(&n), n, "{name} {version}");
+            }
+        }
+        assert_eq!(
+            file_base("lb", "2026.11+b1", "abcdef012345"),
+            "kiln-lb-2026.11_b1-abcdef012345"
+        );
+        assert_eq!(run_tag("0f8e6a62-1c2b-4d3e"), "0f8e6a62");
     }
 
     #[test]

@@ -48,16 +48,27 @@ pub(crate) fn qm_disk_import(vmid: u32, remote_file: &str, storage: &str, format
     )
 }
 
-/// The volume `qm disk import` created, from its last output line
-/// (`Successfully imported disk as 'unused0:local-lvm:vm-9000-disk-1'`).
+/// The volume `qm disk import` created, from its output. Two forms
+/// (`PVE/CLI/qm.pm`, `importdisk`):
+/// - up to qemu-server 8.2.6: `Successfully imported disk as 'unused0:local-lvm:vm-9000-disk-1'`;
+/// - since 8.2.7 (PVE 8.3): `unused0: successfully imported disk 'local-lvm:vm-9000-disk-1'`
+///   (the quoted part is the drive's config value, options may follow a comma).
 pub(crate) fn imported_volume(output: &str) -> Option<String> {
-    let line = output
-        .lines()
-        .rev()
-        .find(|l| l.contains("imported disk as"))?;
-    let quoted = line.split('\'').nth(1)?;
-    let (_slot, vol) = quoted.split_once(':')?;
-    Some(vol.to_string())
+    output.lines().rev().find_map(|line| {
+        let line = line.trim();
+        if let Some(rest) = line.split_once("imported disk as '").map(|(_, r)| r) {
+            let quoted = rest.split('\'').next()?;
+            let (_slot, vol) = quoted.split_once(':')?;
+            return Some(vol.to_string());
+        }
+        let (slot, rest) = line.split_once(": successfully imported disk '")?;
+        if slot.is_empty() || !slot.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return None;
+        }
+        let quoted = rest.split('\'').next()?;
+        let vol = quoted.split(',').next()?;
+        vol.contains(':').then(|| vol.to_string())
+    })
 }
 
 pub(crate) fn qm_attach(vmid: u32, volume: &str) -> String {
@@ -377,6 +388,22 @@ mod tests {
             Some("local-lvm:vm-9000-disk-1")
         );
         assert_eq!(imported_volume("nothing"), None);
+    }
+
+    #[test]
+    fn imported_volume_is_read_from_the_output_of_qemu_server_8_2_7_and_later() {
+        let out = "importing disk '/var/tmp/kiln-a.qcow2' to VM 9000 ...\n\
+                   transferred 4.0 GiB of 4.0 GiB (100.00%)\n\
+                   unused0: successfully imported disk 'local-lvm:vm-9000-disk-1'\n";
+        assert_eq!(
+            imported_volume(out).as_deref(),
+            Some("local-lvm:vm-9000-disk-1")
+        );
+        let attached = "scsi0: successfully imported disk 'local-zfs:vm-9000-disk-1,size=4G'\n";
+        assert_eq!(
+            imported_volume(attached).as_deref(),
+            Some("local-zfs:vm-9000-disk-1")
+        );
     }
 
     fn non_blocking(fd: &impl std::os::fd::AsRawFd) {

@@ -20,7 +20,8 @@ pub(crate) fn seg(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
 }
 
-/// A connected API client for one target.
+/// A connected API client for one target; node-level requests go to `node`.
+#[derive(Clone)]
 pub(crate) struct Pve {
     pub(super) http: reqwest::blocking::Client,
     /// Async client for uploads; keeps no idle connections because each
@@ -174,9 +175,17 @@ impl Pve {
             upload_http,
             base: format!("{}/api2/json", cfg.url.trim_end_matches('/')),
             token: target.token.clone(),
-            node: cfg.node.clone(),
+            node: target.nodes().first().cloned().unwrap_or_default(),
             task_timeout: Duration::from_secs(cfg.task_timeout),
         })
+    }
+
+    /// The same client for node-level requests to another node of the cluster.
+    pub(crate) fn for_node(&self, node: &str) -> Pve {
+        Pve {
+            node: node.to_string(),
+            ..self.clone()
+        }
     }
 
     fn send(

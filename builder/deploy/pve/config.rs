@@ -21,14 +21,28 @@ pub(crate) struct ConfigFile {
 pub struct TargetConfig {
     /// `https://pve.example.lan:8006`.
     pub url: String,
+    /// The node that gets the template (or use `nodes`).
+    #[serde(default)]
     pub node: String,
+    /// Several nodes, one template on each (local storage cannot be cloned
+    /// across nodes, Proxmox bug 2059).
+    #[serde(default)]
+    pub nodes: Vec<String>,
     /// Storage for VM disks (content `images`), e.g. `local-lvm`.
     pub storage: String,
     /// File-based storage with `import` content for the upload, e.g. `local`.
     pub import_storage: String,
+    /// `import_storage` is shared by all nodes (NFS, CephFS...): the disk is
+    /// uploaded once, not once per node.
+    #[serde(default)]
+    pub shared_import_storage: bool,
     /// Storage with `vztmpl` content for LXC templates (default: import_storage).
     #[serde(default)]
     pub lxc_storage: Option<String>,
+    /// Resource pool the templates go into (it must exist). VM privileges
+    /// may then be granted on `/pool/<pool>` instead of `/vms`.
+    #[serde(default)]
+    pub pool: Option<String>,
     /// Inclusive VMID range kiln may use for templates.
     #[serde(default = "default_range")]
     pub vmid_range: [u32; 2],
@@ -50,6 +64,11 @@ pub struct TargetConfig {
     /// Seconds to wait for one Proxmox task.
     #[serde(default = "default_task_timeout")]
     pub task_timeout: u64,
+    /// Seconds another publish of the same image may leave its VM unconverted
+    /// (with nothing below it being created) before kiln takes it for the
+    /// leftover of a run that died on another machine and stops waiting.
+    #[serde(default = "default_concurrent_publish_wait")]
+    pub concurrent_publish_wait: u64,
     #[serde(default)]
     pub vm: VmDefaults,
     /// SSH access for Proxmox VE older than 8.4 (no import content).
@@ -107,6 +126,9 @@ fn yes() -> bool {
 }
 fn default_task_timeout() -> u64 {
     1800
+}
+fn default_concurrent_publish_wait() -> u64 {
+    120
 }
 fn default_cores() -> u32 {
     2
@@ -186,6 +208,15 @@ pub struct Target {
 }
 
 impl Target {
+    /// The nodes that get a template, in order.
+    pub fn nodes(&self) -> Vec<String> {
+        if self.cfg.nodes.is_empty() {
+            vec![self.cfg.node.clone()]
+        } else {
+            self.cfg.nodes.clone()
+        }
+    }
+
     pub fn lxc_storage(&self) -> &str {
         self.cfg
             .lxc_storage
@@ -308,12 +339,47 @@ fn check_target(name: &str, cfg: &TargetConfig) -> Result<()> {
             cfg.url
         ),
     }
+    match (cfg.node.is_empty(), cfg.nodes.is_empty()) {
+        (true, true) => bail!("target `{name}`: set `node` (or `nodes` for several)"),
+        (false, false) if !cfg.nodes.contains(&cfg.node) => bail!(
+            "target `{name}`: node `{}` is not among nodes {:?}; set one of them",
+            cfg.node,
+            cfg.nodes
+        ),
+        _ => {}
+    }
+    for n in cfg
+        .nodes
+        .iter()
+        .chain(Some(&cfg.node).filter(|n| !n.is_empty()))
+    {
+        // pve-node: a letter or digit first, then letters, digits, `-`, `.`.
+        let ok = n.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c));
+        if !ok {
+            bail!("target `{name}`: `{n}` is not a Proxmox node name");
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(dup) = cfg.nodes.iter().find(|n| !seen.insert(*n)) {
+        bail!("target `{name}`: node `{dup}` is listed twice");
+    }
     let [lo, hi] = cfg.vmid_range;
     if lo < 100 || hi < lo || hi > 999_999_999 {
         bail!("target `{name}`: vmid_range [{lo}, {hi}] must lie within 100..=999999999 with low <= high");
     }
     if let Some(fp) = &cfg.fingerprint {
         parse_fingerprint(fp).with_context(|| format!("target `{name}`: bad fingerprint"))?;
+    }
+    if let Some(p) = &cfg.pool {
+        // pve-poolid: a letter, then letters, digits, `-`, `_`, `.`.
+        let ok = p.starts_with(|c: char| c.is_ascii_alphabetic())
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !ok {
+            bail!("target `{name}`: pool `{p}` is not a Proxmox pool id (a letter, then letters, digits, -, _, .)");
+        }
     }
     Ok(())
 }
@@ -380,12 +446,29 @@ fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Target> {
         }
         None => default_range(),
     };
+    // KILN_PVE_NODE may list several nodes: `pve1,pve2`.
+    let node_list: Vec<String> = get("KILN_PVE_NODE")
+        .split(',')
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let (node, nodes) = if node_list.len() > 1 {
+        (String::new(), node_list)
+    } else {
+        (get("KILN_PVE_NODE"), Vec::new())
+    };
     let cfg = TargetConfig {
         url: get("KILN_PVE_URL"),
-        node: get("KILN_PVE_NODE"),
+        node,
+        nodes,
+        shared_import_storage: matches!(
+            env("KILN_PVE_IMPORT_SHARED").as_deref().map(str::trim),
+            Some("1" | "true" | "yes")
+        ),
         storage: get("KILN_PVE_STORAGE"),
         import_storage: get("KILN_PVE_IMPORT_STORAGE"),
         lxc_storage: env("KILN_PVE_LXC_STORAGE"),
+        pool: env("KILN_PVE_POOL").filter(|p| !p.trim().is_empty()),
         vmid_range,
         token_env: None,
         token_file: None,
@@ -393,6 +476,7 @@ fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Target> {
         fingerprint: env("KILN_PVE_FINGERPRINT"),
         remove_import: true,
         task_timeout: default_task_timeout(),
+        concurrent_publish_wait: default_concurrent_publish_wait(),
         vm: VmDefaults::default(),
         ssh: None,
     };
@@ -431,6 +515,43 @@ mod tests {
         assert_eq!(t.cfg.node, "pve");
         assert_eq!(t.cfg.import_storage, "local");
         assert_eq!(t.token.id, "ci@pve!kiln");
+    }
+
+    #[test]
+    fn several_nodes_come_from_the_node_variable_or_the_config() {
+        let mut e: Vec<(&str, &str)> = FULL_ENV.to_vec();
+        e[1] = ("KILN_PVE_NODE", "pve1, pve2");
+        let t = resolve(None, None, &env_of(&e)).unwrap();
+        assert_eq!(t.nodes(), vec!["pve1", "pve2"]);
+        let t = resolve(None, None, &env_of(FULL_ENV)).unwrap();
+        assert_eq!(t.nodes(), vec!["pve"]);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kiln.toml");
+        let base =
+            "url = \"https://h:8006\"\nstorage = \"local-lvm\"\nimport_storage = \"local\"\n";
+        for (extra, want) in [
+            ("nodes = [\"a\", \"b\"]\n", Ok(vec!["a", "b"])),
+            ("", Err("set `node`")),
+            (
+                "node = \"c\"\nnodes = [\"a\", \"b\"]\n",
+                Err("not among nodes"),
+            ),
+            ("nodes = [\"a\", \"a\"]\n", Err("listed twice")),
+        ] {
+            std::fs::write(&p, format!("[targets.lab]\n{base}{extra}")).unwrap();
+            let got = resolve(
+                Some("lab"),
+                Some(&p),
+                &env_of(&[("KILN_PVE_TOKEN", "a@pve!b=c")]),
+            );
+            match want {
+                Ok(n) => assert_eq!(got.unwrap().nodes(), n),
+                Err(msg) => {
+                    let e = format!("{:#}", got.unwrap_err());
+                    assert!(e.contains(msg), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,9 +12,30 @@ use std::time::Instant;
 use super::client::{reason_of, seg, Pve};
 use super::errors::ApiError;
 
+/// What Proxmox makes of an uploaded file's name: its last path component
+/// with every character outside `[a-zA-Z0-9_.-]` replaced by `_`
+/// (`PVE/Storage.pm`, `normalize_content_filename`, applied by the upload
+/// handler in `PVE/API2/Storage/Status.pm` before it checks the extension).
+pub(crate) fn pve_file_name(name: &str) -> String {
+    let name = name.trim_end_matches('\n');
+    name.rsplit(['/', '\\'])
+        .next()
+        .unwrap_or("")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 impl Pve {
     /// Stream a file as `multipart/form-data` to the upload endpoint: fields
     /// first, the file part (`filename`) last, with a Content-Length.
+    /// `remote_name` must be one Proxmox stores unchanged ([`pve_file_name`]).
     pub(crate) fn upload(
         &self,
         storage: &str,
@@ -25,6 +46,12 @@ impl Pve {
         progress: Option<indicatif::ProgressBar>,
     ) -> Result<UploadOutcome> {
         crate::util::check_interrupted()?;
+        if pve_file_name(remote_name) != remote_name {
+            anyhow::bail!(
+                "upload name `{remote_name}` would be stored as `{}` by Proxmox; refusing to upload under a name kiln cannot find again",
+                pve_file_name(remote_name)
+            );
+        }
         let path = format!("/nodes/{}/storage/{}/upload", seg(&self.node), seg(storage));
         let f =
             std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
@@ -81,6 +108,23 @@ impl Pve {
 }
 
 impl Pve {
+    /// Wait for an upload's `imgcopy` task; the file name Proxmox stored it
+    /// under, from the task log's `target file: PATH` line
+    /// (`PVE/API2/Storage/Status.pm`), else `asked` (the name sent).
+    pub(crate) fn finish_upload(&self, upid: &str, asked: &str, what: &str) -> Result<String> {
+        self.wait_task(upid, what)?;
+        let node = upid
+            .split(':')
+            .nth(1)
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&self.node);
+        let log = self.get(
+            &format!("/nodes/{}/tasks/{}/log", seg(node), seg(upid)),
+            &[("limit", "100".into())],
+        )?;
+        Ok(stored_name(&log).unwrap_or_else(|| asked.to_string()))
+    }
+
     /// POST a body of known length, streamed in 1 MiB chunks with an explicit
     /// Content-Length (never chunked, never buffered whole). Uses reqwest's
     /// async client on a private runtime: the blocking client moves bodies
@@ -141,6 +185,17 @@ impl Pve {
         })?;
         self.decode_parts("POST", path, status, reason, &text)
     }
+}
+
+/// The base name in a task log's `target file: PATH` line.
+fn stored_name(log: &Value) -> Option<String> {
+    log.as_array()?
+        .iter()
+        .filter_map(|l| l.get("t").and_then(Value::as_str))
+        .find_map(|t| t.strip_prefix("target file: "))
+        .and_then(|p| p.trim().rsplit('/').next())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
 }
 
 pub(crate) struct UploadOutcome {
@@ -244,6 +299,26 @@ impl<R: Read> Read for Counting<R> {
 mod tests {
     use super::*;
     use std::io::Read;
+
+    #[test]
+    fn the_stored_name_is_read_from_the_imgcopy_log() {
+        let log = serde_json::json!([
+            {"n": 1, "t": "starting file import from: /var/tmp/pveupload-1"},
+            {"n": 2, "t": "target node: pve"},
+            {"n": 3, "t": "target file: /var/lib/vz/import/kiln-a_b.qcow2"},
+        ]);
+        assert_eq!(stored_name(&log).as_deref(), Some("kiln-a_b.qcow2"));
+        assert_eq!(
+            stored_name(&serde_json::json!([{"n": 1, "t": "TASK OK"}])),
+            None
+        );
+    }
+
+    #[test]
+    fn proxmox_rewrites_names_outside_its_alphabet() {
+        assert_eq!(pve_file_name("a+b=c d.qcow2"), "a_b_c_d.qcow2");
+        assert_eq!(pve_file_name("dir/x-1.2_3.raw"), "x-1.2_3.raw");
+    }
 
     #[test]
     fn multipart_length_is_exact_and_fields_precede_the_file() {

@@ -8,8 +8,9 @@ use super::client::{seg, Pve};
 use super::errors::is_missing;
 use super::vms::as_u64;
 
-/// Check a storage exists on the node and allows `content`.
-pub(crate) fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) -> Result<()> {
+/// Check a storage exists on the node and allows `content`; whether it is
+/// shared by all nodes (its `shared` flag).
+pub(crate) fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) -> Result<bool> {
     let v = pve.get(
         &format!("/nodes/{}/storage", seg(&pve.node)),
         &[("storage", storage.into())],
@@ -20,7 +21,15 @@ pub(crate) fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) 
             a.iter()
                 .find(|e| e.get("storage").and_then(Value::as_str) == Some(storage))
         })
-        .with_context(|| format!("storage `{storage}` does not exist on node {}", pve.node))?;
+        .with_context(|| {
+            // PVE lists only storages the token may read (`GET
+            // /nodes/{node}/storage`: Datastore.Audit or AllocateSpace).
+            format!(
+                "storage `{storage}` is not visible on node {}: it does not exist there, or the \
+                 API token lacks Datastore.Audit on /storage/{storage}",
+                pve.node
+            )
+        })?;
     let contents = entry.get("content").and_then(Value::as_str).unwrap_or("");
     if !contents.split(',').any(|c| c.trim() == content) {
         bail!(
@@ -28,7 +37,8 @@ pub(crate) fn check_storage(pve: &Pve, storage: &str, content: &str, why: &str) 
             pve.node
         );
     }
-    Ok(())
+    let shared = entry.get("shared");
+    Ok(shared.and_then(Value::as_bool).unwrap_or(false) || shared.and_then(as_u64) == Some(1))
 }
 
 /// Delete a volume (gone already counts as done).

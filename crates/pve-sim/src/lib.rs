@@ -1,13 +1,18 @@
-//! pve-sim: a labelled STAND-IN for the Proxmox VE HTTP API (one node `pve`), so
+//! pve-sim: a labelled STAND-IN for the Proxmox VE HTTP API (a cluster of one
+//! node `pve` by default, or of [`SimConfig::nodes`]), so
 //! `kiln publish` can be tested and tried without Proxmox. It is a simulator, not Proxmox.
 //!
 //! What it reproduces: API-token auth (401 otherwise), the upload endpoint's
 //! multipart rules (Content-Length required, chunked refused, fields before
 //! the file part, PVE's file name rules), asynchronous UPID tasks, config
 //! locks while tasks run, template rules, `400 Parameter verification failed`
-//! with per-parameter errors, and injectable faults (see [`Fault`]).
-//! Storages: `local` (dir: iso, vztmpl, import, backup) and `local-lvm`
-//! (lvmthin: images, rootdir). Disk contents are not converted: an imported
+//! with per-parameter errors, the token's privileges per path
+//! ([`SimConfig::acl`], `403` where PVE answers it), and injectable faults
+//! (see [`Fault`]).
+//! Storages: `local` (dir: iso, vztmpl, import, backup), `local-lvm`
+//! (lvmthin: images, rootdir), `local-zfs` (zfspool: images, rootdir) and
+//! `nfs` (shared: images, import, vztmpl, iso), each naming disks and linked
+//! clones as its PVE storage type does (see `disks`). Disk contents are not converted: an imported
 //! disk is recorded with its size, nothing boots.
 //!
 //! Modules: `state` (what the node holds), `routes` (route table, auth,
@@ -18,6 +23,8 @@ pub mod http;
 pub mod multipart;
 pub mod params;
 
+mod access;
+mod disks;
 mod faults;
 mod routes;
 mod state;
@@ -25,6 +32,7 @@ mod storage;
 mod tasks;
 mod vms;
 
+pub use access::{parse_acl, Acl};
 pub use faults::{parse_faults, Fault, FaultKind, FaultOp};
 pub use state::{Recorded, SimConfig, State, StorageDef, Task, Vm, Volume, NODE, STORAGES};
 
@@ -90,6 +98,11 @@ impl Sim {
         let state = State {
             faults: cfg.faults.clone(),
             next_pid: 4000,
+            first_node: cfg
+                .nodes
+                .first()
+                .cloned()
+                .unwrap_or_else(|| NODE.to_string()),
             ..State::default()
         };
         let shared = Arc::new(Shared {
@@ -99,6 +112,7 @@ impl Sim {
             state: Mutex::new(state),
             tls,
             stopped: AtomicBool::new(false),
+            pools: Mutex::new(Default::default()),
         });
         let s2 = shared.clone();
         std::thread::spawn(move || {
@@ -135,6 +149,19 @@ impl Sim {
     /// Inspect or seed the simulator's state.
     pub fn state(&self) -> MutexGuard<'_, State> {
         state::lock(&self.shared)
+    }
+
+    /// Create a resource pool (as `pveum pool add NAME` would).
+    pub fn add_pool(&self, name: &str) {
+        self.shared.pools().entry(name.to_string()).or_default();
+    }
+
+    /// The VMs in a pool, None when there is no such pool.
+    pub fn pool_members(&self, name: &str) -> Option<Vec<u32>> {
+        self.shared
+            .pools()
+            .get(name)
+            .map(|m| m.iter().copied().collect())
     }
 
     pub fn inject(&self, fault: Fault) {

@@ -6,8 +6,9 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A Proxmox VE API simulator (a stand-in, not Proxmox): one node `pve`,
-/// storages `local` (iso, vztmpl, import) and `local-lvm` (images).
+/// A Proxmox VE API simulator (a stand-in, not Proxmox): node `pve` (or
+/// --nodes), storages `local` (iso, vztmpl, import), `local-lvm` and
+/// `local-zfs` (images) on each node, and `nfs` shared by all.
 #[derive(Parser)]
 #[command(name = "pve-sim", version)]
 struct Args {
@@ -30,6 +31,9 @@ struct Args {
     /// Seconds each task runs.
     #[arg(long, default_value_t = 0.2)]
     task_seconds: f64,
+    /// Node names of the simulated cluster, comma-separated (default: pve).
+    #[arg(long, value_delimiter = ',', default_value = "pve")]
+    nodes: Vec<String>,
     /// PVE version reported by /version.
     #[arg(long, default_value = "8.4.1")]
     pve_version: String,
@@ -39,6 +43,10 @@ struct Args {
     /// endpoint, not part of PVE): POST /api2/json/_sim/faults with spec=....
     #[arg(long)]
     fault: Vec<String>,
+    /// Give the token only these privileges, PATH=PRIV[,PRIV...], inherited
+    /// below PATH (repeatable). Without --acl the token may do everything.
+    #[arg(long)]
+    acl: Vec<String>,
 }
 
 fn main() {
@@ -64,7 +72,11 @@ fn run() -> Result<()> {
     cfg.tls = a.tls_cert.zip(a.tls_key);
     cfg.task_delay = Duration::from_secs_f64(a.task_seconds);
     cfg.version = a.pve_version;
+    cfg.nodes = a.nodes;
     cfg.faults = pve_sim::parse_faults(&a.fault)?;
+    if !a.acl.is_empty() {
+        cfg.acl = Some(pve_sim::parse_acl(&a.acl).map_err(anyhow::Error::msg)?);
+    }
     let sim = std::sync::Arc::new(pve_sim::Sim::start(cfg)?);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -49,6 +49,24 @@ pub fn split_tags(s: &str) -> Vec<String> {
         .collect()
 }
 
+/// What PVE makes of an uploaded file's name before any check: the last
+/// path component, every character outside `[a-zA-Z0-9_.-]` replaced by `_`
+/// (`PVE/Storage.pm`, `normalize_content_filename`, called by the upload
+/// handler in `PVE/API2/Storage/Status.pm`).
+pub fn normalize_content_filename(name: &str) -> String {
+    let name = name.trim_end_matches('\n');
+    let last = name.rsplit(['/', '\\']).next().unwrap_or("");
+    last.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// Safe characters for uploaded file names (PVE's SAFE_CHAR_CLASS).
 pub fn is_safe_filename_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "-.+=_".contains(c)
@@ -62,11 +80,13 @@ pub fn import_filename_ok(name: &str) -> bool {
     ext_ok && name.chars().all(is_safe_filename_char)
 }
 
-/// Names PVE accepts for `content=vztmpl` uploads.
+/// Names PVE accepts for `content=vztmpl` uploads: `\.tar(\.(gz|xz|zst|bz2))?`
+/// at the end, any case (`PVE/Storage.pm`, `VZTMPL_EXT_RE_1`).
 pub fn vztmpl_filename_ok(name: &str) -> bool {
-    [".tar.gz", ".tar.xz", ".tar.zst", ".tar.bz2"]
+    let lower = name.to_ascii_lowercase();
+    [".tar", ".tar.gz", ".tar.xz", ".tar.zst", ".tar.bz2"]
         .iter()
-        .any(|e| name.len() > e.len() && name.ends_with(e))
+        .any(|e| lower.len() > e.len() && lower.ends_with(e))
         && !name.contains('/')
 }
 
@@ -226,6 +246,19 @@ mod tests {
         assert!(!import_filename_ok("disk.img"));
         assert!(!import_filename_ok("my disk.qcow2"));
         assert!(!import_filename_ok(".qcow2"));
+    }
+
+    #[test]
+    fn upload_names_are_normalized_like_pve() {
+        assert_eq!(
+            normalize_content_filename("kiln-lb-2026.11+b1-ab.tar.zst"),
+            "kiln-lb-2026.11_b1-ab.tar.zst"
+        );
+        assert_eq!(
+            normalize_content_filename("C:\\x\\my disk=1.qcow2"),
+            "my_disk_1.qcow2"
+        );
+        assert_eq!(normalize_content_filename("../a/b.raw"), "b.raw");
     }
 
     #[test]

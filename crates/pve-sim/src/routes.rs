@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::faults::add_fault;
 use crate::http::{self, respond, Conn, Head};
 use crate::params::{self, Errors};
-use crate::state::{lock, Recorded, Shared, NODE};
+use crate::state::{lock, Recorded, Shared};
 use crate::storage::{storage_content, storage_list, upload, volume_delete};
 use crate::tasks::{task_log, task_status};
 use crate::vms::{
@@ -42,9 +42,11 @@ pub(crate) fn param_err(name: &str, msg: impl Into<String>) -> ApiError {
 
 const ROUTES: &[(&str, &str)] = &[
     ("GET", "/version"),
+    ("GET", "/access/permissions"),
     ("GET", "/nodes"),
     ("GET", "/cluster/resources"),
     ("GET", "/cluster/nextid"),
+    ("GET", "/cluster/options"),
     ("GET", "/nodes/{node}/storage"),
     ("GET", "/nodes/{node}/storage/{storage}/content"),
     ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"),
@@ -259,9 +261,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub(crate) fn check_node(p: &BTreeMap<String, String>) -> Result<(), ApiError> {
+pub(crate) fn check_node(shared: &Shared, p: &BTreeMap<String, String>) -> Result<(), ApiError> {
     match p.get("node").map(String::as_str) {
-        Some(NODE) => Ok(()),
+        Some(n) if shared.cfg.nodes.iter().any(|x| x == n) => Ok(()),
         Some(n) if params::is_safe_id(n) => Err(err500(format!(
             "hostname lookup '{n}' failed - failed to get address info for: {n}: Name or service not known"
         ))),
@@ -293,10 +295,21 @@ fn dispatch(
             "release": shared.cfg.version.rsplit_once('.').map(|(a, _)| a).unwrap_or("8.4"),
             "repoid": "5a1b2c3d",
         })),
-        ("GET", "/nodes") => Ok(json!([{ "node": NODE, "status": "online", "type": "node" }])),
+        ("GET", "/access/permissions") => crate::access::permissions(shared, p),
+        ("GET", "/nodes") => Ok(json!(shared
+            .cfg
+            .nodes
+            .iter()
+            .map(|n| json!({ "node": n, "status": "online", "type": "node" }))
+            .collect::<Vec<_>>())),
         ("GET", "/cluster/resources") => cluster_resources(shared, p),
         ("GET", "/cluster/nextid") => nextid(shared, p),
-        ("GET", "/nodes/{node}/storage") => storage_list(p),
+        // pve-manager PVE/API2/Cluster.pm get_options: Sys.Audit on /.
+        ("GET", "/cluster/options") => {
+            crate::access::require(shared, "/", "Sys.Audit")?;
+            Ok(shared.cfg.datacenter.clone())
+        }
+        ("GET", "/nodes/{node}/storage") => storage_list(shared, p),
         ("GET", "/nodes/{node}/storage/{storage}/content") => storage_content(shared, p),
         ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}") => {
             volume_delete(shared, p, user)

@@ -11,14 +11,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::faults::Fault;
 use crate::params;
 
+/// The first (default) node's name.
 pub const NODE: &str = "pve";
 
 /// A storage of the simulated node.
 #[derive(Debug, Clone, Copy)]
 pub struct StorageDef {
     pub id: &'static str,
+    /// PVE storage type: `dir`, `lvmthin`, `zfspool`, `nfs`.
     pub kind: &'static str,
     pub content: &'static [&'static str],
+    /// The same storage on every node (network storage).
+    pub shared: bool,
 }
 
 pub const STORAGES: &[StorageDef] = &[
@@ -26,11 +30,25 @@ pub const STORAGES: &[StorageDef] = &[
         id: "local",
         kind: "dir",
         content: &["iso", "vztmpl", "import", "backup"],
+        shared: false,
     },
     StorageDef {
         id: "local-lvm",
         kind: "lvmthin",
         content: &["images", "rootdir"],
+        shared: false,
+    },
+    StorageDef {
+        id: "local-zfs",
+        kind: "zfspool",
+        content: &["images", "rootdir"],
+        shared: false,
+    },
+    StorageDef {
+        id: "nfs",
+        kind: "nfs",
+        content: &["images", "import", "vztmpl", "iso"],
+        shared: true,
     },
 ];
 
@@ -44,7 +62,8 @@ pub struct SimConfig {
     pub listen: SocketAddr,
     /// `USER@REALM!TOKENID=SECRET`.
     pub token: String,
-    /// Where uploads and volumes live (`var-tmp/`, `storage/<id>/`).
+    /// Where uploads and volumes live (`var-tmp/`, `storage/<id>/`, other
+    /// nodes' local storages in `nodes/<node>/storage/<id>/`).
     pub data_dir: PathBuf,
     /// PEM certificate chain and key: serve HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -52,7 +71,17 @@ pub struct SimConfig {
     pub task_delay: Duration,
     /// Reported by `/version`.
     pub version: String,
+    /// The cluster's nodes (default: one, `pve`). Local storages exist on
+    /// each with their own contents; shared ones (`nfs`) once for all.
+    pub nodes: Vec<String>,
     pub faults: Vec<Fault>,
+    /// The token's privileges per path (inherited below each path); None
+    /// grants everything everywhere.
+    pub acl: Option<crate::access::Acl>,
+    /// Datacenter options (`datacenter.cfg`) as `GET /cluster/options`
+    /// answers them, e.g. `{"user-tag-access": {"user-allow": "existing"},
+    /// "registered-tags": ["prod"]}`; they decide which tags a token may set.
+    pub datacenter: serde_json::Value,
 }
 
 impl SimConfig {
@@ -64,7 +93,10 @@ impl SimConfig {
             tls: None,
             task_delay: Duration::from_millis(100),
             version: "8.4.1".into(),
+            nodes: vec![NODE.to_string()],
             faults: Vec::new(),
+            acl: None,
+            datacenter: serde_json::json!({}),
         }
     }
 }
@@ -72,6 +104,8 @@ impl SimConfig {
 #[derive(Debug, Clone)]
 pub struct Vm {
     pub vmid: u32,
+    /// The node the VM is on.
+    pub node: String,
     /// Config keys as `qm config` shows them (`lock` while a task runs).
     pub config: BTreeMap<String, String>,
     pub template: bool,
@@ -124,27 +158,77 @@ pub struct State {
     /// Bytes of upload file parts received (also for failed uploads).
     pub upload_bytes: u64,
     pub(crate) next_pid: u32,
+    /// The first node: its volumes (and shared storages' volumes) are keyed
+    /// by volid alone in `volumes`, other nodes' by `NODE/volid`.
+    pub(crate) first_node: String,
 }
 
 impl State {
+    /// The key of `volid` on `node` in [`State::volumes`]: the volid for the
+    /// first node and for shared storages, `NODE/volid` for other nodes.
+    pub fn volume_key(&self, node: &str, volid: &str) -> String {
+        let shared = volid
+            .split_once(':')
+            .and_then(|(sid, _)| storage(sid))
+            .is_some_and(|s| s.shared);
+        if shared || self.first_node.is_empty() || node == self.first_node {
+            volid.to_string()
+        } else {
+            format!("{node}/{volid}")
+        }
+    }
+
+    /// The volumes of storage `sid` as node `node` sees them.
+    pub(crate) fn volumes_on<'a>(
+        &'a self,
+        node: &'a str,
+        sid: &'a str,
+    ) -> impl Iterator<Item = &'a Volume> + 'a {
+        let prefix = format!("{sid}:");
+        self.volumes
+            .iter()
+            .filter(move |(k, v)| {
+                v.volid.starts_with(&prefix) && **k == self.volume_key(node, &v.volid)
+            })
+            .map(|(_, v)| v)
+    }
+
     /// Seed a VM (as if someone else created it), e.g. to occupy a VMID.
     pub fn add_vm(&mut self, vmid: u32, name: &str, tags: &str, template: bool) {
+        self.add_vm_on("local-lvm", vmid, name, tags, template)
+    }
+
+    /// [`State::add_vm`] with its disk on `storage`.
+    pub fn add_vm_on(
+        &mut self,
+        storage_id: &str,
+        vmid: u32,
+        name: &str,
+        tags: &str,
+        template: bool,
+    ) {
         let mut config = BTreeMap::new();
         config.insert("name".into(), name.into());
         if !tags.is_empty() {
             config.insert("tags".into(), normalize_tags(tags));
         }
-        let disk = if template {
-            format!("local-lvm:base-{vmid}-disk-1,size=4G")
-        } else {
-            format!("local-lvm:vm-{vmid}-disk-1,size=4G")
-        };
-        config.insert("scsi0".into(), disk);
+        let sdef = storage(storage_id).expect("a storage of the simulator");
+        let mut disk = crate::disks::new_disk(sdef, vmid, 1);
+        if template {
+            disk = crate::disks::to_base(&disk, vmid).expect("a VM disk");
+        }
+        config.insert("scsi0".into(), format!("{disk},size=4G"));
         config.insert("smbios1".into(), format!("uuid={}", new_uuid()));
+        let node = if self.first_node.is_empty() {
+            NODE.to_string()
+        } else {
+            self.first_node.clone()
+        };
         self.vms.insert(
             vmid,
             Vm {
                 vmid,
+                node,
                 config,
                 template,
                 running: false,
@@ -152,12 +236,32 @@ impl State {
         );
     }
 
-    /// Seed a linked clone of template `base`.
+    /// Seed a linked clone of template `base`, as `POST .../clone` makes it:
+    /// the template's config (tags, description) with a new SMBIOS UUID and
+    /// each disk a linked clone named the way the disk's storage names them.
     pub fn add_linked_clone(&mut self, base: u32, vmid: u32, name: &str) {
-        self.add_vm(vmid, name, "", false);
-        self.vms.get_mut(&vmid).unwrap().config.insert(
-            "scsi0".into(),
-            format!("local-lvm:base-{base}-disk-1/vm-{vmid}-disk-1,size=4G"),
+        let src = self.vms.get(&base).expect("the template exists").clone();
+        let mut config = src.config.clone();
+        config.insert("name".into(), name.into());
+        config.insert("smbios1".into(), format!("uuid={}", new_uuid()));
+        for v in config.values_mut() {
+            let (vol, rest) = match v.split_once(',') {
+                Some((a, b)) => (a.to_string(), format!(",{b}")),
+                None => (v.clone(), String::new()),
+            };
+            if let Some(c) = crate::disks::clone_disk(&vol, base, vmid, true) {
+                *v = format!("{c}{rest}");
+            }
+        }
+        self.vms.insert(
+            vmid,
+            Vm {
+                vmid,
+                node: src.node.clone(),
+                config,
+                template: false,
+                running: false,
+            },
         );
     }
 }
@@ -170,6 +274,26 @@ pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) stopped: AtomicBool,
+    /// Resource pools and their VMs (PVE keeps them in user.cfg, not in the
+    /// VM config). Apart from `state` so privilege checks can read it while
+    /// a handler holds the state.
+    pub(crate) pools: Mutex<BTreeMap<String, std::collections::BTreeSet<u32>>>,
+}
+
+impl Shared {
+    pub(crate) fn pools(
+        &self,
+    ) -> MutexGuard<'_, BTreeMap<String, std::collections::BTreeSet<u32>>> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pool a VM is in.
+    pub(crate) fn pool_of(&self, vmid: u32) -> Option<String> {
+        self.pools()
+            .iter()
+            .find(|(_, m)| m.contains(&vmid))
+            .map(|(p, _)| p.clone())
+    }
 }
 
 /// The state, also after a thread panicked while holding it.

@@ -8,26 +8,36 @@ use std::io::{BufReader, Read};
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::access;
 use crate::faults::{injected_500, FaultKind, FaultOp};
 use crate::http::{Conn, Head};
 use crate::multipart;
 use crate::params::{self, Errors};
 use crate::routes::{check_node, err500, param_err, reply, ApiError, ApiResult, Outcome};
 use crate::state::{lock, now, storage, Recorded, Shared, StorageDef, Volume, STORAGES};
-use crate::tasks::{spawn_task, task_plan};
+use crate::tasks::{spawn_task, task_plan, TaskOf};
 
 fn storage_entry(s: &StorageDef) -> Value {
     json!({
         "storage": s.id, "type": s.kind, "content": s.content.join(","),
-        "active": 1, "enabled": 1, "shared": 0,
+        "active": 1, "enabled": 1, "shared": if s.shared { 1 } else { 0 },
         "total": 100u64 << 30, "used": 10u64 << 30, "avail": 90u64 << 30,
     })
 }
 
-pub(crate) fn storage_list(p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+pub(crate) fn storage_list(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
+    check_node(shared, p)?;
     let out: Vec<Value> = STORAGES
         .iter()
+        // "Only list entries where you have 'Datastore.Audit' or
+        // 'Datastore.AllocateSpace' permissions on '/storage/<storage>'".
+        .filter(|s| {
+            access::has_any(
+                shared,
+                &format!("/storage/{}", s.id),
+                &["Datastore.Audit", "Datastore.AllocateSpace"],
+            )
+        })
         .filter(|s| p.get("storage").map(|x| x == s.id).unwrap_or(true))
         .filter(|s| {
             p.get("content")
@@ -49,14 +59,17 @@ pub(crate) fn known_storage(p: &BTreeMap<String, String>) -> Result<&'static Sto
 }
 
 pub(crate) fn storage_content(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let s = known_storage(p)?;
+    access::require_any(
+        shared,
+        &format!("/storage/{}", s.id),
+        &["Datastore.Audit", "Datastore.AllocateSpace"],
+    )?;
     let st = lock(shared);
-    let prefix = format!("{}:", s.id);
+    let node = p.get("node").cloned().unwrap_or_default();
     let out: Vec<Value> = st
-        .volumes
-        .values()
-        .filter(|v| v.volid.starts_with(&prefix))
+        .volumes_on(&node, s.id)
         .filter(|v| p.get("content").map(|c| *c == v.content).unwrap_or(true))
         .map(|v| json!({"volid": v.volid, "content": v.content, "format": v.format, "size": v.size, "ctime": v.ctime}))
         .collect();
@@ -68,35 +81,42 @@ pub(crate) fn volume_delete(
     p: &BTreeMap<String, String>,
     user: &str,
 ) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let s = known_storage(p)?;
+    access::require(shared, &format!("/storage/{}", s.id), "Datastore.Allocate")?;
     let vol = p.get("volume").cloned().unwrap_or_default();
     let volid = if vol.contains(':') {
         vol
     } else {
         format!("{}:{vol}", s.id)
     };
+    let node = p.get("node").cloned().unwrap_or_default();
     let mut st = lock(shared);
-    if !st.volumes.contains_key(&volid) {
+    let key = st.volume_key(&node, &volid);
+    if !st.volumes.contains_key(&key) {
         return Err(err500(format!("volume '{volid}' does not exist")));
     }
     let (delay, fail, kind) = task_plan(shared, &mut st, FaultOp::VolumeDelete);
     if kind == Some(FaultKind::Http500) {
         return Err(injected_500());
     }
-    let v2 = volid.clone();
     let upid = spawn_task(
         shared,
         &mut st,
-        "imgdel",
-        &volid,
-        user,
+        TaskOf {
+            node: &node,
+            kind: "imgdel",
+            id: &volid.clone(),
+            user,
+        },
         delay,
-        Box::new(move |st| {
+        Box::new(move |st, _log| {
             if fail {
-                return Err(format!("error removing '{v2}' (fault injected by pve-sim)"));
+                return Err(format!(
+                    "error removing '{volid}' (fault injected by pve-sim)"
+                ));
             }
-            if let Some(v) = st.volumes.remove(&v2) {
+            if let Some(v) = st.volumes.remove(&key) {
                 if let Some(path) = v.path {
                     let _ = std::fs::remove_file(path);
                 }
@@ -192,7 +212,7 @@ fn upload_checked(
         path: "/nodes/{node}/storage/{storage}/upload".into(),
         params: p.clone(),
     });
-    check_node(p)?;
+    check_node(shared, p)?;
     let mut e = Errors::new();
     for k in p.keys() {
         if ![
@@ -256,13 +276,9 @@ fn upload_checked(
     }
     let file = file.expect("checked above");
     let content = p["content"].clone();
-    // PVE keeps only the last path component of the client's name.
-    let name = file
-        .filename
-        .rsplit(['/', '\\'])
-        .next()
-        .unwrap_or("")
-        .to_string();
+    // PVE keeps only the last path component of the client's name and
+    // rewrites what is outside its alphabet before any check.
+    let name = params::normalize_content_filename(&file.filename);
     if name.len() > 255 {
         return Err(param_err(
             "filename",
@@ -282,6 +298,11 @@ fn upload_checked(
         _ => {}
     }
     let s = known_storage(p)?;
+    access::require(
+        shared,
+        &format!("/storage/{}", s.id),
+        "Datastore.AllocateTemplate",
+    )?;
     if !s.content.contains(&content.as_str()) {
         return Err(err500(format!(
             "storage '{}' does not support '{content}' content",
@@ -293,7 +314,14 @@ fn upload_checked(
         "vztmpl" => "template/cache",
         _ => "template/iso",
     };
-    let dest_dir = shared.cfg.data_dir.join("storage").join(s.id).join(sub);
+    let node = p.get("node").cloned().unwrap_or_default();
+    // Other nodes' local storages live apart; shared ones are one place.
+    let root = if s.shared || shared.cfg.nodes.first() == Some(&node) {
+        shared.cfg.data_dir.clone()
+    } else {
+        shared.cfg.data_dir.join("nodes").join(&node)
+    };
+    let dest_dir = root.join("storage").join(s.id).join(sub);
     let volid = format!(
         "{}:{}/{}",
         s.id,
@@ -306,14 +334,18 @@ fn upload_checked(
     let (delay, fail, _) = task_plan(shared, &mut st, FaultOp::Upload);
     let tmp = file.tmp_path.clone();
     let size = file.size;
+    let key = st.volume_key(&node, &volid);
     let upid = spawn_task(
         shared,
         &mut st,
-        "imgcopy",
-        "",
-        user,
+        TaskOf {
+            node: &node.clone(),
+            kind: "imgcopy",
+            id: "",
+            user,
+        },
         delay,
-        Box::new(move |st| {
+        Box::new(move |st, log| {
             let cleanup = || {
                 let _ = std::fs::remove_file(&tmp);
             };
@@ -336,13 +368,18 @@ fn upload_checked(
             }
             let _ = std::fs::create_dir_all(&dest_dir);
             let dest = dest_dir.join(&name);
+            // The lines PVE's imgcopy task logs (PVE/API2/Storage/Status.pm).
+            log.push(format!("starting file import from: {}", tmp.display()));
+            log.push(format!("target node: {node}"));
+            log.push(format!("target file: {}", dest.display()));
+            log.push(format!("file size is: {size}"));
             std::fs::rename(&tmp, &dest).map_err(|e| {
                 cleanup();
                 format!("cannot move upload to {}: {e}", dest.display())
             })?;
             let format = name.rsplit('.').next().unwrap_or("raw").to_string();
             st.volumes.insert(
-                volid.clone(),
+                key,
                 Volume {
                     volid,
                     content,

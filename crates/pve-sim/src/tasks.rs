@@ -8,26 +8,39 @@ use std::time::Duration;
 
 use crate::faults::{FaultKind, FaultOp};
 use crate::routes::{check_node, param_err, ApiResult};
-use crate::state::{lock, now, Shared, State, Task, NODE};
+use crate::state::{lock, now, Shared, State, Task};
 
-pub(crate) type Work = Box<dyn FnOnce(&mut State) -> Result<(), String> + Send>;
+/// A task's work: it may add lines to the task log, and decides the exit status.
+pub(crate) type Work = Box<dyn FnOnce(&mut State, &mut Vec<String>) -> Result<(), String> + Send>;
 
 /// Start an asynchronous task; `work` runs after the delay and decides the
 /// exit status.
+/// Which task: its node, type, id (VMID or volume) and user, as in its UPID.
+pub(crate) struct TaskOf<'a> {
+    pub node: &'a str,
+    pub kind: &'a str,
+    pub id: &'a str,
+    pub user: &'a str,
+}
+
 pub(crate) fn spawn_task(
     shared: &Arc<Shared>,
     st: &mut State,
-    kind: &str,
-    id: &str,
-    user: &str,
+    of: TaskOf<'_>,
     delay: Duration,
     work: Work,
 ) -> String {
+    let TaskOf {
+        node,
+        kind,
+        id,
+        user,
+    } = of;
     st.next_pid += 1;
     let pid = st.next_pid;
     let starttime = now();
     let pstart = 1_000_000 + pid as u64;
-    let upid = format!("UPID:{NODE}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{id}:{user}:");
+    let upid = format!("UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{id}:{user}:");
     st.tasks.insert(
         upid.clone(),
         Task {
@@ -47,8 +60,10 @@ pub(crate) fn spawn_task(
     std::thread::spawn(move || {
         std::thread::sleep(delay);
         let mut st = lock(&s2);
-        let result = work(&mut st);
+        let mut lines = Vec::new();
+        let result = work(&mut st, &mut lines);
         if let Some(t) = st.tasks.get_mut(&u2) {
+            t.log.extend(lines);
             match result {
                 Ok(()) => {
                     t.log.push("TASK OK".into());
@@ -82,7 +97,7 @@ pub(crate) fn task_plan(
 }
 
 pub(crate) fn task_status(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let mut st = lock(shared);
     if st.take_fault(FaultOp::TaskStatus) == Some(FaultKind::Transient400) {
         return Err(param_err("upid", "no such task"));
@@ -93,7 +108,7 @@ pub(crate) fn task_status(shared: &Shared, p: &BTreeMap<String, String>) -> ApiR
         .get(upid)
         .ok_or_else(|| param_err("upid", "unable to parse worker upid or no such task"))?;
     let mut v = json!({
-        "upid": t.upid, "node": NODE, "pid": t.pid, "pstart": t.pstart,
+        "upid": t.upid, "node": t.upid.split(':').nth(1).unwrap_or(""), "pid": t.pid, "pstart": t.pstart,
         "starttime": t.starttime, "type": t.kind, "id": t.id, "user": t.user,
         "status": if t.exitstatus.is_some() { "stopped" } else { "running" },
     });
@@ -104,7 +119,7 @@ pub(crate) fn task_status(shared: &Shared, p: &BTreeMap<String, String>) -> ApiR
 }
 
 pub(crate) fn task_log(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let st = lock(shared);
     let t = st
         .tasks

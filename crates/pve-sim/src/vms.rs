@@ -5,18 +5,29 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::access;
 use crate::faults::{injected_500, refuse_injected, FaultKind, FaultOp};
 use crate::params::{self, Errors};
 use crate::routes::{check_node, check_vmid, err500, param_err, ApiError, ApiResult};
 use crate::state::{
-    lock, new_uuid, normalize_tags, now, storage, Shared, State, Vm, Volume, NODE, STORAGES,
+    lock, new_uuid, normalize_tags, now, storage, Shared, State, Vm, Volume, STORAGES,
 };
-use crate::tasks::{spawn_task, task_plan};
+use crate::tasks::{spawn_task, task_plan, TaskOf};
 
-fn vm_missing(vmid: u32) -> ApiError {
+fn vm_missing(node: &str, vmid: u32) -> ApiError {
     err500(format!(
-        "Configuration file 'nodes/{NODE}/qemu-server/{vmid}.conf' does not exist"
+        "Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist"
     ))
+}
+
+/// The VM `vmid` on the request's node (a VM on another node is missing
+/// there: its config lives under that node's directory).
+fn vm_on<'a>(st: &'a State, p: &BTreeMap<String, String>, vmid: u32) -> Result<&'a Vm, ApiError> {
+    let node = p.get("node").map(String::as_str).unwrap_or("");
+    st.vms
+        .get(&vmid)
+        .filter(|vm| vm.node == node)
+        .ok_or_else(|| vm_missing(node, vmid))
 }
 
 fn vm_summary(vm: &Vm) -> Value {
@@ -49,23 +60,40 @@ pub(crate) fn cluster_resources(shared: &Shared, p: &BTreeMap<String, String>) -
     let mut out = Vec::new();
     let want = p.get("type").map(String::as_str);
     if want.is_none() || want == Some("vm") {
-        for vm in st.vms.values() {
+        // Without VM.Audit a VM is silently left out (pve-manager,
+        // PVE/API2/Cluster.pm, `resources`).
+        for vm in st
+            .vms
+            .values()
+            .filter(|vm| access::has(shared, &format!("/vms/{}", vm.vmid), "VM.Audit"))
+        {
             let mut v = vm_summary(vm);
+            if let Some(pool) = shared.pool_of(vm.vmid) {
+                v["pool"] = json!(pool);
+            }
             v["id"] = json!(format!("qemu/{}", vm.vmid));
             v["type"] = json!("qemu");
-            v["node"] = json!(NODE);
+            v["node"] = json!(vm.node);
             out.push(v);
         }
     }
     if want.is_none() || want == Some("storage") {
-        for s in STORAGES {
-            out.push(json!({"id": format!("storage/{NODE}/{}", s.id), "type": "storage", "storage": s.id, "node": NODE, "content": s.content.join(","), "status": "available"}));
+        for s in STORAGES
+            .iter()
+            .filter(|s| access::has(shared, &format!("/storage/{}", s.id), "Datastore.Audit"))
+        {
+            // One entry per node, also for a shared storage (PVE does so).
+            for node in &shared.cfg.nodes {
+                out.push(json!({"id": format!("storage/{node}/{}", s.id), "type": "storage", "storage": s.id, "node": node, "content": s.content.join(","), "shared": if s.shared { 1 } else { 0 }, "status": "available"}));
+            }
         }
     }
     if want.is_none() || want == Some("node") {
-        out.push(
-            json!({"id": format!("node/{NODE}"), "type": "node", "node": NODE, "status": "online"}),
-        );
+        for node in &shared.cfg.nodes {
+            out.push(
+                json!({"id": format!("node/{node}"), "type": "node", "node": node, "status": "online"}),
+            );
+        }
     }
     Ok(Value::Array(out))
 }
@@ -85,16 +113,24 @@ pub(crate) fn nextid(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult
 }
 
 pub(crate) fn vm_list(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let st = lock(shared);
-    Ok(Value::Array(st.vms.values().map(vm_summary).collect()))
+    let node = p.get("node").cloned().unwrap_or_default();
+    Ok(Value::Array(
+        st.vms
+            .values()
+            .filter(|vm| vm.node == node)
+            .map(vm_summary)
+            .collect(),
+    ))
 }
 
 pub(crate) fn vm_config(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
+    access::require(shared, &format!("/vms/{vmid}"), "VM.Audit")?;
     let st = lock(shared);
-    let vm = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?;
+    let vm = vm_on(&st, p, vmid)?;
     let mut m = serde_json::Map::new();
     for (k, v) in &vm.config {
         m.insert(k.clone(), Value::String(v.clone()));
@@ -110,10 +146,11 @@ pub(crate) fn vm_config(shared: &Shared, p: &BTreeMap<String, String>) -> ApiRes
 }
 
 pub(crate) fn vm_status(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
+    access::require(shared, &format!("/vms/{vmid}"), "VM.Audit")?;
     let st = lock(shared);
-    let vm = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?;
+    let vm = vm_on(&st, p, vmid)?;
     Ok(vm_summary(vm))
 }
 
@@ -172,7 +209,14 @@ fn is_disk_key(k: &str) -> bool {
 
 /// Check one disk option: a new volume (`STORAGE:SIZE`), an import
 /// (`STORAGE:0,import-from=VOLUME`), `STORAGE:cloudinit`, or `none`.
-fn check_disk(st: &State, e: &mut Errors, key: &str, v: &str, efi: bool) -> Result<(), ApiError> {
+fn check_disk(
+    st: &State,
+    node: &str,
+    e: &mut Errors,
+    key: &str,
+    v: &str,
+    efi: bool,
+) -> Result<(), ApiError> {
     let (file, opts) = match params::property_string(v, "file") {
         Ok(x) => x,
         Err(m) => {
@@ -242,7 +286,7 @@ fn check_disk(st: &State, e: &mut Errors, key: &str, v: &str, efi: bool) -> Resu
                 ),
             ));
         }
-        if !st.volumes.contains_key(src) {
+        if !st.volumes.contains_key(&st.volume_key(node, src)) {
             return Err(err500(format!("volume '{src}' does not exist")));
         }
     } else if rest.parse::<f64>().is_err() {
@@ -254,7 +298,7 @@ fn check_disk(st: &State, e: &mut Errors, key: &str, v: &str, efi: bool) -> Resu
             );
             return Ok(());
         }
-        if !st.volumes.contains_key(&file) {
+        if !st.volumes.contains_key(&st.volume_key(node, &file)) {
             return Err(err500(format!("volume '{file}' does not exist")));
         }
     }
@@ -436,7 +480,8 @@ fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, 
     let mut hard = None;
     for (k, v) in p {
         if is_disk_key(k) {
-            if let Err(x) = check_disk(st, &mut e, k, v, k == "efidisk0") {
+            let node = p.get("node").map(String::as_str).unwrap_or("");
+            if let Err(x) = check_disk(st, node, &mut e, k, v, k == "efidisk0") {
                 hard.get_or_insert(x);
             }
         }
@@ -448,6 +493,129 @@ fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, 
         return Err(x);
     }
     Ok(vmid.expect("checked") as u32)
+}
+
+/// The privilege an option of `POST /nodes/{node}/qemu` needs on the VM
+/// (`PVE/API2/Qemu.pm`, `check_vm_modify_config_perm`, serial ports in
+/// `check_vm_create_serial_perm`, tags in `PVE::GuestHelpers::assert_tag_permissions`);
+/// None for disks (checked on their storage) and the path parameters.
+fn option_privilege(k: &str) -> Option<&'static [&'static str]> {
+    const CPU: &[&str] = &[
+        "cores", "cpu", "cpulimit", "cpuunits", "numa", "smp", "sockets", "vcpus",
+    ];
+    const MEMORY: &[&str] = &["memory", "balloon", "shares"];
+    const HWTYPE: &[&str] = &[
+        "acpi", "hotplug", "kvm", "machine", "scsihw", "smbios1", "tablet", "vga", "watchdog",
+    ];
+    const GENERAL: &[&str] = &[
+        "agent",
+        "autostart",
+        "bios",
+        "description",
+        "keyboard",
+        "localtime",
+        "name",
+        "onboot",
+        "ostype",
+        "protection",
+        "reboot",
+        "startdate",
+        "startup",
+        "tdf",
+        "template",
+        "tags",
+    ];
+    const CLOUDINIT: &[&str] = &[
+        "cicustom",
+        "cipassword",
+        "citype",
+        "ciuser",
+        "nameserver",
+        "searchdomain",
+        "sshkeys",
+    ];
+    if is_disk_key(k) || ["vmid", "node", "pool", "storage", "start"].contains(&k) {
+        None
+    } else if CPU.contains(&k) {
+        Some(&["VM.Config.CPU"])
+    } else if MEMORY.contains(&k) {
+        Some(&["VM.Config.Memory"])
+    } else if HWTYPE.contains(&k) || is_indexed(k, "serial", 3) {
+        Some(&["VM.Config.HWType"])
+    } else if GENERAL.contains(&k) {
+        Some(&["VM.Config.Options"])
+    } else if ["boot", "bootdisk", "vmstatestorage"].contains(&k) {
+        Some(&["VM.Config.Disk"])
+    } else if is_indexed(k, "net", 31) {
+        Some(&["VM.Config.Network"])
+    } else if CLOUDINIT.contains(&k) || is_indexed(k, "ipconfig", 31) {
+        Some(&["VM.Config.Cloudinit", "VM.Config.Network"])
+    } else {
+        None
+    }
+}
+
+/// A VM privilege holds on `/vms/{vmid}` or on the pool it goes into
+/// (`PVE::RPCEnvironment::check_vm_perm`).
+fn vm_perm(shared: &Shared, vmid: u32, pool: Option<&String>, privs: &[&str]) -> bool {
+    access::has_any(shared, &format!("/vms/{vmid}"), privs)
+        || pool.is_some_and(|p| access::has_any(shared, &format!("/pool/{p}"), privs))
+}
+
+/// The permission checks of `POST /nodes/{node}/qemu` after its parameters
+/// passed: VM.Allocate, each option's privilege, Datastore.AllocateSpace on
+/// the storage of each new disk, read access to an `import-from` volume's
+/// storage (`PVE::Storage::check_volume_access`), SDN.Use on each bridge
+/// (`PVE::QemuServer::check_bridge_access`).
+fn check_create_perms(
+    shared: &Shared,
+    vmid: u32,
+    p: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let pool = p.get("pool");
+    if !vm_perm(shared, vmid, pool, &["VM.Allocate"]) {
+        return Err(access::denied(&format!("/vms/{vmid}"), "VM.Allocate"));
+    }
+    for k in p.keys() {
+        if let Some(privs) = option_privilege(k) {
+            if !vm_perm(shared, vmid, pool, privs) {
+                return Err(access::denied(&format!("/vms/{vmid}"), privs[0]));
+            }
+        }
+    }
+    for (k, v) in p {
+        if is_disk_key(k) {
+            let (file, opts) = params::property_string(v, "file").unwrap_or_default();
+            let file = file.unwrap_or_default();
+            if let Some((sid, rest)) = file.split_once(':') {
+                if rest != "cloudinit" && rest.parse::<f64>().is_ok() {
+                    access::require(
+                        shared,
+                        &format!("/storage/{sid}"),
+                        "Datastore.AllocateSpace",
+                    )?;
+                }
+            }
+            if let Some((src, _)) = opts.get("import-from").and_then(|s| s.split_once(':')) {
+                access::require_any(
+                    shared,
+                    &format!("/storage/{src}"),
+                    &["Datastore.AllocateSpace", "Datastore.Audit"],
+                )?;
+            }
+        }
+        if is_indexed(k, "net", 31) {
+            let (_, o) = params::property_string(v, "model").unwrap_or_default();
+            if let Some(bridge) = o.get("bridge") {
+                access::require(
+                    shared,
+                    &format!("/sdn/zones/localnetwork/{bridge}"),
+                    "SDN.Use",
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `smbios1` (format `pve-qm-smbios1`): known keys, `uuid` a UUID.
@@ -497,16 +665,27 @@ pub(crate) fn create_vm(
     p: &BTreeMap<String, String>,
     user: &str,
 ) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let mut st = lock(shared);
     let vmid = check_create_params(&st, p)?;
+    check_create_perms(shared, vmid, p)?;
+    // `$rpcenv->check_pool_exist($pool)` before the worker starts.
+    if let Some(pool) = p.get("pool") {
+        if !shared.pools().contains_key(pool) {
+            return Err(err500(format!("pool '{pool}' does not exist")));
+        }
+    }
     let (delay, fail, kind) = task_plan(shared, &mut st, FaultOp::Create);
     if kind == Some(FaultKind::Race) {
         st.add_vm(vmid, "someone-else", "", false);
     }
-    if st.vms.contains_key(&vmid) {
-        return Err(err500(format!("VM {vmid} already exists on node '{NODE}'")));
+    if let Some(other) = st.vms.get(&vmid) {
+        return Err(err500(format!(
+            "VM {vmid} already exists on node '{}'",
+            other.node
+        )));
     }
+    let node = p.get("node").cloned().unwrap_or_default();
     match kind {
         Some(FaultKind::Http500) => return Err(injected_500()),
         Some(FaultKind::Drop) => return Err(ApiError::Drop),
@@ -529,25 +708,45 @@ pub(crate) fn create_vm(
     config
         .entry("smbios1".into())
         .or_insert_with(|| format!("uuid={}", new_uuid()));
-    config.insert("lock".into(), "create".into());
+    // While the task runs the config holds only the lock: PVE writes the
+    // rest (name, tags, description, disks) when the task ends
+    // (PVE/API2/Qemu.pm create_vm: create_and_lock_config, then write_config).
+    let locked: BTreeMap<String, String> = [("lock".to_string(), "create".to_string())].into();
     st.vms.insert(
         vmid,
         Vm {
             vmid,
-            config,
+            node: node.clone(),
+            config: locked,
             template: false,
             running: false,
         },
     );
+    // The import sources as they are now: the import reads them during the
+    // task, and a file replaced meanwhile (an upload of the same name) spoils it.
+    let sources: Vec<(String, Option<u64>)> = config
+        .iter()
+        .filter(|(k, _)| is_disk_key(k))
+        .filter_map(|(_, v)| params::property_string(v, "file").ok())
+        .filter_map(|(_, o)| o.get("import-from").cloned())
+        .map(|src| {
+            let ino = file_identity(&st, &node, &src);
+            (src, ino)
+        })
+        .collect();
     let lock_timeout_fault = kind == Some(FaultKind::LockTimeout);
+    let shared2 = shared.clone();
     let upid = spawn_task(
         shared,
         &mut st,
-        "qmcreate",
-        &vmid.to_string(),
-        user,
+        TaskOf {
+            node: &node.clone(),
+            kind: "qmcreate",
+            id: &vmid.to_string(),
+            user,
+        },
         delay,
-        Box::new(move |st| {
+        Box::new(move |st, _log| {
             if fail || lock_timeout_fault {
                 // PVE removes the config of a VM whose creation failed.
                 st.vms.remove(&vmid);
@@ -559,9 +758,44 @@ pub(crate) fn create_vm(
                     )
                 });
             }
+            // Tags are checked inside the task, after the disks are made
+            // (PVE/API2/Qemu.pm create_vm: assert_tag_permissions before
+            // write_config): a refused tag costs the whole import.
+            let existing: std::collections::BTreeSet<String> = st
+                .vms
+                .values()
+                .filter(|v| access::has(&shared2, &format!("/vms/{}", v.vmid), "VM.Audit"))
+                .filter_map(|v| v.config.get("tags"))
+                .flat_map(|t| params::split_tags(t))
+                .collect();
+            if let Some(t) = config.get("tags").and_then(|t| {
+                params::split_tags(t)
+                    .into_iter()
+                    .find(|t| !access::tag_allowed(&shared2, t, &existing))
+            }) {
+                st.vms.remove(&vmid);
+                return Err(format!(
+                    "unable to create VM {vmid} - Permission check failed (/, Sys.Modify for modifying tag '{t}')"
+                ));
+            }
+            if let Some((src, _)) = sources
+                .iter()
+                .find(|(src, ino)| file_identity(st, &node, src) != *ino)
+            {
+                st.vms.remove(&vmid);
+                return Err(format!(
+                    "unable to create VM {vmid} - import failed: '{src}' was replaced or removed while it was read"
+                ));
+            }
             let Some(vm) = st.vms.get_mut(&vmid) else {
                 return Err(format!("VM {vmid} vanished during creation"));
             };
+            // The pool is not part of the config (PVE keeps it in user.cfg,
+            // `add_vm_to_pool` after write_config).
+            if let Some(pool) = config.remove("pool") {
+                shared2.pools().entry(pool).or_default().insert(vmid);
+            }
+            vm.config = config;
             let mut new_vols = Vec::new();
             let mut n = 0;
             let keys: Vec<String> = vm.config.keys().cloned().collect();
@@ -575,11 +809,14 @@ pub(crate) fn create_vm(
                 let Some((sid, rest)) = file.split_once(':') else {
                     continue;
                 };
+                let Some(sdef) = storage(sid) else {
+                    continue;
+                };
                 let new = if rest == "cloudinit" {
-                    format!("{sid}:vm-{vmid}-cloudinit,media=cdrom")
+                    format!("{},media=cdrom", crate::disks::cloudinit(sdef, vmid))
                 } else {
                     n += 1;
-                    let vol = format!("{sid}:vm-{vmid}-disk-{}", n - 1);
+                    let vol = crate::disks::new_disk(sdef, vmid, n - 1);
                     let mut extra: Vec<String> = opts
                         .iter()
                         .filter(|(k, _)| k.as_str() != "import-from")
@@ -594,7 +831,7 @@ pub(crate) fn create_vm(
             vm.config.remove("lock");
             for vol in new_vols {
                 st.volumes.insert(
-                    vol.clone(),
+                    st.volume_key(&node, &vol),
                     Volume {
                         volid: vol,
                         content: "images".into(),
@@ -609,6 +846,24 @@ pub(crate) fn create_vm(
         }),
     );
     Ok(json!(upid))
+}
+
+/// Which file a volume is right now (its inode), None when it is gone.
+fn file_identity(st: &State, node: &str, volid: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let v = st.volumes.get(&st.volume_key(node, volid))?;
+    match &v.path {
+        Some(p) => std::fs::metadata(p).ok().map(|m| m.ino()),
+        None => Some(0),
+    }
+}
+
+/// A disk option's volume id and the rest (`,discard=on,...`).
+fn split_volume(v: &str) -> (String, String) {
+    match v.split_once(',') {
+        Some((a, b)) => (a.to_string(), format!(",{b}")),
+        None => (v.to_string(), String::new()),
+    }
 }
 
 /// A VM's config lock (`lock: create`, `clone`, ...) refuses other tasks.
@@ -627,14 +882,18 @@ fn not_locked(vm: &Vm) -> Result<(), ApiError> {
 fn vm_task(
     shared: &Arc<Shared>,
     user: &str,
-    vmid: u32,
+    (node, vmid): (&str, u32),
     kind: &str,
     faults: Option<(FaultOp, String)>,
     check: impl FnOnce(&Vm) -> Result<(), ApiError>,
     work: impl FnOnce(&mut State) -> Result<(), String> + Send + 'static,
 ) -> ApiResult {
     let mut st = lock(shared);
-    let vm = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?;
+    let vm = st
+        .vms
+        .get(&vmid)
+        .filter(|vm| vm.node == node)
+        .ok_or_else(|| vm_missing(node, vmid))?;
     check(vm)?;
     let (delay, failed) = match faults {
         Some((op, error)) => {
@@ -647,11 +906,14 @@ fn vm_task(
     let upid = spawn_task(
         shared,
         &mut st,
-        kind,
-        &vmid.to_string(),
-        user,
+        TaskOf {
+            node,
+            kind,
+            id: &vmid.to_string(),
+            user,
+        },
         delay,
-        Box::new(move |st| match failed {
+        Box::new(move |st, _log| match failed {
             Some(error) => Err(error),
             None => work(st),
         }),
@@ -664,13 +926,15 @@ pub(crate) fn template(
     p: &BTreeMap<String, String>,
     user: &str,
 ) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
+    access::require(shared, &format!("/vms/{vmid}"), "VM.Allocate")?;
     let failed = format!("converting VM {vmid} to a template failed (fault injected by pve-sim)");
+    let node = p.get("node").cloned().unwrap_or_default();
     vm_task(
         shared,
         user,
-        vmid,
+        (&node, vmid),
         "qmtemplate",
         Some((FaultOp::Template, failed)),
         |vm| {
@@ -687,19 +951,26 @@ pub(crate) fn template(
         move |st| {
             let vm = st.vms.get_mut(&vmid).ok_or(format!("VM {vmid} vanished"))?;
             vm.template = true;
-            let renamed: Vec<(String, String)> = vm
-                .config
-                .iter()
-                .filter(|(_, v)| v.contains(&format!(":vm-{vmid}-disk-")))
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.replace(&format!(":vm-{vmid}-disk-"), &format!(":base-{vmid}-disk-")),
-                    )
-                })
-                .collect();
-            for (k, v) in renamed {
-                vm.config.insert(k, v);
+            // Each disk becomes a base volume (`create_base` of its storage).
+            let mut renamed = Vec::new();
+            for (k, v) in vm.config.iter().filter(|(k, _)| is_disk_key(k)) {
+                let (vol, rest) = split_volume(v);
+                if let Some(base) = crate::disks::to_base(&vol, vmid) {
+                    renamed.push((k.clone(), vol, format!("{base}{rest}")));
+                }
+            }
+            let node = vm.node.clone();
+            for (k, _, new) in &renamed {
+                vm.config.insert(k.clone(), new.clone());
+            }
+            for (_, old, new) in renamed {
+                let base = new.split(',').next().unwrap_or("").to_string();
+                let old_key = st.volume_key(&node, &old);
+                let new_key = st.volume_key(&node, &base);
+                if let Some(mut v) = st.volumes.remove(&old_key) {
+                    v.volid = base;
+                    st.volumes.insert(new_key, v);
+                }
             }
             Ok(())
         },
@@ -711,7 +982,7 @@ pub(crate) fn clone_vm(
     p: &BTreeMap<String, String>,
     user: &str,
 ) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
     let newid = check_vmid(p, "newid")?;
     let mut e = Errors::new();
@@ -750,8 +1021,13 @@ pub(crate) fn clone_vm(
     if !e.is_empty() {
         return Err(ApiError::Params(e));
     }
+    access::require(shared, &format!("/vms/{vmid}"), "VM.Clone")?;
+    if !vm_perm(shared, newid, p.get("pool"), &["VM.Allocate"]) {
+        return Err(access::denied(&format!("/vms/{newid}"), "VM.Allocate"));
+    }
     let mut st = lock(shared);
-    let src = st.vms.get(&vmid).ok_or_else(|| vm_missing(vmid))?.clone();
+    let src = vm_on(&st, p, vmid)?.clone();
+    let node = src.node.clone();
     if st.vms.contains_key(&newid) {
         return Err(err500(format!(
             "unable to create VM {newid}: config file already exists"
@@ -787,26 +1063,47 @@ pub(crate) fn clone_vm(
     if let Some(n) = p.get("name") {
         config.insert("name".into(), n.clone());
     }
-    for v in config.values_mut() {
-        if v.contains(&format!(":base-{vmid}-disk-")) || v.contains(&format!(":vm-{vmid}-disk-")) {
-            let (vol, rest) = v
-                .split_once(',')
-                .map(|(a, b)| (a.to_string(), format!(",{b}")))
-                .unwrap_or((v.clone(), String::new()));
-            let disk_no = vol.rsplit('-').next().unwrap_or("0").to_string();
-            let sid = vol.split(':').next().unwrap_or("local-lvm");
-            *v = if full {
-                format!("{sid}:vm-{newid}-disk-{disk_no}{rest}")
-            } else {
-                format!("{vol}/vm-{newid}-disk-{disk_no}{rest}")
-            };
+    if let Some(d) = p.get("description").filter(|d| !d.is_empty()) {
+        config.insert("description".into(), d.clone());
+    }
+    let mut full_copies = Vec::new();
+    for (k, v) in config.iter_mut().filter(|(k, _)| is_disk_key(k)) {
+        let (vol, rest) = split_volume(v);
+        if vol.ends_with("-cloudinit") || vol.ends_with("-cloudinit.qcow2") {
+            // A clone gets a cloud-init drive of its own.
+            if let Some(sdef) = vol.split_once(':').and_then(|(sid, _)| storage(sid)) {
+                *v = format!("{}{rest}", crate::disks::cloudinit(sdef, newid));
+            }
+            continue;
         }
+        if let Some(c) = crate::disks::clone_disk(&vol, vmid, newid, !full) {
+            if full {
+                full_copies.push(c.clone());
+            }
+            *v = format!("{c}{rest}");
+        }
+        let _ = k;
+    }
+    for vol in full_copies {
+        let key = st.volume_key(&node, &vol);
+        st.volumes.insert(
+            key,
+            Volume {
+                volid: vol,
+                content: "images".into(),
+                format: "raw".into(),
+                size: 4 << 30,
+                ctime: now(),
+                path: None,
+            },
+        );
     }
     config.insert("lock".into(), "clone".into());
     st.vms.insert(
         newid,
         Vm {
             vmid: newid,
+            node: node.clone(),
             config,
             template: false,
             running: false,
@@ -822,11 +1119,14 @@ pub(crate) fn clone_vm(
     let upid = spawn_task(
         shared,
         &mut st,
-        "qmclone",
-        &vmid.to_string(),
-        user,
+        TaskOf {
+            node: &node,
+            kind: "qmclone",
+            id: &vmid.to_string(),
+            user,
+        },
         delay,
-        Box::new(move |st| {
+        Box::new(move |st, _log| {
             if let Some(s) = st.vms.get_mut(&vmid) {
                 if s.config.get("lock").map(|l| l == "clone").unwrap_or(false) {
                     s.config.remove("lock");
@@ -852,12 +1152,13 @@ pub(crate) fn power(
     user: &str,
     on: bool,
 ) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
+    let node = p.get("node").cloned().unwrap_or_default();
     vm_task(
         shared,
         user,
-        vmid,
+        (&node, vmid),
         if on { "qmstart" } else { "qmstop" },
         None,
         |vm| {
@@ -875,7 +1176,7 @@ pub(crate) fn power(
 }
 
 pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: &str) -> ApiResult {
-    check_node(p)?;
+    check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
     let mut e = Errors::new();
     for k in ["purge", "destroy-unreferenced-disks", "skiplock"] {
@@ -886,12 +1187,15 @@ pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: 
     if !e.is_empty() {
         return Err(ApiError::Params(e));
     }
+    access::require(shared, &format!("/vms/{vmid}"), "VM.Allocate")?;
     let skiplock = p.get("skiplock").map(|v| v == "1").unwrap_or(false);
     let failed = format!("destroying VM {vmid} failed (fault injected by pve-sim)");
+    let shared2 = shared.clone();
+    let node = p.get("node").cloned().unwrap_or_default();
     vm_task(
         shared,
         user,
-        vmid,
+        (&node, vmid),
         "qmdestroy",
         Some((FaultOp::Destroy, failed)),
         |vm| {
@@ -905,22 +1209,28 @@ pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: 
             }
         },
         move |st| {
-            let base = format!(":base-{vmid}-disk-");
-            let in_use = st.vms.values().any(|o| {
-                o.vmid != vmid
-                    && o.config
-                        .values()
-                        .any(|v| v.contains(&base) && v.contains('/'))
+            // PVE refuses to free a base volume a linked clone's name points
+            // at (`PVE::Storage::vdisk_free`); on LVM-thin nothing points at
+            // it and the template goes (its clones' thin volumes stay).
+            let in_use = st.vms.values().filter(|o| o.vmid != vmid).find_map(|o| {
+                o.config
+                    .iter()
+                    .filter(|(k, _)| is_disk_key(k))
+                    .map(|(_, v)| split_volume(v).0)
+                    .find(|vol| crate::disks::linked_base(vol) == Some(vmid))
             });
-            if in_use {
+            if let Some(vol) = in_use {
+                let base = crate::disks::base_volume(&vol).unwrap_or(vol);
                 return Err(format!(
-                    "base volume 'local-lvm:base-{vmid}-disk-1' is still in use by linked cloned"
+                    "base volume '{base}' is still in use by linked cloned"
                 ));
             }
             st.vms.remove(&vmid);
-            let prefix_vm = format!(":vm-{vmid}-");
             st.volumes
-                .retain(|k, _| !k.contains(&prefix_vm) && !k.contains(&base));
+                .retain(|k, _| crate::disks::owner(k) != Some(vmid));
+            for members in shared2.pools().values_mut() {
+                members.remove(&vmid);
+            }
             Ok(())
         },
     )
