@@ -14,6 +14,8 @@
 //! 4. `kiln env destroy` leaves no VM, QEMU process or namespace.
 //! Root is required (namespaces, taps), as in CI. Nothing leaves the namespace.
 
+mod common;
+
 use kiln::deploy::providers::local::namespace;
 use kiln::deploy::providers::netns;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -43,10 +45,7 @@ fn text(o: &Output) -> String {
 /// Two LB images with different ids: the recipe as it is, and with one
 /// overlay file changed (as a new release would change it).
 fn lb_images(work: &Path) -> (PathBuf, PathBuf) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cache = std::env::var_os("KILN_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/kiln-cache"));
+    let root = common::repo();
     let project = work.join("project");
     std::fs::create_dir_all(&project).unwrap();
     let st = Command::new("cp")
@@ -57,22 +56,12 @@ fn lb_images(work: &Path) -> (PathBuf, PathBuf) {
         .status()
         .unwrap();
     assert!(st.success());
-    let build = |out: &str| {
-        let o = kiln()
-            .current_dir(&project)
-            .args(["build", "recipes/lb.toml", "--no-validate", "--out", out])
-            .env("KILN_CACHE", &cache)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "kiln build failed:\n{}", text(&o));
-        project.join(out).join("lb/0.1.0")
-    };
-    let a = build("out-a");
+    let a = common::build_image(&project, "recipes/lb.toml", &project.join("out-a"));
     let conf = project.join("overlays/base/etc/ssh/sshd_config.d/50-kiln.conf");
     let mut s = std::fs::read_to_string(&conf).unwrap();
     s.push_str("# release b\n");
     std::fs::write(&conf, s).unwrap();
-    let b = build("out-b");
+    let b = common::build_image(&project, "recipes/lb.toml", &project.join("out-b"));
     (a, b)
 }
 

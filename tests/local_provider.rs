@@ -11,6 +11,8 @@
 //! directory), or one built once from recipes/lb.toml (`KILN_CACHE` is
 //! honoured, default target/kiln-cache).
 
+mod common;
+
 use kiln::deploy::env::model::Network;
 use kiln::deploy::providers::local::{namespace, LocalProvider, BRIDGE};
 use kiln::deploy::providers::{netns, NewVm, NodeVm, Provider};
@@ -500,26 +502,8 @@ fn lb_image() -> PathBuf {
     if let Some(p) = std::env::var_os("KILN_TEST_LB_IMAGE") {
         return PathBuf::from(p);
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-test-lb-image");
-    let cache = std::env::var_os("KILN_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/kiln-cache"));
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .current_dir(root)
-        .args(["build", "recipes/lb.toml", "--no-validate", "--out"])
-        .arg(&out)
-        .env("KILN_CACHE", &cache)
-        .env("KILN_NO_PROGRESS", "1")
-        .output()
-        .expect("run kiln build");
-    assert!(
-        o.status.success(),
-        "kiln build recipes/lb.toml failed; this test needs the LB image:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out.join("lb/0.1.0")
+    common::build_image(&common::repo(), "recipes/lb.toml", &out)
 }
 
 /// Run only as the child of the real-VM test: the kiln side that creates the

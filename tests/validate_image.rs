@@ -7,6 +7,8 @@
 //! without booting. Each test boots its own copy (the disk is hard-linked,
 //! never written), at most as many at once as cargo runs test threads.
 
+mod common;
+
 use kiln::image::manifest::{CheckSpec, ImageManifest};
 use kiln::validate::{validate_image, Accel, ValidateOptions, ValidationFailed};
 use std::path::{Path, PathBuf};
@@ -20,48 +22,12 @@ fn built_image() -> &'static Path {
         if let Some(p) = std::env::var_os("KILN_TEST_IMAGE") {
             return PathBuf::from(p);
         }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-test-image");
-        let cache = std::env::var_os("KILN_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target/kiln-cache"));
-        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .current_dir(root)
-            .args(["build", "recipes/tiny.toml", "--no-validate", "--out"])
-            .arg(&out)
-            .env("KILN_CACHE", &cache)
-            .env("KILN_NO_PROGRESS", "1")
-            .output()
-            .expect("run kiln build");
-        assert!(
-            o.status.success(),
-            "kiln build recipes/tiny.toml failed; these tests need a built image:\n{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        find_manifest_dir(&out).expect("kiln build wrote no manifest.json")
+        common::build_image(&common::repo(), "recipes/tiny.toml", &out)
     })
 }
 
 /// The most recently written image directory under `dir`.
-fn find_manifest_dir(dir: &Path) -> Option<PathBuf> {
-    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).ok()?.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.file_name().is_some_and(|n| n == "manifest.json") {
-                let t = e.metadata().ok()?.modified().ok()?;
-                if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
-                    best = Some((t, d.clone()));
-                }
-            }
-        }
-    }
-    best.map(|(_, p)| p)
-}
 
 /// A private copy of the built image: manifest copied, disk hard-linked.
 fn copy_image(dst: &Path) -> (PathBuf, ImageManifest) {

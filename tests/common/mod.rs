@@ -147,3 +147,51 @@ pub fn ls(img: &Path, dir: &str) -> Vec<String> {
         .filter(|n| !n.is_empty() && n != "." && n != "..")
         .collect()
 }
+
+/// The kiln cache the tests share (`KILN_CACHE`, default target/kiln-cache),
+/// so the base rootfs is debootstrapped once per suite.
+pub fn test_cache() -> PathBuf {
+    std::env::var_os("KILN_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/kiln-cache"))
+}
+
+/// Build `recipe` (relative to `project`) without validating it into `out`;
+/// returns the image directory.
+pub fn build_image(project: &Path, recipe: &str, out: &Path) -> PathBuf {
+    let o = kiln_cmd(
+        project,
+        &test_cache(),
+        &["build", recipe, "--no-validate", "--out"],
+    )
+    .arg(out)
+    .output()
+    .expect("run kiln build");
+    assert!(
+        o.status.success(),
+        "kiln build {recipe} failed; this test needs the image:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    find_manifest_dir(out).expect("kiln build wrote no manifest.json")
+}
+
+/// The newest image directory (holding manifest.json) under `dir`.
+pub fn find_manifest_dir(dir: &Path) -> Option<PathBuf> {
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == "manifest.json") {
+                let t = e.metadata().ok()?.modified().ok()?;
+                if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
+                    best = Some((t, d.clone()));
+                }
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+}
