@@ -12,6 +12,7 @@
 //! 3. another rollout is cut off with `kill -9` once its first new VM
 //!    exists, and a second `kiln env apply` completes it;
 //! 4. `kiln env destroy` leaves no VM, QEMU process or namespace.
+//!
 //! Root is required (namespaces, taps), as in CI. Nothing leaves the namespace.
 
 mod common;

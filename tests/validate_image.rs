@@ -27,8 +27,6 @@ fn built_image() -> &'static Path {
     })
 }
 
-/// The most recently written image directory under `dir`.
-
 /// A private copy of the built image: manifest copied, disk hard-linked.
 fn copy_image(dst: &Path) -> (PathBuf, ImageManifest) {
     let src = built_image();
