@@ -490,8 +490,8 @@ fn sysctls_and_kernel_modules_for_k3s_and_cilium_are_baked() {
     }
     let script = debugfs(&b.root_img, "cat /usr/local/libexec/kiln/install-cilium");
     assert!(
-        script.contains("/usr/local/share/kiln/charts/cilium-0.0.0-standin.tgz")
-            && script.contains("helm upgrade --install cilium"),
+        script.contains("chart=/usr/local/share/kiln/charts/cilium-0.0.0-standin.tgz")
+            && script.contains("helm\" upgrade --install cilium \"$chart\""),
         "{script}"
     );
 }
