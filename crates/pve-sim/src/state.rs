@@ -178,6 +178,23 @@ impl State {
         }
     }
 
+    /// A VM disk a create or clone made on `node` (raw, 4 GiB as far as
+    /// listings go: the sim keeps no disk contents).
+    pub(crate) fn add_vm_disk(&mut self, node: &str, volid: String) {
+        let key = self.volume_key(node, &volid);
+        self.volumes.insert(
+            key,
+            Volume {
+                volid,
+                content: "images".into(),
+                format: "raw".into(),
+                size: 4 << 30,
+                ctime: now(),
+                path: None,
+            },
+        );
+    }
+
     /// The volumes of storage `sid` as node `node` sees them.
     pub(crate) fn volumes_on<'a>(
         &'a self,

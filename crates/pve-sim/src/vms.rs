@@ -9,9 +9,7 @@ use crate::access;
 use crate::faults::{injected_500, refuse_injected, FaultKind, FaultOp};
 use crate::params::{self, Errors};
 use crate::routes::{check_node, check_vmid, err500, param_err, ApiError, ApiResult};
-use crate::state::{
-    lock, new_uuid, normalize_tags, now, storage, Shared, State, Vm, Volume, STORAGES,
-};
+use crate::state::{lock, new_uuid, normalize_tags, storage, Shared, State, Vm, STORAGES};
 use crate::tasks::{spawn_task, task_plan, TaskOf};
 
 fn vm_missing(node: &str, vmid: u32) -> ApiError {
@@ -830,17 +828,7 @@ pub(crate) fn create_vm(
             }
             vm.config.remove("lock");
             for vol in new_vols {
-                st.volumes.insert(
-                    st.volume_key(&node, &vol),
-                    Volume {
-                        volid: vol,
-                        content: "images".into(),
-                        format: "raw".into(),
-                        size: 4 << 30,
-                        ctime: now(),
-                        path: None,
-                    },
-                );
+                st.add_vm_disk(&node, vol);
             }
             Ok(())
         }),
@@ -1085,18 +1073,7 @@ pub(crate) fn clone_vm(
         let _ = k;
     }
     for vol in full_copies {
-        let key = st.volume_key(&node, &vol);
-        st.volumes.insert(
-            key,
-            Volume {
-                volid: vol,
-                content: "images".into(),
-                format: "raw".into(),
-                size: 4 << 30,
-                ctime: now(),
-                path: None,
-            },
-        );
+        st.add_vm_disk(&node, vol);
     }
     config.insert("lock".into(), "clone".into());
     st.vms.insert(
