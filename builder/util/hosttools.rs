@@ -38,6 +38,12 @@ pub const IP: Tool = Tool {
     package: "iproute2",
 };
 
+/// Builds the NoCloud seed ISO environments' VMs boot with.
+pub const GENISOIMAGE: Tool = Tool {
+    program: "genisoimage",
+    package: "genisoimage",
+};
+
 /// Makes GRUB's BIOS core.img for recipes with `[boot] bios = true`.
 pub const GRUB_MKIMAGE: Tool = Tool {
     program: "grub-mkimage",

@@ -469,7 +469,7 @@ fn boot_and_check(
             accel,
             firmware: firmware.clone(),
             disk: overlay.clone(),
-            seed: Some(seed_path.clone()),
+            seed: Some(qemu::SeedDrive::Disk(seed_path.clone())),
             net: qemu::Net::User { ssh_port: port },
             memory_mib: opts.memory_mib,
             cpus: opts.cpus,

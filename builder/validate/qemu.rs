@@ -63,6 +63,16 @@ pub enum Net {
     Tap { ifname: String, mac: String },
 }
 
+/// How the NoCloud seed reaches the guest.
+#[derive(Debug, Clone)]
+pub enum SeedDrive {
+    /// A small VFAT volume on its own SCSI disk (`kiln validate`).
+    Disk(PathBuf),
+    /// An ISO 9660 volume in a CD-ROM drive on the SATA controller's port 2,
+    /// the way a Proxmox VM carries an ISO on `ide2` (`media=cdrom`).
+    Cdrom(PathBuf),
+}
+
 /// Everything needed to start one guest.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -71,7 +81,7 @@ pub struct VmSpec {
     pub accel: AccelKind,
     pub firmware: Firmware,
     pub disk: PathBuf,
-    pub seed: Option<PathBuf>,
+    pub seed: Option<SeedDrive>,
     pub net: Net,
     pub memory_mib: u32,
     pub cpus: u32,
@@ -216,16 +226,29 @@ impl VmSpec {
         ));
         push("-device");
         push("scsi-hd,drive=disk0,bus=scsi0.0,bootindex=1");
-        if let Some(seed) = &self.seed {
-            push("-device");
-            push("virtio-scsi-pci,id=scsi1");
-            push("-drive");
-            push(&format!(
-                "if=none,id=seed,format=raw,readonly=on,file={}",
-                p(seed)
-            ));
-            push("-device");
-            push("scsi-hd,drive=seed,bus=scsi1.0");
+        match &self.seed {
+            None => {}
+            Some(SeedDrive::Disk(seed)) => {
+                push("-device");
+                push("virtio-scsi-pci,id=scsi1");
+                push("-drive");
+                push(&format!(
+                    "if=none,id=seed,format=raw,readonly=on,file={}",
+                    p(seed)
+                ));
+                push("-device");
+                push("scsi-hd,drive=seed,bus=scsi1.0");
+            }
+            Some(SeedDrive::Cdrom(iso)) => {
+                // q35's ICH9 AHCI controller has ports ide.0 to ide.5.
+                push("-drive");
+                push(&format!(
+                    "if=none,id=seed,media=cdrom,format=raw,readonly=on,file={}",
+                    p(iso)
+                ));
+                push("-device");
+                push("ide-cd,drive=seed,bus=ide.2");
+            }
         }
         match &self.net {
             Net::None => {}
@@ -501,7 +524,7 @@ mod tests {
             accel: AccelKind::Tcg,
             firmware: fw,
             disk: dir.join("overlay.qcow2"),
-            seed: Some(dir.join("seed.img")),
+            seed: Some(SeedDrive::Disk(dir.join("seed.img"))),
             net: Net::User { ssh_port: 2222 },
             memory_mib: 2048,
             cpus: 2,

@@ -94,6 +94,50 @@ impl Seed {
         Ok(())
     }
 
+    /// Write the seed as an ISO 9660 volume labelled `cidata` to `path`
+    /// (atomically, mode 0600: user-data may hold secrets), for a CD-ROM
+    /// drive: the form a Proxmox VM gets it in (an `iso` volume on `ide2`),
+    /// and the local provider too, so both go the same way. Built with
+    /// `genisoimage -volid cidata -joliet -rock` as cloud-init documents it
+    /// (canonical/cloud-init doc/rtd/reference/datasources/nocloud.rst) and
+    /// as Proxmox builds its own cloud-init drives
+    /// (qemu-server PVE/QemuServer/Cloudinit.pm, `commit_cloudinit_disk`).
+    pub(crate) fn write_iso(&self, path: &Path) -> Result<()> {
+        let tool = crate::util::hosttools::path_of(crate::util::hosttools::GENISOIMAGE)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let files = tempfile::Builder::new()
+            .prefix(".kiln-seed-")
+            .tempdir_in(dir)
+            .with_context(|| format!("cannot create a temp directory in {}", dir.display()))?;
+        let meta_data = self.meta_data();
+        let mut names = vec!["user-data", "meta-data"];
+        crate::util::write_private(&files.path().join("user-data"), self.user_data.as_bytes())?;
+        crate::util::write_private(&files.path().join("meta-data"), meta_data.as_bytes())?;
+        if let Some(nc) = &self.network_config {
+            crate::util::write_private(&files.path().join("network-config"), nc.as_bytes())?;
+            names.push("network-config");
+        }
+        let iso = files.path().join("cidata.iso");
+        let out = std::process::Command::new(&tool)
+            .args(["-quiet", "-input-charset", "utf-8", "-volid", "cidata"])
+            .args(["-joliet", "-rock", "-output"])
+            .arg(&iso)
+            .args(&names)
+            .current_dir(files.path())
+            .output()
+            .with_context(|| format!("cannot run {}", tool.display()))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "genisoimage failed to build the NoCloud seed for {}: {}",
+                self.hostname,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        std::fs::set_permissions(&iso, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        std::fs::rename(&iso, path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
     fn write_volume(&self, file: &mut std::fs::File) -> Result<()> {
         file.set_len(SEED_BYTES)?;
         fatfs::format_volume(
@@ -267,5 +311,54 @@ mod tests {
             .expect("mtype (mtools) is installed");
         assert!(out.status.success(), "{out:?}");
         assert!(String::from_utf8_lossy(&out.stdout).starts_with("instance-id:"));
+    }
+
+    #[test]
+    fn the_iso_seed_is_an_iso9660_volume_labelled_cidata_readable_only_by_its_owner() {
+        // cloud-init's NoCloud takes iso9660 as well as vfat volumes labelled
+        // cidata (cloudinit/sources/DataSourceNoCloud.py, `_get_devices`).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seed.iso");
+        let mut s = seed();
+        s.network_config = Some("version: 2\nethernets: {}\n".into());
+        s.write_iso(&path).unwrap();
+        let out = std::process::Command::new("blkid")
+            .args(["-o", "export"])
+            .arg(&path)
+            .output()
+            .expect("blkid (util-linux) is installed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("LABEL=cidata"), "{text}");
+        assert!(text.contains("TYPE=iso9660"), "{text}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp files left"
+        );
+    }
+
+    #[test]
+    fn the_iso_seed_keeps_the_nocloud_file_names_through_rock_ridge() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seed.iso");
+        let mut s = seed();
+        s.network_config = Some("version: 2\nethernets: {}\n".into());
+        s.write_iso(&path).unwrap();
+        let read = |name: &str| {
+            let out = std::process::Command::new("isoinfo")
+                .args(["-R", "-x"])
+                .arg(format!("/{name}"))
+                .arg("-i")
+                .arg(&path)
+                .output()
+                .expect("isoinfo (genisoimage) is installed");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        assert_eq!(read("user-data"), seed().user_data);
+        assert_eq!(read("meta-data"), seed().meta_data());
+        assert_eq!(read("network-config"), "version: 2\nethernets: {}\n");
     }
 }

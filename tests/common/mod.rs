@@ -157,12 +157,13 @@ pub fn test_cache() -> PathBuf {
 }
 
 /// Build `recipe` (relative to `project`) without validating it into `out`;
-/// returns the image directory.
+/// returns the image directory. `out` is test scratch: an image left there
+/// by an earlier build from other inputs is replaced (`--force`).
 pub fn build_image(project: &Path, recipe: &str, out: &Path) -> PathBuf {
     let o = kiln_cmd(
         project,
         &test_cache(),
-        &["build", recipe, "--no-validate", "--out"],
+        &["build", recipe, "--no-validate", "--force", "--out"],
     )
     .arg(out)
     .output()
