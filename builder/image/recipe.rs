@@ -364,12 +364,33 @@ impl Recipe {
     }
 
     /// Digest of the resolved recipe (canonical JSON of every setting).
+    /// File paths count relative to the project root, so the same recipe
+    /// gives the same digest (and image) however its path was typed:
+    /// `recipes/lb.toml` from the checkout, or an absolute path from an
+    /// environment file.
     pub fn digest(&self) -> String {
+        let mut r = self.clone();
+        for role in r.roles.values_mut() {
+            if let Some(p) = role.user_data.take() {
+                role.user_data = Some(self.project_relative(&p));
+            }
+        }
         crate::util::sha256_hex(
-            serde_json::to_string(self)
+            serde_json::to_string(&r)
                 .expect("recipe serializes")
                 .as_bytes(),
         )
+    }
+
+    /// `p` relative to the project root (as typed when either cannot be resolved).
+    fn project_relative(&self, p: &Path) -> PathBuf {
+        match (p.canonicalize(), self.root.canonicalize()) {
+            (Ok(file), Ok(root)) => file
+                .strip_prefix(&root)
+                .map(Path::to_path_buf)
+                .unwrap_or(file),
+            _ => p.to_path_buf(),
+        }
     }
 }
 
@@ -1158,6 +1179,19 @@ mod tests {
         let msg = load_err(&dir, "recipes/tiny.toml");
         assert!(msg.contains("lb.types.toml:2:9:"), "{msg}");
         assert!(msg.contains("unknown value type `ipp`"), "{msg}");
+    }
+
+    #[test]
+    fn the_digest_is_the_same_whether_the_recipe_path_is_relative_or_absolute() {
+        // Unit tests run in the package root, where `recipes/` is.
+        let relative = Recipe::load(Path::new("recipes/lb.toml")).unwrap();
+        let absolute =
+            Recipe::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/lb.toml")).unwrap();
+        assert_ne!(
+            relative.roles["lb"].user_data, absolute.roles["lb"].user_data,
+            "the paths differ as typed"
+        );
+        assert_eq!(relative.digest(), absolute.digest());
     }
 
     #[test]
