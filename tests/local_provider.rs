@@ -360,14 +360,14 @@ fn create_starts_qemu_detached_inside_the_namespace_on_its_tap_with_a_static_add
     let link = ip_out(&["-n", &env.ns(), "-o", "link", "show", "dev", &tap]);
     assert!(link.contains(&format!("master {BRIDGE}")), "{link}");
 
-    // The seed gives the guest its static address by MAC.
-    let out = Command::new("mtype")
-        .arg("-i")
-        .arg(dir.join("seed.img"))
-        .arg("::network-config")
-        .env("MTOOLS_SKIP_CHECK", "1")
+    // The seed is an ISO on a CD-ROM, as a Proxmox VM carries it on ide2,
+    // and gives the guest its static address by MAC.
+    assert!(joined.contains("ide-cd,drive=seed"), "{joined}");
+    let out = Command::new("isoinfo")
+        .args(["-R", "-x", "/network-config", "-i"])
+        .arg(dir.join("seed.iso"))
         .output()
-        .expect("mtype (mtools) is installed");
+        .expect("isoinfo (genisoimage) is installed");
     let nc = String::from_utf8_lossy(&out.stdout);
     assert!(nc.contains(&format!("macaddress: \"{mac}\"")), "{nc}");
     assert!(nc.contains("- \"10.77.0.11/24\""), "{nc}");

@@ -207,6 +207,10 @@ pub struct EnvArgs {
     /// How the local provider runs VMs: auto probes KVM and falls back to TCG.
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
+    /// Config file with the Proxmox target the environment names
+    /// (default: ./kiln.toml, then ~/.config/kiln/config.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -21,7 +21,7 @@ pub fn env(cmd: EnvCommand) -> Result<()> {
 
 fn open(a: &EnvArgs) -> Result<(Environment, Box<dyn Provider>)> {
     let e = env::load(&a.env)?;
-    let p = providers::open(&e, a.accel)?;
+    let p = providers::open(&e, a.accel, a.config.as_deref())?;
     Ok((e, p))
 }
 

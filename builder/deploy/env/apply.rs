@@ -117,6 +117,27 @@ pub(crate) fn desired(
 }
 
 /// Each role's image id from its loaded image.
+/// Each role's image and the Proxmox nodes its slots run on.
+pub(crate) fn image_needs(
+    env: &Environment,
+    images: &BTreeMap<String, RoleImage>,
+) -> Vec<crate::deploy::providers::ImageNeed> {
+    env.roles
+        .iter()
+        .filter_map(|r| {
+            let image = images.get(&r.name)?;
+            let mut nodes: Vec<String> = r.slots.iter().filter_map(|s| s.node.clone()).collect();
+            nodes.sort();
+            nodes.dedup();
+            Some(crate::deploy::providers::ImageNeed {
+                dir: image.dir.clone(),
+                image_id: image.manifest.id.clone(),
+                nodes,
+            })
+        })
+        .collect()
+}
+
 pub(crate) fn ids(images: &BTreeMap<String, RoleImage>) -> BTreeMap<String, String> {
     images
         .iter()
@@ -472,18 +493,35 @@ impl Applier<'_> {
                     self.retire(old)?;
                     (slot.clone(), Some(vm.name), vec![old.name.clone()])
                 }
-                Action::Resume { slot, old, new, .. } => {
+                Action::Resume {
+                    role,
+                    slot,
+                    old,
+                    new,
+                } => {
                     self.say(&format!("{slot}: resuming: proving {}", new.name));
-                    if let Err(e) = self.gates.prove(new) {
-                        self.journal
-                            .record(slot, "gate-failed", &new.name, &format!("{e:#}"))?;
-                        self.provider.destroy(new)?;
-                        return Err(e.context(format!(
-                            "{}: the new generation failed its gates and was destroyed; {} stays in service",
-                            new.name,
-                            old.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
-                        )));
-                    }
+                    // Create is idempotent: it finishes a half-made VM and
+                    // starts a stopped one; then the gates prove it.
+                    let (r, _) = self.role(role);
+                    let first_server = r.kind == RoleKind::Server
+                        && !actual.iter().any(|vm| {
+                            vm.name != new.name
+                                && self
+                                    .env
+                                    .slots()
+                                    .any(|(r, s)| r.kind == RoleKind::Server && s.name == vm.slot)
+                        });
+                    self.create_and_prove(role, slot, new.generation, first_server)
+                        .with_context(|| {
+                            if old.is_empty() {
+                                format!("{slot}: resuming {}", new.name)
+                            } else {
+                                format!(
+                                    "{slot}: the new generation was not proven; {} stays in service",
+                                    old.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+                                )
+                            }
+                        })?;
                     for o in old {
                         self.retire(o)?;
                     }
@@ -585,6 +623,7 @@ pub(crate) fn refuse_stateful_changes(env: &Environment, plan: &Plan) -> Result<
     for a in &plan.actions {
         let (slot, what) = match a {
             Action::Replace { slot, .. } => (slot.as_str(), "replace"),
+            Action::Resume { old, .. } if old.is_empty() => continue,
             Action::Resume { slot, .. } => (slot.as_str(), "replace"),
             Action::Destroy { vm, .. } => (vm.slot.as_str(), "remove"),
             Action::Create { .. } | Action::Keep { .. } => continue,
@@ -694,6 +733,18 @@ pub(crate) mod tests {
         fn teardown(&self) -> Result<()> {
             Ok(())
         }
+    }
+
+    /// What apply would ask the provider to make for `slot`'s `generation`.
+    pub(crate) fn spec_for(
+        env: &Environment,
+        images: &BTreeMap<String, RoleImage>,
+        key: &ThrowawayKey,
+        slot: &str,
+        generation: u32,
+    ) -> NewVm {
+        let (role, s) = env.slots().find(|(_, s)| s.name == slot).unwrap();
+        new_vm(env, role, s, generation, &images[&role.name], key, false).unwrap()
     }
 
     /// Gates that pass except for the VM names listed.

@@ -43,6 +43,11 @@ pub(crate) fn apply_env(
     let key = apply::access_key(env, &state)?;
     let journal = Journal::open(&state)?;
     provider.prepare()?;
+    for done in provider.ensure_images(&apply::image_needs(env, &images), opts.say)? {
+        if opts.say {
+            eprintln!("[{}] published {done}", env.name);
+        }
+    }
     let desired = apply::desired(env, &apply::ids(&images))?;
     let actual = provider.list()?;
     let plan = plan::plan(&env.name, &desired, &actual);
@@ -102,7 +107,16 @@ pub(crate) fn status(env: &Environment, provider: &dyn Provider) -> Result<Vec<S
 /// Destroy every VM of the environment (agents, then servers, then LBs),
 /// then what the provider prepared. Only VMs carrying its marks are touched.
 pub(crate) fn destroy_env(env: &Environment, provider: &dyn Provider) -> Result<Vec<String>> {
-    let state = journal::state_dir(&env.name)?;
+    destroy_env_with(env, provider, &journal::state_dir(&env.name)?)
+}
+
+/// [`destroy_env`] with the environment's state in `state`.
+pub(crate) fn destroy_env_with(
+    env: &Environment,
+    provider: &dyn Provider,
+    state: &Path,
+) -> Result<Vec<String>> {
+    let state = state.to_path_buf();
     let _lock = EnvLock::take(&state, &env.name)?;
     let journal = Journal::open(&state)?;
     let mut vms = provider.list()?;

@@ -86,6 +86,9 @@ impl Action {
                 old.name,
                 reasons.join("; ")
             ),
+            Action::Resume { slot, old, new, .. } if old.is_empty() => {
+                format!("resume   {slot}: start {} and prove it", new.name)
+            }
             Action::Resume { slot, old, new, .. } => format!(
                 "resume   {slot}: prove {}, then retire {}",
                 new.name,
@@ -162,7 +165,17 @@ pub(crate) fn plan(env: &str, desired: &[Desired], actual: &[NodeVm]) -> Plan {
         };
         let next = newest.generation + 1;
         if vms.len() == 1 {
-            if matches(newest) {
+            if matches(newest) && !newest.running {
+                // Made but never (or no longer) running: an interrupted
+                // create, or a VM stopped behind kiln's back. Start it and
+                // prove it before counting on it.
+                actions.push(Action::Resume {
+                    role,
+                    slot,
+                    old: Vec::new(),
+                    new: newest.clone(),
+                });
+            } else if matches(newest) {
                 actions.push(Action::Keep {
                     role,
                     slot,
@@ -327,6 +340,28 @@ mod tests {
         );
         assert!(
             matches!(&p.actions[0], Action::Resume { new, old, .. } if new.generation == 1 && old.len() == 1)
+        );
+    }
+
+    #[test]
+    fn a_stopped_vm_that_is_what_the_file_wants_is_started_and_proven_not_kept() {
+        let mut stopped = vm("lb-1", 0, "a");
+        stopped.running = false;
+        let p = plan("qa", &[want("lb-1", "a")], &[stopped.clone()]);
+        assert_eq!(
+            p.actions,
+            vec![Action::Resume {
+                role: "lb".into(),
+                slot: "lb-1".into(),
+                old: vec![],
+                new: stopped,
+            }]
+        );
+        assert!(!p.is_noop());
+        assert!(
+            p.text().contains("start qa-lb-1-g0 and prove it"),
+            "{}",
+            p.text()
         );
     }
 

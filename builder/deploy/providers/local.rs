@@ -11,7 +11,7 @@
 //! - `vms/<name>/`: one VM: `vm.json` (its marks, tap, MAC and QEMU pid;
 //!   written before QEMU starts, so a VM whose creation was interrupted is
 //!   still listed and can be destroyed), `disk.qcow2` (an overlay over the
-//!   image's disk), `OVMF_VARS.fd`, `seed.img` (NoCloud, with a static
+//!   image's disk), `OVMF_VARS.fd`, `seed.iso` (NoCloud ISO on a CD-ROM as on Proxmox, with a static
 //!   network-config), `serial.log`, `qmp.sock`, `qemu.pid`, `qemu.stderr`.
 //!
 //! QEMU runs detached (`-daemonize`): the environment keeps running after
@@ -233,7 +233,7 @@ impl LocalProvider {
     }
 
     fn fresh(&self, vm: &NewVm, dir: &Path) -> Result<NodeVm> {
-        let mac = mac_for(&self.env, &vm.name);
+        let mac = super::mac_for(&self.env, &vm.name);
         if let Some((_, other)) = self.records()?.into_iter().find(|(_, r)| r.mac == mac) {
             bail!(
                 "VM {} would get MAC {mac}, which {} has already: rename one of them",
@@ -290,7 +290,7 @@ impl LocalProvider {
                 &self.network.dns,
             )),
         }
-        .write(&dir.join("seed.img"))?;
+        .write_iso(&dir.join(SEED_ISO))?;
         self.start(dir, rec)
     }
 
@@ -315,7 +315,7 @@ impl LocalProvider {
             accel,
             firmware,
             disk: dir.join("disk.qcow2"),
-            seed: Some(dir.join("seed.img")),
+            seed: Some(seed_drive(dir)),
             net: Net::Tap {
                 ifname: rec.tap.clone(),
                 mac: rec.mac.clone(),
@@ -541,12 +541,18 @@ impl Provider for LocalProvider {
     }
 }
 
-/// A MAC address for VM `name` of environment `env`, the same every time:
-/// QEMU's 52:54:00 prefix (locally administered, unicast) and three bytes of
-/// the name's sha256.
-fn mac_for(env: &str, name: &str) -> String {
-    let h = crate::util::sha256_hex(format!("{env}/{name}").as_bytes());
-    format!("52:54:00:{}:{}:{}", &h[0..2], &h[2..4], &h[4..6])
+/// The seed ISO's file name in a VM's directory.
+const SEED_ISO: &str = "seed.iso";
+
+/// The VM's seed: the ISO on a CD-ROM, as a Proxmox VM carries it; a VM
+/// made by an older kiln keeps its VFAT `seed.img` disk.
+fn seed_drive(dir: &Path) -> crate::validate::qemu::SeedDrive {
+    use crate::validate::qemu::SeedDrive;
+    let legacy = dir.join("seed.img");
+    if !dir.join(SEED_ISO).exists() && legacy.exists() {
+        return SeedDrive::Disk(legacy);
+    }
+    SeedDrive::Cdrom(dir.join(SEED_ISO))
 }
 
 /// The pid of the VM's QEMU if it runs: the recorded pid, or the one QEMU
@@ -663,12 +669,12 @@ mod tests {
 
     #[test]
     fn a_vms_mac_is_stable_local_unicast_and_differs_between_vms() {
-        let a = mac_for("qa", "qa-lb-1-g0");
-        assert_eq!(a, mac_for("qa", "qa-lb-1-g0"));
+        let a = crate::deploy::providers::mac_for("qa", "qa-lb-1-g0");
+        assert_eq!(a, crate::deploy::providers::mac_for("qa", "qa-lb-1-g0"));
         assert!(a.starts_with("52:54:00:"), "{a}");
         assert_eq!(a.len(), 17);
-        assert_ne!(a, mac_for("qa", "qa-lb-1-g1"));
-        assert_ne!(a, mac_for("prod", "qa-lb-1-g0"));
+        assert_ne!(a, crate::deploy::providers::mac_for("qa", "qa-lb-1-g1"));
+        assert_ne!(a, crate::deploy::providers::mac_for("prod", "qa-lb-1-g0"));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! the state is recoverable without any journal. A provider never touches a
 //! VM that does not carry its environment's marks.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -19,6 +19,7 @@ use crate::deploy::env::model::Network;
 
 pub mod local;
 pub mod netns;
+pub(crate) mod proxmox;
 
 /// One VM of an environment as its provider shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -82,6 +83,14 @@ impl NewVm {
     }
 }
 
+/// A MAC address for VM `name` of environment `env`, the same every time:
+/// QEMU's 52:54:00 prefix (locally administered, unicast) and three bytes of
+/// the name's sha256.
+pub(crate) fn mac_for(env: &str, name: &str) -> String {
+    let h = crate::util::sha256_hex(format!("{env}/{name}").as_bytes());
+    format!("52:54:00:{}:{}:{}", &h[0..2], &h[2..4], &h[4..6])
+}
+
 /// Where an environment's VMs live. One value serves one environment.
 pub trait Provider {
     /// `local` or `proxmox`, for messages.
@@ -113,13 +122,31 @@ pub trait Provider {
 
     /// Remove what `prepare` made, once the environment has no VMs left.
     fn teardown(&self) -> Result<()>;
+
+    /// Make the images available where the slots need them (Proxmox: publish
+    /// a template to each node that lacks one); what was done, for people.
+    /// The local provider boots image directories as they are.
+    fn ensure_images(&self, _needs: &[ImageNeed], _progress: bool) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+/// An image an environment runs and the Proxmox nodes its slots are on.
+#[derive(Debug, Clone)]
+pub struct ImageNeed {
+    pub dir: PathBuf,
+    pub image_id: String,
+    pub nodes: Vec<String>,
 }
 
 /// The provider an environment file names; `accel` is how the local
-/// provider runs its VMs (KVM when it works, else TCG).
+/// provider runs its VMs (KVM when it works, else TCG); `config` is the
+/// kiln.toml holding Proxmox targets (default: `./kiln.toml`, then
+/// `~/.config/kiln/config.toml`).
 pub(crate) fn open(
     env: &crate::deploy::env::model::Environment,
     accel: crate::validate::Accel,
+    config: Option<&std::path::Path>,
 ) -> Result<Box<dyn Provider>> {
     use crate::deploy::env::model::ProviderSpec;
     match &env.provider {
@@ -131,9 +158,21 @@ pub(crate) fn open(
             )?
             .with_accel(accel),
         )),
-        ProviderSpec::Proxmox { .. } => anyhow::bail!(
-            "{}: environments on Proxmox VE are not supported yet (kiln publishes templates there); use `[provider] kind = \"local\"`",
-            env.path.display()
-        ),
+        ProviderSpec::Proxmox { target } => {
+            let target = crate::deploy::pve::config::resolve(target.as_deref(), config, &|k| {
+                std::env::var(k).ok()
+            })
+            .with_context(|| format!("{}: its Proxmox target", env.path.display()))?;
+            let mut nodes: Vec<String> = env.slots().filter_map(|(_, s)| s.node.clone()).collect();
+            nodes.sort();
+            nodes.dedup();
+            Ok(Box::new(proxmox::ProxmoxProvider::new(
+                &env.name,
+                &env.network,
+                nodes,
+                target,
+                crate::deploy::env::journal::state_dir(&env.name)?,
+            )?))
+        }
     }
 }

@@ -265,7 +265,11 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
     }
     let checked = access::check(&pve, &needs(target, &m, via))?;
     if !checked.missing.is_empty() {
-        return Err(access::missing_error(&target.token.id, &checked.missing));
+        return Err(access::missing_error(
+            &target.token.id,
+            &checked.missing,
+            access::KilnRole::Publish,
+        ));
     }
     let mut lxc_shared = false;
     for node in &nodes {

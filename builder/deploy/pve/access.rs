@@ -30,11 +30,59 @@ pub(crate) const KILN_PUBLISH_PRIVS: &[&str] = &[
     "VM.Config.Options",
 ];
 
+/// The privileges `kiln env` uses on Proxmox (clone, configure, start,
+/// stop, destroy VMs; upload seed ISOs). Keep in step with README.md (a test
+/// checks it).
+pub(crate) const KILN_ENV_PRIVS: &[&str] = &[
+    "Datastore.AllocateSpace",
+    "Datastore.AllocateTemplate",
+    "Datastore.Audit",
+    "SDN.Use",
+    "Sys.Audit",
+    "VM.Allocate",
+    "VM.Audit",
+    "VM.Clone",
+    "VM.Config.CDROM",
+    "VM.Config.CPU",
+    "VM.Config.Disk",
+    "VM.Config.HWType",
+    "VM.Config.Memory",
+    "VM.Config.Network",
+    "VM.Config.Options",
+    "VM.PowerMgmt",
+];
+
+/// The roles kiln documents for its API tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KilnRole {
+    /// `kiln publish` and `kiln templates`.
+    Publish,
+    /// `kiln env` on a Proxmox provider.
+    Environments,
+}
+
+impl KilnRole {
+    fn name(self) -> &'static str {
+        match self {
+            KilnRole::Publish => "KilnPublish",
+            KilnRole::Environments => "KilnEnvironments",
+        }
+    }
+
+    fn privileges(self) -> &'static [&'static str] {
+        match self {
+            KilnRole::Publish => KILN_PUBLISH_PRIVS,
+            KilnRole::Environments => KILN_ENV_PRIVS,
+        }
+    }
+}
+
 /// The `pveum` line that makes the role.
-pub(crate) fn role_command() -> String {
+pub(crate) fn role_command(role: KilnRole) -> String {
     format!(
-        "pveum role add KilnPublish -privs \"{}\"",
-        KILN_PUBLISH_PRIVS.join(",")
+        "pveum role add {} -privs \"{}\"",
+        role.name(),
+        role.privileges().join(",")
     )
 }
 
@@ -232,7 +280,7 @@ pub(crate) fn refused_tags(
 
 /// The error for missing privileges: each with its path and purpose, and
 /// the role that has them all.
-pub(crate) fn missing_error(token_id: &str, missing: &[Need]) -> anyhow::Error {
+pub(crate) fn missing_error(token_id: &str, missing: &[Need], role: KilnRole) -> anyhow::Error {
     let list: Vec<String> = missing
         .iter()
         .map(|n| {
@@ -244,10 +292,15 @@ pub(crate) fn missing_error(token_id: &str, missing: &[Need]) -> anyhow::Error {
         })
         .collect();
     anyhow::anyhow!(
-        "the API token {token_id} lacks privileges: {}. A role with all kiln publish needs: \
-         `{}`; then `pveum acl modify / --tokens '{token_id}' --roles KilnPublish`",
+        "the API token {token_id} lacks privileges: {}. A role with all kiln {} needs: \
+         `{}`; then `pveum acl modify / --tokens '{token_id}' --roles {}`",
         list.join("; "),
-        role_command()
+        match role {
+            KilnRole::Publish => "publish",
+            KilnRole::Environments => "env",
+        },
+        role_command(role),
+        role.name()
     )
 }
 
@@ -257,12 +310,20 @@ mod tests {
 
     #[test]
     fn the_documented_role_command_is_the_one_kiln_prints() {
-        let cmd = role_command();
+        let cmd = role_command(KilnRole::Publish);
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         for f in ["README.md", "kiln.example.toml"] {
             let text = std::fs::read_to_string(root.join(f)).unwrap();
             assert!(text.contains(&cmd), "{f} does not show `{cmd}`");
         }
+    }
+
+    #[test]
+    fn the_documented_environments_role_is_the_one_kiln_prints() {
+        let cmd = role_command(KilnRole::Environments);
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        assert!(text.contains(&cmd), "README.md does not show `{cmd}`");
     }
 
     #[test]
@@ -307,6 +368,7 @@ mod tests {
                 "Datastore.AllocateTemplate",
                 "upload",
             )],
+            KilnRole::Publish,
         );
         let msg = format!("{e:#}");
         assert!(

@@ -276,6 +276,15 @@ impl Pve {
         self.send(reqwest::Method::POST, path, rb)
     }
 
+    pub(crate) fn put(&self, path: &str, form: &[(String, String)]) -> Result<Value> {
+        let rb = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .form(form)
+            .timeout(Duration::from_secs(120));
+        self.send(reqwest::Method::PUT, path, rb)
+    }
+
     pub(crate) fn delete(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
         let rb = self
             .http

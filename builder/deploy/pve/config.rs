@@ -39,6 +39,10 @@ pub struct TargetConfig {
     /// Storage with `vztmpl` content for LXC templates (default: import_storage).
     #[serde(default)]
     pub lxc_storage: Option<String>,
+    /// Storage with `iso` content for the NoCloud seeds of environment VMs
+    /// (each holds its VM's user-data, secrets included, until the VM goes).
+    #[serde(default = "default_iso_storage")]
+    pub iso_storage: String,
     /// Resource pool the templates go into (it must exist). VM privileges
     /// may then be granted on `/pool/<pool>` instead of `/vms`.
     #[serde(default)]
@@ -127,6 +131,10 @@ fn yes() -> bool {
 fn default_task_timeout() -> u64 {
     1800
 }
+fn default_iso_storage() -> String {
+    "local".into()
+}
+
 fn default_concurrent_publish_wait() -> u64 {
     120
 }
@@ -468,6 +476,7 @@ fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Target> {
         storage: get("KILN_PVE_STORAGE"),
         import_storage: get("KILN_PVE_IMPORT_STORAGE"),
         lxc_storage: env("KILN_PVE_LXC_STORAGE"),
+        iso_storage: env("KILN_PVE_ISO_STORAGE").unwrap_or_else(default_iso_storage),
         pool: env("KILN_PVE_POOL").filter(|p| !p.trim().is_empty()),
         vmid_range,
         token_env: None,

@@ -18,6 +18,9 @@ pub(crate) struct VmEntry {
     pub tags: Vec<String>,
     /// The config lock (`create`, `clone`, ...), if any.
     pub lock: Option<String>,
+    /// `status` is `running` (`/cluster/resources` reports it for VMs:
+    /// pve-manager PVE/API2/Cluster.pm, `resources`).
+    pub running: bool,
 }
 
 pub(crate) fn list_vms(pve: &Pve) -> Result<Vec<VmEntry>> {
@@ -45,6 +48,7 @@ pub(crate) fn list_vms(pve: &Pve) -> Result<Vec<VmEntry>> {
                     })
                     .unwrap_or_default(),
                 lock: e.get("lock").and_then(Value::as_str).map(str::to_string),
+                running: e.get("status").and_then(Value::as_str) == Some("running"),
             })
         })
         .collect())
