@@ -365,7 +365,18 @@ fn a_target_from_kiln_toml_with_a_token_file_publishes() {
     let c = &st.vms[&8100].config;
     assert_eq!(c["cores"], "4");
     assert_eq!(c["memory"], "4096");
-    assert_eq!(c["net0"], "virtio,bridge=vmbr1");
+    // What kiln asked for; Proxmox adds a MAC address (`add_random_macs`).
+    let create = st
+        .requests
+        .iter()
+        .find(|r| r.method == "POST" && r.path == "/nodes/{node}/qemu")
+        .expect("a create request");
+    assert_eq!(create.params["net0"], "virtio,bridge=vmbr1");
+    assert!(
+        c["net0"].starts_with("virtio=BC:24:11:") && c["net0"].ends_with(",bridge=vmbr1"),
+        "{}",
+        c["net0"]
+    );
     // remove_import = false keeps the uploaded file.
     assert!(st
         .volumes

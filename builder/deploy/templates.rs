@@ -3,7 +3,7 @@
 
 use crate::deploy::publish::naming;
 use crate::deploy::pve::client::seg;
-use crate::deploy::pve::vms::{destroy_vm, list_vms, vm_config};
+use crate::deploy::pve::vms::{as_u64, destroy_vm, list_vms, vm_config};
 use crate::deploy::pve::Pve;
 use anyhow::Result;
 use serde::Serialize;
@@ -206,8 +206,15 @@ pub(crate) fn storage_shows_links(kind: &str) -> bool {
     )
 }
 
-/// Storage id to type on a node (`GET /nodes/{node}/storage`).
-fn storage_kinds(pve: &Pve, node: &str) -> Result<BTreeMap<String, String>> {
+/// A storage as a node lists it: its type and whether all nodes share it.
+#[derive(Debug, Clone)]
+struct StorageKind {
+    kind: String,
+    shared: bool,
+}
+
+/// Storage id to type and sharing on a node (`GET /nodes/{node}/storage`).
+fn storage_kinds(pve: &Pve, node: &str) -> Result<BTreeMap<String, StorageKind>> {
     let v = pve.get(&format!("/nodes/{}/storage", seg(node)), &[])?;
     Ok(v.as_array()
         .map(|a| {
@@ -215,7 +222,10 @@ fn storage_kinds(pve: &Pve, node: &str) -> Result<BTreeMap<String, String>> {
                 .filter_map(|e| {
                     Some((
                         e.get("storage")?.as_str()?.to_string(),
-                        e.get("type")?.as_str()?.to_string(),
+                        StorageKind {
+                            kind: e.get("type")?.as_str()?.to_string(),
+                            shared: e.get("shared").and_then(as_u64).unwrap_or(0) == 1,
+                        },
                     ))
                 })
                 .collect()
@@ -242,11 +252,13 @@ pub(crate) fn prune(pve: &Pve, nodes: &[String], opts: PruneOptions) -> Result<P
     let list = list(pve, nodes)?;
     let (kept, candidates) = prune_plan(&list, opts.keep);
     let mut configs = BTreeMap::new();
+    let mut vm_nodes = BTreeMap::new();
     for vm in list_vms(pve)? {
         configs.insert(vm.vmid, vm_config(pve, &vm.node, vm.vmid)?);
+        vm_nodes.insert(vm.vmid, vm.node);
     }
     let users = linked_clone_users(&configs);
-    let mut kinds: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut kinds: BTreeMap<String, BTreeMap<String, StorageKind>> = BTreeMap::new();
     let mut out = PruneOutcome {
         kept,
         ..Default::default()
@@ -262,20 +274,25 @@ pub(crate) fn prune(pve: &Pve, nodes: &[String], opts: PruneOptions) -> Result<P
         if !kinds.contains_key(&t.node) {
             kinds.insert(t.node.clone(), storage_kinds(pve, &t.node)?);
         }
-        let blind: Vec<String> = disk_storages(cfg)
+        let blind: Vec<(String, bool)> = disk_storages(cfg)
             .into_iter()
             .filter_map(|s| {
-                let kind = kinds[&t.node]
-                    .get(&s)
-                    .map(String::as_str)
-                    .unwrap_or("unknown");
-                (!storage_shows_links(kind)).then(|| format!("`{s}` ({kind})"))
+                let k = kinds[&t.node].get(&s);
+                let kind = k.map(|k| k.kind.as_str()).unwrap_or("unknown");
+                (!storage_shows_links(kind))
+                    .then(|| (format!("`{s}` ({kind})"), k.is_some_and(|k| k.shared)))
             })
             .collect();
         if !blind.is_empty() && !opts.force {
-            let clones = clones_of(&configs, t.vmid, cfg);
+            // A linked clone lives on its template's storage: where that is
+            // local to the node (LVM-thin always is), only VMs on the
+            // template's node can be its clones.
+            let local = blind.iter().all(|(_, shared)| !shared);
+            let only_on = local.then_some((&vm_nodes, t.node.as_str()));
+            let clones = clones_of(&configs, t.vmid, cfg, only_on);
             if !clones.is_empty() {
-                out.kept_maybe_linked.push((t, clones, blind.join(", ")));
+                let names: Vec<String> = blind.into_iter().map(|(n, _)| n).collect();
+                out.kept_maybe_linked.push((t, clones, names.join(", ")));
                 continue;
             }
         }
@@ -296,11 +313,14 @@ pub(crate) fn prune(pve: &Pve, nodes: &[String], opts: PruneOptions) -> Result<P
 
 /// VMs cloned from template `vmid`: they carry its description (Proxmox
 /// copies it into clones, `PVE/API2/Qemu.pm` `clone_vm`) with its
-/// `kiln-run` line, but not its SMBIOS UUID.
+/// `kiln-run` line, but not its SMBIOS UUID. A publish to several nodes
+/// writes one `kiln-run` into each node's template: with `only_on` (the
+/// VMs' nodes, the template's node) only VMs on that node count.
 fn clones_of(
     configs: &BTreeMap<u32, serde_json::Map<String, Value>>,
     vmid: u32,
     template: &serde_json::Map<String, Value>,
+    only_on: Option<(&BTreeMap<u32, String>, &str)>,
 ) -> Vec<u32> {
     let desc = |c: &serde_json::Map<String, Value>| {
         naming::parse_description(c.get("description").and_then(Value::as_str).unwrap_or(""))
@@ -320,6 +340,8 @@ fn clones_of(
             **id != vmid
                 && c.get("template").and_then(Value::as_u64) != Some(1)
                 && desc(c).get(key) == Some(mine)
+                && only_on
+                    .is_none_or(|(nodes, node)| nodes.get(*id).map(String::as_str) == Some(node))
         })
         .map(|(id, _)| *id)
         .collect()
@@ -425,6 +447,43 @@ mod tests {
         let kept: Vec<u32> = kept.iter().map(|t| t.vmid).collect();
         assert_eq!(kept, vec![9001, 9010]);
         assert_eq!(gone.len(), 1);
+    }
+
+    #[test]
+    fn vms_on_another_node_are_no_clones_of_a_template_on_node_local_storage() {
+        let cfg = |desc: &str, template: bool| {
+            let mut m = serde_json::Map::new();
+            m.insert("description".into(), Value::String(desc.into()));
+            if template {
+                m.insert("template".into(), Value::from(1));
+            }
+            m
+        };
+        // One publish run made templates 9000 (pve) and 9001 (pve2); VMs
+        // cloned from each carry the same kiln-run line.
+        let run = "kiln-run: 0f8e6a62-1c2b-4d3e-9f00-aabbccddeeff";
+        let configs: BTreeMap<u32, serde_json::Map<String, Value>> = [
+            (9000, cfg(run, true)),
+            (9001, cfg(run, true)),
+            (120, cfg(run, false)),
+            (121, cfg(run, false)),
+        ]
+        .into();
+        let nodes: BTreeMap<u32, String> = [
+            (9000, "pve".to_string()),
+            (9001, "pve2".into()),
+            (120, "pve".into()),
+            (121, "pve2".into()),
+        ]
+        .into();
+        assert_eq!(
+            clones_of(&configs, 9000, &configs[&9000], None),
+            vec![120, 121]
+        );
+        assert_eq!(
+            clones_of(&configs, 9000, &configs[&9000], Some((&nodes, "pve"))),
+            vec![120]
+        );
     }
 
     #[test]

@@ -56,9 +56,9 @@ pub(crate) fn to_base(volid: &str, vmid: u32) -> Option<String> {
 }
 
 /// The disk number of a VM or base volume (`...-disk-N[.qcow2]`).
-fn disk_no(volid: &str) -> &str {
+pub(crate) fn disk_no(volid: &str) -> u32 {
     let last = volid.rsplit('-').next().unwrap_or("0");
-    last.split('.').next().unwrap_or("0")
+    last.split('.').next().unwrap_or("0").parse().unwrap_or(0)
 }
 
 /// Volume id of `newid`'s copy of disk `src` (of VM or template `vmid`):
@@ -71,7 +71,7 @@ pub(crate) fn clone_disk(src: &str, vmid: u32, newid: u32, linked: bool) -> Opti
     }
     let n = disk_no(src);
     Some(match (linked, file_based(s), s.kind) {
-        (false, _, _) => new_disk(s, newid, n.parse().unwrap_or(0)),
+        (false, _, _) => new_disk(s, newid, n),
         (true, true, _) => format!("{sid}:{name}/{newid}/vm-{newid}-disk-{n}.qcow2"),
         (true, false, "lvmthin") => format!("{sid}:vm-{newid}-disk-{n}"),
         (true, false, _) => format!("{sid}:{name}/vm-{newid}-disk-{n}"),
@@ -101,8 +101,26 @@ pub(crate) fn base_volume(volid: &str) -> Option<String> {
     })
 }
 
-/// The VM a volume belongs to (a linked clone belongs to the clone).
+/// The content type of a volume from its name, as the storage plugins'
+/// `parse_volname` tell it (pve-storage `PVE/Storage/Plugin.pm`): `iso/...`,
+/// `vztmpl/...`, `backup/...`, `import/...`, `snippets/...`, else `images`.
+pub(crate) fn volume_type(volid: &str) -> &'static str {
+    let name = volid.split_once(':').map(|(_, n)| n).unwrap_or(volid);
+    for t in ["iso", "vztmpl", "backup", "import", "snippets"] {
+        if name.starts_with(&format!("{t}/")) {
+            return t;
+        }
+    }
+    "images"
+}
+
+/// The VM a volume belongs to (a linked clone belongs to the clone). ISO
+/// images, container templates, imports and backups belong to no VM, whatever
+/// their name (`parse_volname` gives them no owner).
 pub(crate) fn owner(volid: &str) -> Option<u32> {
+    if volume_type(volid) != "images" {
+        return None;
+    }
     let (_, name) = volid.split_once(':')?;
     let last = name.rsplit('/').next()?;
     let rest = last
@@ -137,5 +155,14 @@ mod tests {
             clone_disk("local-lvm:base-100-disk-1", 100, 121, false).unwrap(),
             "local-lvm:vm-121-disk-1"
         );
+    }
+
+    #[test]
+    fn iso_images_belong_to_no_vm_whatever_their_name() {
+        assert_eq!(volume_type("local:iso/vm-120-cidata.iso"), "iso");
+        assert_eq!(owner("local:iso/vm-120-cidata.iso"), None);
+        assert_eq!(owner("pve2/local:iso/vm-120-cidata.iso"), None);
+        assert_eq!(owner("local-dir:120/vm-120-disk-0.qcow2"), Some(120));
+        assert_eq!(volume_type("local-lvm:vm-120-disk-0"), "images");
     }
 }

@@ -18,6 +18,8 @@ pub enum FaultOp {
     Destroy,
     VolumeDelete,
     TaskStatus,
+    /// `POST .../status/shutdown`.
+    Shutdown,
 }
 
 /// What goes wrong.
@@ -37,11 +39,14 @@ pub enum FaultKind {
     Transient400,
     /// Another client takes the requested VMID just before this create.
     Race,
+    /// The guest ignores the ACPI power button: a shutdown without
+    /// `forceStop` runs into its timeout (see `vmconfig::shutdown`).
+    IgnoreAcpi,
 }
 
 /// An injected fault: `op:kind[*count]`, e.g. `upload:500`, `create:fail`,
 /// `template:lock-timeout`, `upload:drop`, `create:slow=5`, `status:400*2`,
-/// `create:race`.
+/// `create:race`, `shutdown:ignore-acpi`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fault {
     pub op: FaultOp,
@@ -70,7 +75,8 @@ impl std::str::FromStr for Fault {
             "destroy" => FaultOp::Destroy,
             "volume-delete" => FaultOp::VolumeDelete,
             "status" => FaultOp::TaskStatus,
-            other => return Err(format!("unknown fault operation `{other}` (upload, create, template, clone, destroy, volume-delete, status)")),
+            "shutdown" => FaultOp::Shutdown,
+            other => return Err(format!("unknown fault operation `{other}` (upload, create, template, clone, destroy, volume-delete, status, shutdown)")),
         };
         let kind = match kind {
             "500" => FaultKind::Http500,
@@ -79,10 +85,11 @@ impl std::str::FromStr for Fault {
             "lock-timeout" => FaultKind::LockTimeout,
             "400" => FaultKind::Transient400,
             "race" => FaultKind::Race,
+            "ignore-acpi" => FaultKind::IgnoreAcpi,
             k if k.starts_with("slow=") => FaultKind::SlowTask(
                 k[5..].parse().map_err(|_| format!("bad seconds in `{s}`"))?,
             ),
-            other => return Err(format!("unknown fault kind `{other}` (500, drop, fail, slow=SECS, lock-timeout, 400, race)")),
+            other => return Err(format!("unknown fault kind `{other}` (500, drop, fail, slow=SECS, lock-timeout, 400, race, ignore-acpi)")),
         };
         Ok(Fault {
             op,
@@ -165,5 +172,7 @@ mod tests {
         let f: Fault = "create:slow=1.5".parse().unwrap();
         assert_eq!(f.kind, FaultKind::SlowTask(1.5));
         assert!("nothing:500".parse::<Fault>().is_err());
+        let f: Fault = "shutdown:ignore-acpi".parse().unwrap();
+        assert_eq!((f.op, f.kind), (FaultOp::Shutdown, FaultKind::IgnoreAcpi));
     }
 }

@@ -9,15 +9,17 @@
 //! with per-parameter errors, the token's privileges per path
 //! ([`SimConfig::acl`], `403` where PVE answers it), and injectable faults
 //! (see [`Fault`]).
-//! Storages: `local` (dir: iso, vztmpl, import, backup), `local-lvm`
-//! (lvmthin: images, rootdir), `local-zfs` (zfspool: images, rootdir) and
+//! Storages: `local` (dir: iso, vztmpl, import, backup), `local-dir` (dir:
+//! images, rootdir), `local-lvm` (lvmthin: images, rootdir), `local-zfs` (zfspool: images, rootdir) and
 //! `nfs` (shared: images, import, vztmpl, iso), each naming disks and linked
 //! clones as its PVE storage type does (see `disks`). Disk contents are not converted: an imported
 //! disk is recorded with its size, nothing boots.
 //!
 //! Modules: `state` (what the node holds), `routes` (route table, auth,
-//! dispatch), `vms`, `storage` and `tasks` (the handlers), `faults`, and the
-//! wire layer `http`, `multipart`, `params`.
+//! dispatch), `vms` (create, clone, template, power, destroy, views),
+//! `vmconfig` (config update, resize, shutdown), `options` (option checks
+//! both share), `storage` and `tasks` (the handlers), `faults`, and the wire
+//! layer `http`, `multipart`, `params`.
 
 pub mod http;
 pub mod multipart;
@@ -26,10 +28,12 @@ pub mod params;
 mod access;
 mod disks;
 mod faults;
+mod options;
 mod routes;
 mod state;
 mod storage;
 mod tasks;
+mod vmconfig;
 mod vms;
 
 pub use access::{parse_acl, Acl};

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// A Proxmox VE API simulator (a stand-in, not Proxmox): node `pve` (or
-/// --nodes), storages `local` (iso, vztmpl, import), `local-lvm` and
-/// `local-zfs` (images) on each node, and `nfs` shared by all.
+/// --nodes), storages `local` (iso, vztmpl, import), `local-dir`,
+/// `local-lvm` and `local-zfs` (images) on each node, and `nfs` shared by all.
 #[derive(Parser)]
 #[command(name = "pve-sim", version)]
 struct Args {
@@ -38,8 +38,9 @@ struct Args {
     #[arg(long, default_value = "8.4.1")]
     pve_version: String,
     /// Inject a fault, OP:KIND[*COUNT]; OP is upload, create, template, clone,
-    /// destroy, volume-delete or status; KIND is 500, drop, fail, slow=SECS,
-    /// lock-timeout, 400 or race. Repeatable. At runtime (simulator-only
+    /// destroy, volume-delete, status or shutdown; KIND is 500, drop, fail,
+    /// slow=SECS, lock-timeout, 400, race or (shutdown) ignore-acpi: the
+    /// guest ignores the power button. Repeatable. At runtime (simulator-only
     /// endpoint, not part of PVE): POST /api2/json/_sim/faults with spec=....
     #[arg(long)]
     fault: Vec<String>,

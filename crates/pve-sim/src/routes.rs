@@ -13,6 +13,7 @@ use crate::params::{self, Errors};
 use crate::state::{lock, Recorded, Shared};
 use crate::storage::{storage_content, storage_list, upload, volume_delete};
 use crate::tasks::{task_log, task_status};
+use crate::vmconfig::{resize, shutdown, update_config};
 use crate::vms::{
     clone_vm, cluster_resources, create_vm, destroy, nextid, power, template, vm_config, vm_list,
     vm_status,
@@ -54,9 +55,13 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/nodes/{node}/qemu"),
     ("POST", "/nodes/{node}/qemu"),
     ("GET", "/nodes/{node}/qemu/{vmid}/config"),
+    ("POST", "/nodes/{node}/qemu/{vmid}/config"),
+    ("PUT", "/nodes/{node}/qemu/{vmid}/config"),
+    ("PUT", "/nodes/{node}/qemu/{vmid}/resize"),
     ("GET", "/nodes/{node}/qemu/{vmid}/status/current"),
     ("POST", "/nodes/{node}/qemu/{vmid}/status/start"),
     ("POST", "/nodes/{node}/qemu/{vmid}/status/stop"),
+    ("POST", "/nodes/{node}/qemu/{vmid}/status/shutdown"),
     ("POST", "/nodes/{node}/qemu/{vmid}/template"),
     ("POST", "/nodes/{node}/qemu/{vmid}/clone"),
     ("DELETE", "/nodes/{node}/qemu/{vmid}"),
@@ -317,9 +322,13 @@ fn dispatch(
         ("GET", "/nodes/{node}/qemu") => vm_list(shared, p),
         ("POST", "/nodes/{node}/qemu") => create_vm(shared, p, user),
         ("GET", "/nodes/{node}/qemu/{vmid}/config") => vm_config(shared, p),
+        ("POST", "/nodes/{node}/qemu/{vmid}/config") => update_config(shared, p, user, false),
+        ("PUT", "/nodes/{node}/qemu/{vmid}/config") => update_config(shared, p, user, true),
+        ("PUT", "/nodes/{node}/qemu/{vmid}/resize") => resize(shared, p, user),
         ("GET", "/nodes/{node}/qemu/{vmid}/status/current") => vm_status(shared, p),
         ("POST", "/nodes/{node}/qemu/{vmid}/status/start") => power(shared, p, user, true),
         ("POST", "/nodes/{node}/qemu/{vmid}/status/stop") => power(shared, p, user, false),
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/shutdown") => shutdown(shared, p, user),
         ("POST", "/nodes/{node}/qemu/{vmid}/template") => template(shared, p, user),
         ("POST", "/nodes/{node}/qemu/{vmid}/clone") => clone_vm(shared, p, user),
         ("DELETE", "/nodes/{node}/qemu/{vmid}") => destroy(shared, p, user),

@@ -32,6 +32,15 @@ pub const STORAGES: &[StorageDef] = &[
         content: &["iso", "vztmpl", "import", "backup"],
         shared: false,
     },
+    // A directory storage for VM disks (qcow2 files, linked clones named
+    // `X/base-X-disk-N.qcow2/Y/vm-Y-disk-M.qcow2` like `nfs`), as an
+    // administrator adds one with `pvesm add dir`.
+    StorageDef {
+        id: "local-dir",
+        kind: "dir",
+        content: &["images", "rootdir"],
+        shared: false,
+    },
     StorageDef {
         id: "local-lvm",
         kind: "lvmthin",
@@ -110,6 +119,10 @@ pub struct Vm {
     pub config: BTreeMap<String, String>,
     pub template: bool,
     pub running: bool,
+    /// Changes waiting for the next start (`[PENDING]` in the config file):
+    /// a new value, or None for a deletion. A running VM keeps those it
+    /// cannot hotplug here (see `vmconfig`).
+    pub pending: BTreeMap<String, Option<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -249,6 +262,7 @@ impl State {
                 config,
                 template,
                 running: false,
+                pending: BTreeMap::new(),
             },
         );
     }
@@ -261,6 +275,7 @@ impl State {
         let mut config = src.config.clone();
         config.insert("name".into(), name.into());
         config.insert("smbios1".into(), format!("uuid={}", new_uuid()));
+        let mut linked = Vec::new();
         for v in config.values_mut() {
             let (vol, rest) = match v.split_once(',') {
                 Some((a, b)) => (a.to_string(), format!(",{b}")),
@@ -268,7 +283,11 @@ impl State {
             };
             if let Some(c) = crate::disks::clone_disk(&vol, base, vmid, true) {
                 *v = format!("{c}{rest}");
+                linked.push(c);
             }
+        }
+        for vol in linked {
+            self.add_vm_disk(&src.node, vol);
         }
         self.vms.insert(
             vmid,
@@ -278,6 +297,7 @@ impl State {
                 config,
                 template: false,
                 running: false,
+                pending: BTreeMap::new(),
             },
         );
     }

@@ -1,4 +1,5 @@
-//! VM endpoints: create (and its parameter checks), template, clone, start/stop, destroy, views.
+//! VM endpoints: create, template, clone, start/stop, destroy, views (the
+//! option checks create shares with config update are in `options`).
 //! Part of pve-sim, a labelled STAND-IN for the Proxmox VE API (not Proxmox).
 
 use serde_json::{json, Value};
@@ -7,20 +8,31 @@ use std::sync::Arc;
 
 use crate::access;
 use crate::faults::{injected_500, refuse_injected, FaultKind, FaultOp};
+use crate::options::{
+    check_option_perms, check_options, is_disk_key, is_indexed, is_option_key, net_with_mac,
+    tag_policy, vm_perm, NOT_IN_SCHEMA,
+};
 use crate::params::{self, Errors};
 use crate::routes::{check_node, check_vmid, err500, param_err, ApiError, ApiResult};
 use crate::state::{lock, new_uuid, normalize_tags, storage, Shared, State, Vm, STORAGES};
 use crate::tasks::{spawn_task, task_plan, TaskOf};
 
-fn vm_missing(node: &str, vmid: u32) -> ApiError {
-    err500(format!(
-        "Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist"
-    ))
+pub(crate) fn vm_missing(node: &str, vmid: u32) -> ApiError {
+    err500(config_missing(node, vmid))
+}
+
+/// `PVE::QemuConfig->load_config` for a VM that is not on `node`.
+pub(crate) fn config_missing(node: &str, vmid: u32) -> String {
+    format!("Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
 }
 
 /// The VM `vmid` on the request's node (a VM on another node is missing
 /// there: its config lives under that node's directory).
-fn vm_on<'a>(st: &'a State, p: &BTreeMap<String, String>, vmid: u32) -> Result<&'a Vm, ApiError> {
+pub(crate) fn vm_on<'a>(
+    st: &'a State,
+    p: &BTreeMap<String, String>,
+    vmid: u32,
+) -> Result<&'a Vm, ApiError> {
     let node = p.get("node").map(String::as_str).unwrap_or("");
     st.vms
         .get(&vmid)
@@ -123,203 +135,122 @@ pub(crate) fn vm_list(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResul
     ))
 }
 
+/// `GET .../config`: with pending changes applied unless `current=1`
+/// (`PVE/API2/Qemu.pm` `vm_config`, `PVE::QemuConfig->load_current_config`).
 pub(crate) fn vm_config(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
     check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
+    let mut e = Errors::new();
+    let current = match p.get("current") {
+        Some(v) => params::check_boolean(&mut e, "current", v),
+        None => Some(false),
+    };
+    if !e.is_empty() {
+        return Err(ApiError::Params(e));
+    }
     access::require(shared, &format!("/vms/{vmid}"), "VM.Audit")?;
     let st = lock(shared);
     let vm = vm_on(&st, p, vmid)?;
+    let config = if current == Some(true) {
+        vm.config.clone()
+    } else {
+        with_pending(vm)
+    };
     let mut m = serde_json::Map::new();
-    for (k, v) in &vm.config {
+    for (k, v) in &config {
         m.insert(k.clone(), Value::String(v.clone()));
     }
     if vm.template {
         m.insert("template".into(), json!(1));
     }
-    m.insert(
-        "digest".into(),
-        json!(sha256_hex(format!("{:?}", vm.config).as_bytes())),
-    );
+    m.insert("digest".into(), json!(config_digest(vm)));
     Ok(Value::Object(m))
 }
 
+/// A VM's config with its pending changes applied.
+pub(crate) fn with_pending(vm: &Vm) -> BTreeMap<String, String> {
+    let mut c = vm.config.clone();
+    for (k, v) in &vm.pending {
+        match v {
+            Some(v) => c.insert(k.clone(), v.clone()),
+            None => c.remove(k),
+        };
+    }
+    c
+}
+
+/// The config file's digest: 40 hex digits like PVE's SHA-1 of the file
+/// (`PVE::QemuServer::parse_vm_config`; `digest` parameters have
+/// `maxLength => 40`), over the config and its pending section.
+pub(crate) fn config_digest(vm: &Vm) -> String {
+    use sha2::{Digest, Sha256};
+    let h = hex::encode(Sha256::digest(
+        format!("{:?}{:?}", vm.config, vm.pending).as_bytes(),
+    ));
+    h[..40].to_string()
+}
+
+/// `GET .../status/current` as `PVE::QemuServer::vmstatus($vmid, 1)`
+/// answers it (`PVE/API2/Qemu.pm` `vm_status`): `status` is `running` or
+/// `stopped`, `qmpstatus` QEMU's `query-status` (`running`) or else the
+/// status, `name` the config's or `VM <vmid>`, `tags` and `lock` only when
+/// set, `template` only for templates.
 pub(crate) fn vm_status(shared: &Shared, p: &BTreeMap<String, String>) -> ApiResult {
     check_node(shared, p)?;
     let vmid = check_vmid(p, "vmid")?;
     access::require(shared, &format!("/vms/{vmid}"), "VM.Audit")?;
     let st = lock(shared);
     let vm = vm_on(&st, p, vmid)?;
-    Ok(vm_summary(vm))
-}
-
-/// Hex sha256 of bytes (the simulator's config digests).
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(bytes))
-}
-
-const CREATE_KEYS: &[&str] = &[
-    "vmid",
-    "node",
-    "name",
-    "tags",
-    "description",
-    "bios",
-    "machine",
-    "efidisk0",
-    "scsihw",
-    "boot",
-    "agent",
-    "cores",
-    "sockets",
-    "memory",
-    "cpu",
-    "ostype",
-    "vga",
-    "onboot",
-    "start",
-    "pool",
-    "storage",
-    "ciuser",
-    "sshkeys",
-    "ipconfig0",
-    "numa",
-    "template",
-    "tpmstate0",
-    "smbios1",
-];
-
-fn is_indexed(k: &str, prefix: &str, max: u32) -> bool {
-    k.strip_prefix(prefix)
-        .and_then(|n| n.parse::<u32>().ok())
-        .map(|n| n <= max && k == format!("{prefix}{n}"))
-        .unwrap_or(false)
-}
-
-/// A disk option of `qm create`: `scsiN`, `ideN`, `sataN`, `virtioN`, `efidisk0`.
-fn is_disk_key(k: &str) -> bool {
-    is_indexed(k, "scsi", 30)
-        || is_indexed(k, "ide", 3)
-        || is_indexed(k, "sata", 5)
-        || is_indexed(k, "virtio", 15)
-        || k == "efidisk0"
-}
-
-/// Check one disk option: a new volume (`STORAGE:SIZE`), an import
-/// (`STORAGE:0,import-from=VOLUME`), `STORAGE:cloudinit`, or `none`.
-fn check_disk(
-    st: &State,
-    node: &str,
-    e: &mut Errors,
-    key: &str,
-    v: &str,
-    efi: bool,
-) -> Result<(), ApiError> {
-    let (file, opts) = match params::property_string(v, "file") {
-        Ok(x) => x,
-        Err(m) => {
-            e.insert(key.into(), format!("invalid format - {m}"));
-            return Ok(());
-        }
+    let c = &vm.config;
+    let status = if vm.running { "running" } else { "stopped" };
+    let num = |k: &str, default: u64| {
+        c.get(k)
+            .map(|v| v.strip_prefix("current=").unwrap_or(v))
+            .and_then(|v| v.split(',').next()?.parse().ok())
+            .unwrap_or(default)
     };
-    let allowed: Vec<&str> = if efi {
-        vec![
-            "file",
-            "efitype",
-            "pre-enrolled-keys",
-            "ms-cert",
-            "format",
-            "size",
-            "import-from",
-        ]
-    } else {
-        params::DRIVE_OPTS.to_vec()
-    };
-    if !params::check_keys(e, key, &opts, &allowed) {
-        return Ok(());
+    let mut v = json!({
+        "vmid": vmid,
+        "status": status,
+        "qmpstatus": status,
+        "name": c.get("name").cloned().unwrap_or_else(|| format!("VM {vmid}")),
+        "cpus": num("sockets", 1) * num("cores", 1),
+        "maxmem": num("memory", 512) << 20,
+        "maxdisk": 4u64 << 30,
+        "disk": 0, "cpu": 0, "mem": 0, "netin": 0, "netout": 0,
+        "uptime": 0,
+        "ha": {"managed": 0},
+    });
+    if vm.running {
+        v["pid"] = json!(10_000 + vmid);
     }
-    let file = file.unwrap_or_default();
-    if efi {
-        if let Some(t) = opts.get("efitype") {
-            params::check_enum(e, key, t, &["2m", "4m"]);
-        }
-        if let Some(b) = opts.get("pre-enrolled-keys") {
-            params::check_boolean(e, key, b);
+    if vm.template {
+        v["template"] = json!(1);
+    }
+    for k in ["lock", "tags"] {
+        if let Some(x) = c.get(k) {
+            v[k] = json!(x);
         }
     }
-    if file == "none" {
-        return Ok(());
+    let agent = c
+        .get("agent")
+        .and_then(|a| params::property_string(a, "enabled").ok())
+        .and_then(|(h, _)| h)
+        .is_some_and(|h| matches!(h.as_str(), "1" | "true" | "yes" | "on"));
+    if agent {
+        v["agent"] = json!(1);
     }
-    let Some((sid, rest)) = file.split_once(':') else {
-        e.insert(
-            key.into(),
-            format!("invalid format - unable to parse volume '{file}'"),
-        );
-        return Ok(());
-    };
-    let Some(s) = storage(sid) else {
-        return Err(err500(format!("storage '{sid}' does not exist")));
-    };
-    if rest == "cloudinit" {
-        if !s.content.contains(&"images") {
-            return Err(err500(format!(
-                "storage '{sid}' does not support content-type 'images'"
-            )));
-        }
-        return Ok(());
-    }
-    if let Some(src) = opts.get("import-from") {
-        if rest != "0" {
-            e.insert(
-                key.into(),
-                "import-from requires the special syntax STORAGE:0".into(),
-            );
-            return Ok(());
-        }
-        if src.starts_with('/') {
-            return Err(ApiError::Status(
-                403,
-                format!(
-                    "Permission check failed (only root may import from an absolute path '{src}')"
-                ),
-            ));
-        }
-        if !st.volumes.contains_key(&st.volume_key(node, src)) {
-            return Err(err500(format!("volume '{src}' does not exist")));
-        }
-    } else if rest.parse::<f64>().is_err() {
-        // An existing volume used directly: import volumes cannot be.
-        if rest.starts_with("import/") {
-            e.insert(
-                key.into(),
-                format!("'{file}' is an import volume; use STORAGE:0,import-from={file}"),
-            );
-            return Ok(());
-        }
-        if !st.volumes.contains_key(&st.volume_key(node, &file)) {
-            return Err(err500(format!("volume '{file}' does not exist")));
-        }
-    }
-    if !s.content.contains(&"images") {
-        return Err(err500(format!(
-            "storage '{sid}' does not support content-type 'images'"
-        )));
-    }
-    Ok(())
+    Ok(v)
 }
+
+/// Parameters of `POST /nodes/{node}/qemu` that are not config options.
+const CREATE_ONLY_KEYS: &[&str] = &["vmid", "node", "start", "pool", "storage"];
 
 fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, ApiError> {
     let mut e = Errors::new();
     for k in p.keys() {
-        let known = CREATE_KEYS.contains(&k.as_str())
-            || is_indexed(k, "scsi", 30)
-            || is_indexed(k, "ide", 3)
-            || is_indexed(k, "sata", 5)
-            || is_indexed(k, "virtio", 15)
-            || is_indexed(k, "net", 31)
-            || is_indexed(k, "serial", 3);
-        if !known {
-            e.insert(k.clone(), "property is not defined in schema and the schema does not allow additional properties".into());
+        if !CREATE_ONLY_KEYS.contains(&k.as_str()) && !is_option_key(k) {
+            e.insert(k.clone(), NOT_IN_SCHEMA.into());
         }
     }
     let vmid = match p.get("vmid") {
@@ -332,158 +263,8 @@ fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, 
         }
         Some(v) => params::check_integer(&mut e, "vmid", v, 100, 999_999_999),
     };
-    if let Some(n) = p.get("name") {
-        if !params::is_dns_name(n) {
-            e.insert(
-                "name".into(),
-                "invalid format - value does not look like a valid DNS name".into(),
-            );
-        }
-    }
-    if let Some(t) = p.get("tags") {
-        if let Some(bad) = params::split_tags(t)
-            .into_iter()
-            .find(|t| !params::is_tag(t))
-        {
-            e.insert(
-                "tags".into(),
-                format!("invalid format - invalid tag '{bad}'"),
-            );
-        }
-    }
-    if let Some(d) = p.get("description") {
-        if d.chars().count() > 8192 {
-            e.insert(
-                "description".into(),
-                "value may only be 8192 characters long".into(),
-            );
-        }
-    }
-    if let Some(v) = p.get("bios") {
-        params::check_enum(&mut e, "bios", v, &["seabios", "ovmf"]);
-    }
-    if let Some(v) = p.get("smbios1") {
-        check_smbios1(&mut e, v);
-    }
-    if let Some(v) = p.get("scsihw") {
-        params::check_enum(
-            &mut e,
-            "scsihw",
-            v,
-            &[
-                "lsi",
-                "lsi53c810",
-                "virtio-scsi-pci",
-                "virtio-scsi-single",
-                "megasas",
-                "pvscsi",
-            ],
-        );
-    }
-    if let Some(v) = p.get("ostype") {
-        params::check_enum(
-            &mut e,
-            "ostype",
-            v,
-            &[
-                "other", "wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11",
-                "l24", "l26", "solaris",
-            ],
-        );
-    }
-    if let Some(v) = p.get("machine") {
-        if !params::machine_ok(v) {
-            e.insert(
-                "machine".into(),
-                format!(
-                    "invalid format - value does not match the regex pattern ({})",
-                    params::MACHINE_RE_HINT
-                ),
-            );
-        }
-    }
-    for k in ["cores", "sockets"] {
-        if let Some(v) = p.get(k) {
-            params::check_integer(&mut e, k, v, 1, 4096);
-        }
-    }
-    if let Some(v) = p.get("memory") {
-        let v = v.strip_prefix("current=").unwrap_or(v);
-        params::check_integer(&mut e, "memory", v, 16, 1 << 30);
-    }
-    if let Some(v) = p.get("agent") {
-        match params::property_string(v, "enabled") {
-            Ok((h, o)) => {
-                if params::check_keys(
-                    &mut e,
-                    "agent",
-                    &o,
-                    &["enabled", "freeze-fs", "fstrim_cloned_disks", "type"],
-                ) {
-                    params::check_boolean(&mut e, "agent", h.as_deref().unwrap_or(""));
-                }
-            }
-            Err(m) => {
-                e.insert("agent".into(), format!("invalid format - {m}"));
-            }
-        }
-    }
-    for (k, v) in p {
-        if is_indexed(k, "serial", 3) && !(v == "socket" || v.starts_with("/dev/")) {
-            e.insert(
-                k.clone(),
-                "value does not match the regex pattern (/dev/.+|socket)".into(),
-            );
-        }
-        if is_indexed(k, "net", 31) {
-            match params::property_string(v, "model") {
-                Ok((h, o)) => {
-                    let model = h.unwrap_or_default();
-                    let model = model.split('=').next().unwrap_or("");
-                    if params::check_keys(
-                        &mut e,
-                        k,
-                        &o,
-                        &[
-                            "bridge",
-                            "firewall",
-                            "link_down",
-                            "macaddr",
-                            "mtu",
-                            "queues",
-                            "rate",
-                            "tag",
-                            "trunks",
-                            "model",
-                        ],
-                    ) {
-                        params::check_enum(
-                            &mut e,
-                            k,
-                            model,
-                            &["e1000", "e1000e", "rtl8139", "virtio", "vmxnet3"],
-                        );
-                    }
-                }
-                Err(m) => {
-                    e.insert(k.clone(), format!("invalid format - {m}"));
-                }
-            }
-        }
-        if k == "boot" && !(v.starts_with("order=") || v.chars().all(|c| "acdn".contains(c))) {
-            e.insert(k.clone(), "invalid format - format error".into());
-        }
-    }
-    // Disks last: they may fail with non-400 errors (storage, permissions).
-    let mut hard = None;
-    for (k, v) in p {
-        if is_disk_key(k) {
-            let node = p.get("node").map(String::as_str).unwrap_or("");
-            if let Err(x) = check_disk(st, node, &mut e, k, v, k == "efidisk0") {
-                hard.get_or_insert(x);
-            }
-        }
-    }
+    let node = p.get("node").map(String::as_str).unwrap_or("");
+    let hard = check_options(st, node, p, &mut e, true);
     if !e.is_empty() {
         return Err(ApiError::Params(e));
     }
@@ -493,78 +274,10 @@ fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, 
     Ok(vmid.expect("checked") as u32)
 }
 
-/// The privilege an option of `POST /nodes/{node}/qemu` needs on the VM
-/// (`PVE/API2/Qemu.pm`, `check_vm_modify_config_perm`, serial ports in
-/// `check_vm_create_serial_perm`, tags in `PVE::GuestHelpers::assert_tag_permissions`);
-/// None for disks (checked on their storage) and the path parameters.
-fn option_privilege(k: &str) -> Option<&'static [&'static str]> {
-    const CPU: &[&str] = &[
-        "cores", "cpu", "cpulimit", "cpuunits", "numa", "smp", "sockets", "vcpus",
-    ];
-    const MEMORY: &[&str] = &["memory", "balloon", "shares"];
-    const HWTYPE: &[&str] = &[
-        "acpi", "hotplug", "kvm", "machine", "scsihw", "smbios1", "tablet", "vga", "watchdog",
-    ];
-    const GENERAL: &[&str] = &[
-        "agent",
-        "autostart",
-        "bios",
-        "description",
-        "keyboard",
-        "localtime",
-        "name",
-        "onboot",
-        "ostype",
-        "protection",
-        "reboot",
-        "startdate",
-        "startup",
-        "tdf",
-        "template",
-        "tags",
-    ];
-    const CLOUDINIT: &[&str] = &[
-        "cicustom",
-        "cipassword",
-        "citype",
-        "ciuser",
-        "nameserver",
-        "searchdomain",
-        "sshkeys",
-    ];
-    if is_disk_key(k) || ["vmid", "node", "pool", "storage", "start"].contains(&k) {
-        None
-    } else if CPU.contains(&k) {
-        Some(&["VM.Config.CPU"])
-    } else if MEMORY.contains(&k) {
-        Some(&["VM.Config.Memory"])
-    } else if HWTYPE.contains(&k) || is_indexed(k, "serial", 3) {
-        Some(&["VM.Config.HWType"])
-    } else if GENERAL.contains(&k) {
-        Some(&["VM.Config.Options"])
-    } else if ["boot", "bootdisk", "vmstatestorage"].contains(&k) {
-        Some(&["VM.Config.Disk"])
-    } else if is_indexed(k, "net", 31) {
-        Some(&["VM.Config.Network"])
-    } else if CLOUDINIT.contains(&k) || is_indexed(k, "ipconfig", 31) {
-        Some(&["VM.Config.Cloudinit", "VM.Config.Network"])
-    } else {
-        None
-    }
-}
-
-/// A VM privilege holds on `/vms/{vmid}` or on the pool it goes into
-/// (`PVE::RPCEnvironment::check_vm_perm`).
-fn vm_perm(shared: &Shared, vmid: u32, pool: Option<&String>, privs: &[&str]) -> bool {
-    access::has_any(shared, &format!("/vms/{vmid}"), privs)
-        || pool.is_some_and(|p| access::has_any(shared, &format!("/pool/{p}"), privs))
-}
-
 /// The permission checks of `POST /nodes/{node}/qemu` after its parameters
-/// passed: VM.Allocate, each option's privilege, Datastore.AllocateSpace on
-/// the storage of each new disk, read access to an `import-from` volume's
-/// storage (`PVE::Storage::check_volume_access`), SDN.Use on each bridge
-/// (`PVE::QemuServer::check_bridge_access`).
+/// passed: VM.Allocate, then [`check_option_perms`]. The simulator checks
+/// the VM.Config.Options that tags need here, with the pool
+/// (`assert_tag_permissions` checks it in the task, on `/vms/{vmid}`).
 fn check_create_perms(
     shared: &Shared,
     vmid: u32,
@@ -574,88 +287,10 @@ fn check_create_perms(
     if !vm_perm(shared, vmid, pool, &["VM.Allocate"]) {
         return Err(access::denied(&format!("/vms/{vmid}"), "VM.Allocate"));
     }
-    for k in p.keys() {
-        if let Some(privs) = option_privilege(k) {
-            if !vm_perm(shared, vmid, pool, privs) {
-                return Err(access::denied(&format!("/vms/{vmid}"), privs[0]));
-            }
-        }
+    if p.contains_key("tags") && !vm_perm(shared, vmid, pool, &["VM.Config.Options"]) {
+        return Err(access::denied(&format!("/vms/{vmid}"), "VM.Config.Options"));
     }
-    for (k, v) in p {
-        if is_disk_key(k) {
-            let (file, opts) = params::property_string(v, "file").unwrap_or_default();
-            let file = file.unwrap_or_default();
-            if let Some((sid, rest)) = file.split_once(':') {
-                if rest != "cloudinit" && rest.parse::<f64>().is_ok() {
-                    access::require(
-                        shared,
-                        &format!("/storage/{sid}"),
-                        "Datastore.AllocateSpace",
-                    )?;
-                }
-            }
-            if let Some((src, _)) = opts.get("import-from").and_then(|s| s.split_once(':')) {
-                access::require_any(
-                    shared,
-                    &format!("/storage/{src}"),
-                    &["Datastore.AllocateSpace", "Datastore.Audit"],
-                )?;
-            }
-        }
-        if is_indexed(k, "net", 31) {
-            let (_, o) = params::property_string(v, "model").unwrap_or_default();
-            if let Some(bridge) = o.get("bridge") {
-                access::require(
-                    shared,
-                    &format!("/sdn/zones/localnetwork/{bridge}"),
-                    "SDN.Use",
-                )?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `smbios1` (format `pve-qm-smbios1`): known keys, `uuid` a UUID.
-fn check_smbios1(e: &mut Errors, v: &str) {
-    // The format has no default key: a bare value is an error.
-    match params::property_string(v, "") {
-        Ok((Some(bare), _)) => {
-            e.insert(
-                "smbios1".into(),
-                format!("invalid format - value without key, but schema does not define a default key: {bare}"),
-            );
-        }
-        Ok((None, o)) => {
-            if params::check_keys(
-                e,
-                "smbios1",
-                &o,
-                &[
-                    "base64",
-                    "family",
-                    "manufacturer",
-                    "product",
-                    "serial",
-                    "sku",
-                    "uuid",
-                    "version",
-                ],
-            ) {
-                if let Some(u) = o.get("uuid") {
-                    if !params::is_uuid(u) {
-                        e.insert(
-                            "smbios1".into(),
-                            format!("invalid format - value '{u}' is not a valid UUID"),
-                        );
-                    }
-                }
-            }
-        }
-        Err(m) => {
-            e.insert("smbios1".into(), format!("invalid format - {m}"));
-        }
-    }
+    check_option_perms(shared, vmid, pool, p.keys(), p)
 }
 
 pub(crate) fn create_vm(
@@ -691,11 +326,14 @@ pub(crate) fn create_vm(
     }
     let mut config = BTreeMap::new();
     for (k, v) in p {
-        if k == "vmid" || k == "node" || k == "start" {
+        if k == "vmid" || k == "node" || k == "start" || k == "storage" {
             continue;
         }
         let v = if k == "tags" {
             normalize_tags(v)
+        } else if is_indexed(k, "net", 31) {
+            // PVE/API2/Qemu.pm create_vm: `add_random_macs`.
+            net_with_mac(v, false)
         } else {
             v.clone()
         };
@@ -718,6 +356,7 @@ pub(crate) fn create_vm(
             config: locked,
             template: false,
             running: false,
+            pending: BTreeMap::new(),
         },
     );
     // The import sources as they are now: the import reads them during the
@@ -759,22 +398,11 @@ pub(crate) fn create_vm(
             // Tags are checked inside the task, after the disks are made
             // (PVE/API2/Qemu.pm create_vm: assert_tag_permissions before
             // write_config): a refused tag costs the whole import.
-            let existing: std::collections::BTreeSet<String> = st
-                .vms
-                .values()
-                .filter(|v| access::has(&shared2, &format!("/vms/{}", v.vmid), "VM.Audit"))
-                .filter_map(|v| v.config.get("tags"))
-                .flat_map(|t| params::split_tags(t))
-                .collect();
-            if let Some(t) = config.get("tags").and_then(|t| {
-                params::split_tags(t)
-                    .into_iter()
-                    .find(|t| !access::tag_allowed(&shared2, t, &existing))
-            }) {
-                st.vms.remove(&vmid);
-                return Err(format!(
-                    "unable to create VM {vmid} - Permission check failed (/, Sys.Modify for modifying tag '{t}')"
-                ));
+            if let Some(t) = config.get("tags") {
+                if let Err(why) = tag_policy(&shared2, st, ("", t)) {
+                    st.vms.remove(&vmid);
+                    return Err(format!("unable to create VM {vmid} - {why}"));
+                }
             }
             if let Some((src, _)) = sources
                 .iter()
@@ -812,6 +440,11 @@ pub(crate) fn create_vm(
                 };
                 let new = if rest == "cloudinit" {
                     format!("{},media=cdrom", crate::disks::cloudinit(sdef, vmid))
+                } else if rest.parse::<f64>().is_err() {
+                    // An existing volume (an ISO image) is used as it is;
+                    // only `STORAGE:SIZE` allocates (`create_disks`,
+                    // `$NEW_DISK_RE`).
+                    continue;
                 } else {
                     n += 1;
                     let vol = crate::disks::new_disk(sdef, vmid, n - 1);
@@ -847,7 +480,7 @@ fn file_identity(st: &State, node: &str, volid: &str) -> Option<u64> {
 }
 
 /// A disk option's volume id and the rest (`,discard=on,...`).
-fn split_volume(v: &str) -> (String, String) {
+pub(crate) fn split_volume(v: &str) -> (String, String) {
     match v.split_once(',') {
         Some((a, b)) => (a.to_string(), format!(",{b}")),
         None => (v.to_string(), String::new()),
@@ -856,8 +489,13 @@ fn split_volume(v: &str) -> (String, String) {
 
 /// A VM's config lock (`lock: create`, `clone`, ...) refuses other tasks.
 fn not_locked(vm: &Vm) -> Result<(), ApiError> {
+    check_lock(vm).map_err(err500)
+}
+
+/// `PVE::AbstractConfig::check_lock` (pve-guest-common): "VM is locked (LOCK)".
+pub(crate) fn check_lock(vm: &Vm) -> Result<(), String> {
     match vm.config.get("lock") {
-        Some(l) => Err(err500(format!("VM is locked ({l})"))),
+        Some(l) => Err(format!("VM is locked ({l})")),
         None => Ok(()),
     }
 }
@@ -965,6 +603,15 @@ pub(crate) fn template(
     )
 }
 
+/// `POST .../clone` (`PVE/API2/Qemu.pm` `clone_vm`). The checks of its
+/// `$load_and_check` run before the task: `target` must be a cluster node
+/// (`PVE::Cluster::check_node_exists`) and is dropped when it is this node;
+/// `storage` must take images and, with a `target`, be shared; `storage` is
+/// refused for a linked clone; each disk needs Datastore.AllocateSpace on its
+/// storage (or `storage`) (`$check_storage_access_clone`); and a VM with any
+/// volume (also an ISO) on storage that is not shared cannot go to another
+/// node, even as a full clone to shared storage ("can't clone VM to node
+/// ... (VM uses local storage)"). NICs get new MACs ("always change MAC!").
 pub(crate) fn clone_vm(
     shared: &Arc<Shared>,
     p: &BTreeMap<String, String>,
@@ -991,7 +638,7 @@ pub(crate) fn clone_vm(
         ]
         .contains(&k.as_str())
         {
-            e.insert(k.clone(), "property is not defined in schema and the schema does not allow additional properties".into());
+            e.insert(k.clone(), NOT_IN_SCHEMA.into());
         }
     }
     if let Some(n) = p.get("name") {
@@ -999,6 +646,14 @@ pub(crate) fn clone_vm(
             e.insert(
                 "name".into(),
                 "invalid format - value does not look like a valid DNS name".into(),
+            );
+        }
+    }
+    for k in ["storage", "target"] {
+        if p.get(k).is_some_and(|v| !params::is_safe_id(v)) {
+            e.insert(
+                k.into(),
+                "invalid format - value does not look like a valid ID".into(),
             );
         }
     }
@@ -1013,16 +668,70 @@ pub(crate) fn clone_vm(
     if !vm_perm(shared, newid, p.get("pool"), &["VM.Allocate"]) {
         return Err(access::denied(&format!("/vms/{newid}"), "VM.Allocate"));
     }
+    let node = p.get("node").cloned().unwrap_or_default();
+    let target = p
+        .get("target")
+        .filter(|t| **t != node && *t != "localhost")
+        .cloned();
+    if let Some(t) = &target {
+        if !shared.cfg.nodes.contains(t) {
+            return Err(err500(format!("no such cluster node '{t}'")));
+        }
+    }
+    let to_storage = match p.get("storage") {
+        Some(sid) => {
+            let sdef =
+                storage(sid).ok_or_else(|| err500(format!("storage '{sid}' does not exist")))?;
+            if !sdef.content.contains(&"images") {
+                return Err(param_err(
+                    "storage",
+                    format!("storage '{sid}' does not support vm images"),
+                ));
+            }
+            if target.is_some() && !sdef.shared {
+                return Err(err500(format!("can't clone to non-shared storage '{sid}'")));
+            }
+            Some(sdef)
+        }
+        None => None,
+    };
     let mut st = lock(shared);
     let src = vm_on(&st, p, vmid)?.clone();
-    let node = src.node.clone();
+    not_locked(&src)?;
+    let full = full.unwrap_or(!src.template);
+    if to_storage.is_some() && !full {
+        return Err(err500("parameter 'storage' not allowed for linked clones"));
+    }
+    // `$check_storage_access_clone`: AllocateSpace per disk; whether every
+    // volume (CD-ROM images too) is on shared storage.
+    let mut shared_vm = true;
+    for (_, v) in src.config.iter().filter(|(k, _)| is_disk_key(k)) {
+        let (vol, rest) = split_volume(v);
+        let Some(sdef) = vol.split_once(':').and_then(|(sid, _)| storage(sid)) else {
+            continue;
+        };
+        shared_vm &= sdef.shared;
+        if !rest.contains("media=cdrom") {
+            let sid = to_storage.map_or(sdef.id, |s| s.id);
+            access::require(
+                shared,
+                &format!("/storage/{sid}"),
+                "Datastore.AllocateSpace",
+            )?;
+        }
+    }
+    if let Some(t) = &target {
+        if !shared_vm {
+            return Err(err500(format!(
+                "can't clone VM to node '{t}' (VM uses local storage)"
+            )));
+        }
+    }
     if st.vms.contains_key(&newid) {
         return Err(err500(format!(
             "unable to create VM {newid}: config file already exists"
         )));
     }
-    not_locked(&src)?;
-    let full = full.unwrap_or(!src.template);
     if !full && !src.template {
         return Err(err500(
             "Linked clone feature is not supported for a VM that is not a template",
@@ -1054,8 +763,15 @@ pub(crate) fn clone_vm(
     if let Some(d) = p.get("description").filter(|d| !d.is_empty()) {
         config.insert("description".into(), d.clone());
     }
-    let mut full_copies = Vec::new();
-    for (k, v) in config.iter_mut().filter(|(k, _)| is_disk_key(k)) {
+    let mut new_volumes = Vec::new();
+    for (k, v) in config.iter_mut() {
+        if is_indexed(k, "net", 31) {
+            *v = net_with_mac(v, true);
+            continue;
+        }
+        if !is_disk_key(k) {
+            continue;
+        }
         let (vol, rest) = split_volume(v);
         if vol.ends_with("-cloudinit") || vol.ends_with("-cloudinit.qcow2") {
             // A clone gets a cloud-init drive of its own.
@@ -1065,14 +781,17 @@ pub(crate) fn clone_vm(
             continue;
         }
         if let Some(c) = crate::disks::clone_disk(&vol, vmid, newid, !full) {
-            if full {
-                full_copies.push(c.clone());
-            }
+            // A full copy goes to `storage` when given.
+            let c = match to_storage {
+                Some(sdef) => crate::disks::new_disk(sdef, newid, crate::disks::disk_no(&vol)),
+                None => c,
+            };
+            new_volumes.push(c.clone());
             *v = format!("{c}{rest}");
         }
-        let _ = k;
     }
-    for vol in full_copies {
+    // The disks are made on this node (then the config moves to `target`).
+    for vol in new_volumes {
         st.add_vm_disk(&node, vol);
     }
     config.insert("lock".into(), "clone".into());
@@ -1080,10 +799,11 @@ pub(crate) fn clone_vm(
         newid,
         Vm {
             vmid: newid,
-            node: node.clone(),
+            node: target.clone().unwrap_or_else(|| node.clone()),
             config,
             template: false,
             running: false,
+            pending: BTreeMap::new(),
         },
     );
     if !src.template {
@@ -1146,6 +866,11 @@ pub(crate) fn power(
         },
         move |st| {
             let vm = st.vms.get_mut(&vmid).ok_or(format!("VM {vmid} vanished"))?;
+            // A start applies what is pending (`vm_start_nolock`:
+            // `vmconfig_apply_pending`).
+            if on && !vm.running {
+                crate::vmconfig::apply_pending(vm);
+            }
             vm.running = on;
             Ok(())
         },
@@ -1166,6 +891,9 @@ pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: 
     }
     access::require(shared, &format!("/vms/{vmid}"), "VM.Allocate")?;
     let skiplock = p.get("skiplock").map(|v| v == "1").unwrap_or(false);
+    let unreferenced = p
+        .get("destroy-unreferenced-disks")
+        .is_some_and(|v| params::check_boolean(&mut Errors::new(), "", v) == Some(true));
     let failed = format!("destroying VM {vmid} failed (fault injected by pve-sim)");
     let shared2 = shared.clone();
     let node = p.get("node").cloned().unwrap_or_default();
@@ -1202,9 +930,46 @@ pub(crate) fn destroy(shared: &Arc<Shared>, p: &BTreeMap<String, String>, user: 
                     "base volume '{base}' is still in use by linked cloned"
                 ));
             }
-            st.vms.remove(&vmid);
-            st.volumes
-                .retain(|k, _| crate::disks::owner(k) != Some(vmid));
+            // `PVE::QemuServer::destroy_vm`: free the volumes the config
+            // references (unusedN too) that the VM owns, skipping CD-ROMs
+            // (an ISO image is no VM's: it stays for whoever uploaded it);
+            // a cloud-init drive is freed. With destroy-unreferenced-disks
+            // also every `images` volume the VM owns on the node's storages
+            // (`vdisk_list` with content `images`).
+            let Some(vm) = st.vms.remove(&vmid) else {
+                return Err(format!("VM {vmid} vanished"));
+            };
+            let pending = vm
+                .pending
+                .iter()
+                .filter_map(|(k, v)| Some((k, v.as_ref()?)));
+            let mut doomed: Vec<String> = vm
+                .config
+                .iter()
+                .chain(pending)
+                .filter(|(k, _)| is_disk_key(k) || is_indexed(k, "unused", 255))
+                .map(|(_, v)| split_volume(v))
+                .filter(|(vol, rest)| !rest.contains("media=cdrom") || vol.contains("cloudinit"))
+                .map(|(vol, _)| vol)
+                .filter(|vol| crate::disks::owner(vol) == Some(vmid))
+                .map(|vol| st.volume_key(&vm.node, &vol))
+                .collect();
+            if unreferenced {
+                for s in crate::state::STORAGES {
+                    doomed.extend(
+                        st.volumes_on(&vm.node, s.id)
+                            .filter(|v| v.content == "images")
+                            .filter(|v| crate::disks::owner(&v.volid) == Some(vmid))
+                            .map(|v| st.volume_key(&vm.node, &v.volid))
+                            .collect::<Vec<_>>(),
+                    );
+                }
+            }
+            for key in doomed {
+                if let Some(path) = st.volumes.remove(&key).and_then(|v| v.path) {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
             for members in shared2.pools().values_mut() {
                 members.remove(&vmid);
             }
