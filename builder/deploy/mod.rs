@@ -2,6 +2,7 @@
 //! top of it publishing images as templates and listing/pruning them.
 
 pub mod env;
+pub(crate) mod k3s;
 pub mod providers;
 pub mod publish;
 pub(crate) mod pve;

@@ -56,6 +56,70 @@ pub(crate) struct Environment {
     /// Roles in bootstrap order.
     pub roles: Vec<Role>,
     pub checks: Vec<EnvCheck>,
+    pub rollout: Rollout,
+}
+
+/// How K3s servers and agents are replaced (issue 14's rollout).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Rollout {
+    /// The cluster's kubeconfig, by reference: a file, or a variable
+    /// holding its path (as KUBECONFIG does).
+    pub kubeconfig: Option<SecretRef>,
+    /// Take an etcd snapshot on a healthy server before the first server is touched.
+    pub snapshot: bool,
+    /// New agents made at a time before old ones go.
+    pub max_surge: u32,
+    /// Seconds a drain may take (evictions refused by a PodDisruptionBudget are retried).
+    pub drain_timeout: u64,
+    /// Seconds a new node may take to be Ready (and, for a server, an etcd voter).
+    pub join_timeout: u64,
+    /// What may happen to local volumes of a replaced node, per StorageClass.
+    pub storage: BTreeMap<String, VolumePolicy>,
+    /// Checks that must pass before the next node is touched.
+    pub gates: Vec<UserGate>,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout {
+            kubeconfig: None,
+            snapshot: true,
+            max_surge: 1,
+            drain_timeout: 600,
+            join_timeout: 900,
+            storage: BTreeMap::new(),
+            gates: Vec::new(),
+        }
+    }
+}
+
+/// A StorageClass's policy for volumes on a node that is replaced.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VolumePolicy {
+    /// `recreate`: the workload accepts an empty volume on another node.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// A command kiln runs (on this host) before the node is drained, with
+    /// KILN_PVC (`namespace/name`), KILN_PV and KILN_NODE set: a backup.
+    #[serde(default)]
+    pub before: Option<String>,
+    /// Run after the new node is in service: the restore.
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// A user gate between nodes: a command over SSH on the new node, or on this host.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UserGate {
+    pub name: String,
+    /// Run on the new node over SSH.
+    #[serde(default)]
+    pub ssh: Option<String>,
+    /// Run on this host, with KILN_ENV, KILN_NODE and KILN_NODE_ADDRESS set.
+    #[serde(default)]
+    pub command: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +264,33 @@ struct EnvFile {
     roles: BTreeMap<String, Spanned<RoleFile>>,
     #[serde(default)]
     checks: Vec<EnvCheck>,
+    #[serde(default)]
+    kubernetes: Option<KubernetesFile>,
+    #[serde(default)]
+    rollout: Option<RolloutFile>,
+    #[serde(default)]
+    storage: BTreeMap<String, Spanned<VolumePolicy>>,
+    #[serde(default)]
+    gates: Vec<Spanned<UserGate>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubernetesFile {
+    kubeconfig: Spanned<SecretRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutFile {
+    #[serde(default)]
+    snapshot: Option<bool>,
+    #[serde(default)]
+    max_surge: Option<Spanned<u32>>,
+    #[serde(default)]
+    drain_timeout: Option<u64>,
+    #[serde(default)]
+    join_timeout: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -264,6 +355,63 @@ struct SlotFile {
     addresses: Spanned<Vec<Ipv4Addr>>,
     #[serde(default)]
     values: Option<RawTable>,
+}
+
+/// `[kubernetes]`, `[rollout]`, `[storage.<class>]` and `[[gates]]`, checked.
+fn rollout(
+    src: &SourceFile,
+    k: &Option<KubernetesFile>,
+    r: &Option<RolloutFile>,
+    storage: &BTreeMap<String, Spanned<VolumePolicy>>,
+    gates: &[Spanned<UserGate>],
+) -> Result<Rollout, FileError> {
+    let d = Rollout::default();
+    let mut out = Rollout {
+        kubeconfig: k.as_ref().map(|k| k.kubeconfig.get_ref().clone()),
+        ..d.clone()
+    };
+    if let Some(r) = r {
+        out.snapshot = r.snapshot.unwrap_or(d.snapshot);
+        out.drain_timeout = r.drain_timeout.unwrap_or(d.drain_timeout);
+        out.join_timeout = r.join_timeout.unwrap_or(d.join_timeout);
+        if let Some(m) = &r.max_surge {
+            if *m.get_ref() == 0 {
+                return Err(src.error_at(m.span(), String::from("max_surge must be at least 1")));
+            }
+            out.max_surge = *m.get_ref();
+        }
+    }
+    for (class, p) in storage {
+        let v = p.get_ref();
+        match (&v.policy, &v.before, &v.after) {
+            (Some(x), None, None) if x == "recreate" => {}
+            (Some(x), _, _) if x != "recreate" => {
+                return Err(src.error_at(
+                    p.span(),
+                    format!("storage `{class}`: policy `{x}` is not `recreate` (or give `before`/`after` hooks)"),
+                ))
+            }
+            (None, Some(_), _) | (None, _, Some(_)) => {}
+            _ => {
+                return Err(src.error_at(
+                    p.span(),
+                    format!("storage `{class}`: say `policy = \"recreate\"` or give `before` and `after` hooks, not both"),
+                ))
+            }
+        }
+        out.storage.insert(class.clone(), v.clone());
+    }
+    for g in gates {
+        let v = g.get_ref();
+        if v.ssh.is_some() == v.command.is_some() {
+            return Err(src.error_at(
+                g.span(),
+                format!("gate `{}`: give exactly one of `ssh` or `command`", v.name),
+            ));
+        }
+        out.gates.push(v.clone());
+    }
+    Ok(out)
 }
 
 /// Names become VM names, host names and tags: lowercase letters, digits, `-`.
@@ -457,6 +605,7 @@ impl Environment {
             secrets,
             roles,
             checks: f.checks,
+            rollout: rollout(src, &f.kubernetes, &f.rollout, &f.storage, &f.gates)?,
         })
     }
 
@@ -480,6 +629,20 @@ impl Environment {
     }
 
     /// The value of a secret, read now. The error names the reference, never a value.
+    /// The kubeconfig file the environment names (`[kubernetes] kubeconfig`).
+    pub(crate) fn kubeconfig(&self) -> Result<PathBuf> {
+        match &self.rollout.kubeconfig {
+            None => anyhow::bail!(
+                "{}: replacing K3s nodes needs the cluster's API: add `[kubernetes] kubeconfig = {{ file = \"PATH\" }}` (or `{{ env = \"VAR\" }}` naming a variable that holds its path)",
+                self.path.display()
+            ),
+            Some(SecretRef::File(p)) => Ok(self.resolve_path(p)),
+            Some(SecretRef::Env(var)) => std::env::var_os(var)
+                .map(PathBuf::from)
+                .with_context(|| format!("kubeconfig: environment variable {var} is not set")),
+        }
+    }
+
     pub(crate) fn secret(&self, name: &str) -> Result<String> {
         let r = self
             .secrets
