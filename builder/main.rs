@@ -24,6 +24,10 @@ enum Command {
     Build(kiln::cli::BuildArgs),
     /// Boot an image in QEMU and run its checks.
     Validate(kiln::cli::ValidateArgs),
+    /// Sign an image's SHA256SUMS with an OpenSSH key (SHA256SUMS.sig).
+    Sign(kiln::cli::SignArgs),
+    /// Check an image's signature against allowed signers, and every file it lists.
+    Verify(kiln::cli::VerifyArgs),
     /// Publish an image as a Proxmox VE template.
     Publish(kiln::cli::PublishArgs),
     /// List or prune published templates.
@@ -48,6 +52,8 @@ fn main() {
         Command::Lock(a) => kiln::cli::lock(a),
         Command::Build(a) => kiln::cli::build(a),
         Command::Validate(a) => kiln::cli::validate(a),
+        Command::Sign(a) => kiln::cli::sign(a),
+        Command::Verify(a) => kiln::cli::verify(a),
         Command::Publish(a) => kiln::cli::publish(a),
         Command::Templates(c) => kiln::cli::templates(c),
         Command::CloudInit(c) => kiln::cli::cloud_init(c),

@@ -151,6 +151,41 @@ pub struct PublishArgs {
     /// Transport for the disk.
     #[arg(long, value_enum, default_value_t = Via::Auto)]
     pub via: Via,
+    /// Refuse the image unless its SHA256SUMS.sig verifies (as `kiln
+    /// verify` checks it) with a key of --allowed-signers.
+    #[arg(long, requires = "allowed_signers")]
+    pub require_signature: bool,
+    /// Allowed signers file (ssh-keygen(1) ALLOWED SIGNERS) for --require-signature.
+    #[arg(long, value_name = "FILE", requires = "require_signature")]
+    pub allowed_signers: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SignArgs {
+    /// Image directory (images/<name>/<version>).
+    pub image: PathBuf,
+    /// OpenSSH private key (or the public key of one ssh-agent holds).
+    #[arg(long, value_name = "KEY")]
+    pub key: PathBuf,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// Image directory (images/<name>/<version>).
+    pub image: PathBuf,
+    /// Allowed signers file (ssh-keygen(1) ALLOWED SIGNERS): lines of
+    /// `<principal> [namespaces="kiln-image"] <public key>`.
+    #[arg(long, value_name = "FILE")]
+    pub allowed_signers: PathBuf,
+    /// Accept only this principal of the file (default: the one whose key signed).
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]

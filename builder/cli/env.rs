@@ -144,6 +144,9 @@ fn rebuild(a: &EnvChangeArgs) -> Result<()> {
             e.name, i.role, i.image_id
         );
     }
+    // Every image apply will need (and its signature, with `[verify]`),
+    // checked before the environment is destroyed rather than after.
+    env::apply::role_images(&e)?;
     confirm(
         &format!(
             "destroy `{}` and bootstrap it again from these images",

@@ -4,11 +4,13 @@
 pub mod args;
 mod env;
 mod publish;
+mod sign;
 mod validate;
 
 pub use args::*;
 pub use env::env;
 pub use publish::{publish, templates};
+pub use sign::{sign, verify};
 pub use validate::validate;
 
 use anyhow::{Context, Result};
