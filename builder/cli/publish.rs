@@ -72,7 +72,7 @@ pub fn publish(args: PublishArgs) -> Result<()> {
             println!("LXC template: {v}");
         }
         for w in &report.warnings {
-            eprintln!("warning: {w}");
+            crate::util::term::warn(w);
         }
     }
     Ok(())

@@ -365,6 +365,7 @@ fn said(out: &Output) -> String {
 /// Run ssh-keygen with `input` on its standard input.
 fn ssh_keygen(args: &[OsString], input: &[u8]) -> Result<Output> {
     let program = hosttools::path_of(hosttools::SSH_KEYGEN)?;
+    crate::util::term::command_detail(&program, args);
     let mut child = Command::new(&program)
         .args(args)
         .stdin(Stdio::piped())
