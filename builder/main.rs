@@ -1,7 +1,7 @@
 //! `kiln`: the command-line front end. It only parses arguments and hands
 //! each verb to the library; every behaviour lives in `kiln::*`.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
     about = "Recipes in, immutable and reproducible VM images out"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: kiln::cli::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,6 +26,10 @@ enum Command {
     Build(kiln::cli::BuildArgs),
     /// Boot an image in QEMU and run its checks.
     Validate(kiln::cli::ValidateArgs),
+    /// Sign an image's SHA256SUMS with an OpenSSH key (SHA256SUMS.sig).
+    Sign(kiln::cli::SignArgs),
+    /// Check an image's signature against allowed signers, and every file it lists.
+    Verify(kiln::cli::VerifyArgs),
     /// Publish an image as a Proxmox VE template.
     Publish(kiln::cli::PublishArgs),
     /// List or prune published templates.
@@ -38,21 +44,30 @@ enum Command {
     /// Inspect or trim the build cache ($KILN_CACHE).
     #[command(subcommand)]
     Cache(kiln::cli::CacheCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(kiln::cli::CompletionsArgs),
+    /// Print the kiln(1) man page (or write a page per verb with --out-dir).
+    Man(kiln::cli::ManArgs),
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = kiln::cli::parse();
+    kiln::cli::init(&cli.global);
     kiln::util::install_interrupt_handler();
     let result = match cli.command {
         Command::Check(a) => kiln::cli::check(a),
         Command::Lock(a) => kiln::cli::lock(a),
         Command::Build(a) => kiln::cli::build(a),
         Command::Validate(a) => kiln::cli::validate(a),
+        Command::Sign(a) => kiln::cli::sign(a),
+        Command::Verify(a) => kiln::cli::verify(a),
         Command::Publish(a) => kiln::cli::publish(a),
         Command::Templates(c) => kiln::cli::templates(c),
         Command::CloudInit(c) => kiln::cli::cloud_init(c),
         Command::Env(c) => kiln::cli::env(c),
         Command::Cache(c) => kiln::cli::cache(c),
+        Command::Completions(a) => kiln::cli::completions(a, Cli::command()),
+        Command::Man(a) => kiln::cli::man(a, Cli::command()),
     };
     if let Err(err) = result {
         kiln::cli::report_error(&err);

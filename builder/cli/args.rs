@@ -4,7 +4,38 @@
 use std::path::PathBuf;
 
 use crate::deploy::publish::Via;
+use crate::util::term::ColorWhen;
 use crate::validate::{Accel, OVMF_CODE, OVMF_VARS};
+
+/// Flags every verb takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// Say less: no progress bars, no informational lines on stderr
+    /// (results, warnings and errors still print).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Say more where there is more: the host-tool command lines kiln runs.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    /// Color stderr: auto (a terminal, unless NO_COLOR is set), always, never.
+    #[arg(long, global = true, value_enum, value_name = "WHEN", default_value_t = ColorWhen::Auto)]
+    pub color: ColorWhen,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ManArgs {
+    /// Write kiln.1 and a kiln-VERB.1 page per verb into DIR instead of
+    /// printing kiln.1 on stdout.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+}
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
@@ -151,6 +182,41 @@ pub struct PublishArgs {
     /// Transport for the disk.
     #[arg(long, value_enum, default_value_t = Via::Auto)]
     pub via: Via,
+    /// Refuse the image unless its SHA256SUMS.sig verifies (as `kiln
+    /// verify` checks it) with a key of --allowed-signers.
+    #[arg(long, requires = "allowed_signers")]
+    pub require_signature: bool,
+    /// Allowed signers file (ssh-keygen(1) ALLOWED SIGNERS) for --require-signature.
+    #[arg(long, value_name = "FILE", requires = "require_signature")]
+    pub allowed_signers: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SignArgs {
+    /// Image directory (images/<name>/<version>).
+    pub image: PathBuf,
+    /// OpenSSH private key (or the public key of one ssh-agent holds).
+    #[arg(long, value_name = "KEY")]
+    pub key: PathBuf,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// Image directory (images/<name>/<version>).
+    pub image: PathBuf,
+    /// Allowed signers file (ssh-keygen(1) ALLOWED SIGNERS): lines of
+    /// `<principal> [namespaces="kiln-image"] <public key>`.
+    #[arg(long, value_name = "FILE")]
+    pub allowed_signers: PathBuf,
+    /// Accept only this principal of the file (default: the one whose key signed).
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]

@@ -61,7 +61,7 @@ fn confirm(question: &str, yes: bool) -> Result<()> {
 fn options(a: &EnvChangeArgs) -> ApplyOptions {
     ApplyOptions {
         boot_timeout: Duration::from_secs(a.boot_timeout),
-        say: true,
+        say: !crate::util::term::quiet(),
         ..ApplyOptions::default()
     }
 }
@@ -69,7 +69,7 @@ fn options(a: &EnvChangeArgs) -> ApplyOptions {
 fn apply(a: &EnvChangeArgs) -> Result<()> {
     let (e, p) = open(&a.env)?;
     let (plan, _) = env::plan_for(&e, p.as_ref())?;
-    if !a.env.json {
+    if !a.env.json && !crate::util::term::quiet() {
         eprint!("{}", plan.text());
     }
     if plan.is_noop() && !a.env.json {
@@ -139,11 +139,14 @@ fn rebuild(a: &EnvChangeArgs) -> Result<()> {
     let show = crate::util::progress::enabled(a.env.json);
     let images = env::rebuild_images(&e, crate::image::fetch::Cache::from_env()?, show)?;
     for i in &images {
-        eprintln!(
+        crate::util::term::info(format!(
             "[{}] {}: rebuilt to the pinned image {}",
             e.name, i.role, i.image_id
-        );
+        ));
     }
+    // Every image apply will need (and its signature, with `[verify]`),
+    // checked before the environment is destroyed rather than after.
+    env::apply::role_images(&e)?;
     confirm(
         &format!(
             "destroy `{}` and bootstrap it again from these images",

@@ -3,12 +3,16 @@
 
 pub mod args;
 mod env;
+mod global;
 mod publish;
+mod sign;
 mod validate;
 
 pub use args::*;
 pub use env::env;
+pub use global::{completions, init, man, parse};
 pub use publish::{publish, templates};
+pub use sign::{sign, verify};
 pub use validate::validate;
 
 use anyhow::{Context, Result};
@@ -227,7 +231,8 @@ pub fn cloud_init(c: CloudInitCommand) -> Result<()> {
 
 /// Print an error as one line: `error: cause: cause: ...`.
 pub fn report_error(e: &anyhow::Error) {
-    eprintln!("error: {e:#}");
+    use crate::util::term::{paint, Style};
+    eprintln!("{} {e:#}", paint(Style::Error, "error:"));
 }
 
 pub fn exit_code(e: &anyhow::Error) -> i32 {

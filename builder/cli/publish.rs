@@ -23,6 +23,7 @@ pub fn publish(args: PublishArgs) -> Result<()> {
         allow_unvalidated: args.allow_unvalidated,
         via: args.via,
         progress: crate::util::progress::enabled(args.target.json),
+        allowed_signers: args.allowed_signers.clone(),
     };
     let report = crate::deploy::publish::publish(&opts, &target)
         .map_err(|e| anyhow!("{}", token.redact(&format!("{e:#}"))))?;
@@ -71,7 +72,7 @@ pub fn publish(args: PublishArgs) -> Result<()> {
             println!("LXC template: {v}");
         }
         for w in &report.warnings {
-            eprintln!("warning: {w}");
+            crate::util::term::warn(w);
         }
     }
     Ok(())

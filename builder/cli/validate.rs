@@ -29,7 +29,8 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
         progress: crate::util::progress::enabled(args.json) && jobs == 1,
         ..ValidateOptions::default()
     };
-    let results = validate_many(&args.image, &opts, jobs, !args.json);
+    let say = !args.json && !crate::util::term::quiet();
+    let results = validate_many(&args.image, &opts, jobs, say);
     if args.json {
         println!(
             "{}",

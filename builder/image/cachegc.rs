@@ -162,7 +162,9 @@ pub(crate) fn record_use(cache: &Cache, recipe: &str, usage: &Usage) {
         .map_err(anyhow::Error::from)
         .and_then(|b| crate::util::write_hint(&path, &b));
     if let Err(e) = written {
-        eprintln!("warning: cannot record the cache entries this build used: {e:#}");
+        crate::util::term::warn(format!(
+            "cannot record the cache entries this build used: {e:#}"
+        ));
     }
 }
 

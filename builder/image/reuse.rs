@@ -212,7 +212,7 @@ fn reference_what(reference: &Path) -> String {
 /// failing to keep it (a full cache, say) is a warning, not a failed build.
 pub(crate) fn keep_or_warn(path: &Path, output: &Path, index: &Index) {
     if let Err(e) = keep(path, output, index) {
-        eprintln!("warning: cannot keep the reference for the next build: {e:#} (it will compress everything again)");
+        crate::util::term::warn(format!("cannot keep the reference for the next build: {e:#} (it will compress everything again)"));
     }
 }
 

@@ -335,6 +335,10 @@ fn run_mmdebstrap(
     cmd.env("SOURCE_DATE_EPOCH", lock.source_date_epoch.to_string())
         .env("LC_ALL", "C.UTF-8")
         .args(mmdebstrap_args(r, lock, out));
+    crate::util::term::command_detail(
+        std::path::Path::new(cmd.get_program()),
+        &cmd.get_args().collect::<Vec<_>>(),
+    );
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -49,6 +49,12 @@ pub const GRUB_MKIMAGE: Tool = Tool {
     program: "grub-mkimage",
     package: "grub-common",
 };
+/// Signs and verifies images' SHA256SUMS (`kiln sign`, `kiln verify`).
+pub const SSH_KEYGEN: Tool = Tool {
+    program: "ssh-keygen",
+    package: "openssh-client",
+};
+
 /// Tools `kiln build` needs.
 pub const BUILD_TOOLS: &[Tool] = &[MMDEBSTRAP, MKFS_EXT4, SFDISK, QEMU_IMG];
 

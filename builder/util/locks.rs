@@ -68,7 +68,9 @@ impl Held {
                     let pid = holder_pid(&file)
                         .map(|p| format!(" (pid {p})"))
                         .unwrap_or_default();
-                    eprintln!("waiting for another kiln build of {what}{pid}…");
+                    crate::util::term::info(format!(
+                        "waiting for another kiln build of {what}{pid}…"
+                    ));
                 }
                 crate::util::interrupt::check()?;
                 std::thread::sleep(POLL);

@@ -7,6 +7,7 @@ pub mod interrupt;
 pub mod locks;
 pub(crate) mod parallel;
 pub(crate) mod progress;
+pub mod term;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};

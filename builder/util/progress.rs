@@ -5,9 +5,13 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::Duration;
 
-/// Whether bars are drawn: only on a terminal and not when `--json` is on.
+/// Whether bars are drawn: only on a terminal, and not with `--json`, `-q`
+/// or KILN_NO_PROGRESS.
 pub(crate) fn enabled(json: bool) -> bool {
-    !json && std::io::stderr().is_terminal() && std::env::var_os("KILN_NO_PROGRESS").is_none()
+    !json
+        && !crate::util::term::quiet()
+        && std::io::stderr().is_terminal()
+        && std::env::var_os("KILN_NO_PROGRESS").is_none()
 }
 
 fn target(show: bool) -> ProgressDrawTarget {

@@ -305,6 +305,7 @@ pub fn start_detached(spec: &VmSpec, mut cmd: Command) -> Result<u32> {
     let stderr = File::create(spec.stderr_path())
         .with_context(|| format!("cannot create {}", spec.stderr_path().display()))?;
     let _ = std::fs::remove_file(spec.pid_path());
+    crate::util::term::command_detail(Path::new(cmd.get_program()), &args);
     cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -367,6 +368,7 @@ impl Vm {
         let qemu = hosttools::path_of(hosttools::QEMU_SYSTEM)?;
         let args = spec.args()?;
         let stderr = File::create(spec.stderr_path())?;
+        crate::util::term::command_detail(&qemu, &args);
         let mut cmd = Command::new(&qemu);
         cmd.args(&args)
             .stdin(Stdio::null())

@@ -294,3 +294,38 @@ pub fn api_task(s: &Sim, answer: (u16, serde_json::Value)) {
     let upid = v["data"].as_str().expect("a task id").to_string();
     assert_eq!(wait_task(s, &upid), "OK");
 }
+
+/// An ed25519 key `dir/name` made by ssh-keygen, and an allowed signers file
+/// listing its public half as `principal` for kiln's namespace.
+pub fn signing_key(dir: &Path, name: &str, principal: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join(name);
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen runs (apt install openssh-client)");
+    assert!(st.success());
+    let public = std::fs::read_to_string(dir.join(format!("{name}.pub"))).unwrap();
+    let allowed = dir.join(format!("{name}.allowed_signers"));
+    std::fs::write(
+        &allowed,
+        format!("{principal} namespaces=\"kiln-image\" {}", public.trim()),
+    )
+    .unwrap();
+    (key, allowed)
+}
+
+/// `kiln sign IMAGE --key KEY`, which must succeed.
+pub fn sign(cwd: &Path, image: &Path, key: &Path) {
+    let out = kiln(
+        cwd,
+        &[
+            "sign",
+            image.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "kiln sign: {}", stderr(&out));
+}

@@ -58,7 +58,8 @@ pub(crate) struct RoleImage {
 }
 
 /// Load every role's image (and recipe) and check the environment's pins:
-/// an image whose id differs from the one the file pins is refused.
+/// an image whose id differs from the one the file pins is refused, and with
+/// `[verify] allowed_signers` so is one without a valid signature.
 pub(crate) fn role_images(env: &Environment) -> Result<BTreeMap<String, RoleImage>> {
     let mut out = BTreeMap::new();
     for role in &env.roles {
@@ -66,6 +67,16 @@ pub(crate) fn role_images(env: &Environment) -> Result<BTreeMap<String, RoleImag
         let manifest = ImageManifest::load(&dir)
             .with_context(|| format!("role `{}`: cannot use its image", role.name))?;
         check_pin(env, role, &dir, &manifest.id)?;
+        if let Some(allowed) = &env.allowed_signers {
+            crate::image::signature::verify(&dir, &manifest, allowed, None).with_context(|| {
+                format!(
+                    "role `{}`: {} wants images signed by {}",
+                    role.name,
+                    env.path.display(),
+                    allowed.display()
+                )
+            })?;
+        }
         for name in &role.skip_checks {
             if !manifest.validate.checks.iter().any(|c| c.name == *name) {
                 let known: Vec<&str> = manifest
@@ -890,6 +901,52 @@ addresses = ["10.77.0.31", "10.77.0.41"]
             }
             .run(&plan, &actual)
         }
+    }
+
+    /// Lab's image `a` made consistent (its id the sha256 of its disk, with
+    /// SHA256SUMS) and the environment wanting images signed by `ci`'s key.
+    fn lab_wanting_signatures() -> (Lab, PathBuf) {
+        use crate::image::signature::tests::keypair;
+        let lab = Lab::new();
+        let dir = lab.dir.path().join("images/a");
+        image(&dir, &crate::util::sha256_hex(b"not a disk"));
+        ImageManifest::load(&dir).unwrap().write_sums(&dir).unwrap();
+        let (key, line) = keypair(lab.dir.path(), "ci", "ci@example.org");
+        std::fs::write(lab.dir.path().join("allowed_signers"), line).unwrap();
+        let env = lab.dir.path().join("qa.toml");
+        let text = std::fs::read_to_string(&env).unwrap();
+        std::fs::write(
+            &env,
+            format!("{text}[verify]\nallowed_signers = \"allowed_signers\"\n"),
+        )
+        .unwrap();
+        (lab, key)
+    }
+
+    #[test]
+    fn an_unsigned_image_is_refused_before_anything_is_touched_when_signatures_are_wanted() {
+        let (lab, _) = lab_wanting_signatures();
+        let p = FakeProvider::default();
+        let e = format!("{:#}", lab.apply(&p, &FakeGates::default()).unwrap_err());
+        assert!(e.contains("role `lb`: "), "{e}");
+        assert!(
+            e.contains("images/a is not signed: it has no SHA256SUMS.sig"),
+            "{e}"
+        );
+        assert_eq!(*p.changes.borrow(), 0);
+        assert!(names(&p).is_empty());
+    }
+
+    #[test]
+    fn a_signed_image_is_applied_when_signatures_are_wanted() {
+        let (lab, key) = lab_wanting_signatures();
+        crate::image::signature::sign(&lab.dir.path().join("images/a"), &key).unwrap();
+        let p = FakeProvider::default();
+        lab.apply(&p, &FakeGates::default()).unwrap();
+        assert_eq!(
+            names(&p),
+            vec!["qa-lb-1-g0", "qa-lb-2-g0", "qa-server-1-g0"]
+        );
     }
 
     fn names(p: &FakeProvider) -> Vec<String> {

@@ -57,6 +57,9 @@ pub(crate) struct Environment {
     pub roles: Vec<Role>,
     pub checks: Vec<EnvCheck>,
     pub rollout: Rollout,
+    /// `[verify] allowed_signers`: every role's image must carry a
+    /// SHA256SUMS.sig that verifies with a key of this file (made absolute).
+    pub allowed_signers: Option<PathBuf>,
 }
 
 /// How K3s servers and agents are replaced (issue 14's rollout).
@@ -272,6 +275,8 @@ struct EnvFile {
     storage: BTreeMap<String, Spanned<VolumePolicy>>,
     #[serde(default)]
     gates: Vec<Spanned<UserGate>>,
+    #[serde(default)]
+    verify: Option<VerifyFile>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +296,14 @@ struct RolloutFile {
     drain_timeout: Option<u64>,
     #[serde(default)]
     join_timeout: Option<u64>,
+}
+
+/// `[verify]`: what apply demands of images before it touches anything.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyFile {
+    /// An ssh-keygen(1) allowed signers file (relative to the environment file).
+    allowed_signers: Spanned<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -590,6 +603,21 @@ impl Environment {
             });
         }
         roles.sort_by_key(|r| (r.kind, r.name.clone()));
+        let mut allowed_signers = None;
+        if let Some(v) = &f.verify {
+            let p = v.allowed_signers.get_ref();
+            let abs = resolve_beside(&src.path, p);
+            if !abs.is_file() {
+                return Err(err(
+                    v.allowed_signers.span(),
+                    format!(
+                        "allowed_signers `{}` does not exist (it is relative to this file)",
+                        p.display()
+                    ),
+                ));
+            }
+            allowed_signers = Some(abs);
+        }
         let access = f.access.as_ref();
         Ok(Environment {
             name: f.name.get_ref().clone(),
@@ -606,19 +634,14 @@ impl Environment {
             roles,
             checks: f.checks,
             rollout: rollout(src, &f.kubernetes, &f.rollout, &f.storage, &f.gates)?,
+            allowed_signers,
         })
     }
 
     /// A path written in the environment file, made absolute: relative to
     /// the directory the environment file is in.
     pub(crate) fn resolve_path(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            return p.to_path_buf();
-        }
-        self.path
-            .parent()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|| p.to_path_buf())
+        resolve_beside(&self.path, p)
     }
 
     /// Every slot with its role, in bootstrap order.
@@ -659,6 +682,16 @@ impl Environment {
             }
         }
     }
+}
+
+/// `p` as written in `file`: relative to the directory `file` is in.
+fn resolve_beside(file: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    file.parent()
+        .map(|d| d.join(p))
+        .unwrap_or_else(|| p.to_path_buf())
 }
 
 /// Inline values with their positions in the environment file.
@@ -813,6 +846,25 @@ values = { priority = 100 }
         assert!(e.contains("outside 10.77.0.0/24"), "{e}");
         let e = load_err(&qa().replace("10.77.0.22", "10.77.0.10"));
         assert!(e.contains("already the VIP's"), "{e}");
+    }
+
+    #[test]
+    fn verify_allowed_signers_must_exist_beside_the_file() {
+        let e = load_err(&format!(
+            "{}\n[verify]\nallowed_signers = \"keys/nope\"\n",
+            qa()
+        ));
+        assert!(
+            e.contains("qa.toml:34:19: allowed_signers `keys/nope` does not exist"),
+            "{e}"
+        );
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("signers"), "").unwrap();
+        let text = format!("{}\n[verify]\nallowed_signers = \"signers\"\n", qa());
+        let env = Environment::load(&write(d.path(), &text)).unwrap();
+        assert_eq!(env.allowed_signers, Some(d.path().join("signers")));
+        let e = load_err(&format!("{}\n[verify]\nallowed_signer = \"x\"\n", qa()));
+        assert!(e.contains("unknown key `allowed_signer`"), "{e}");
     }
 
     #[test]

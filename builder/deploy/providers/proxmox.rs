@@ -632,6 +632,9 @@ impl Provider for ProxmoxProvider {
                     allow_unvalidated: false,
                     via: crate::deploy::publish::Via::Api,
                     progress,
+                    // apply verified each image's signature (when the
+                    // environment asks for one) before it got here.
+                    allowed_signers: None,
                 },
                 &target,
             )
@@ -911,9 +914,9 @@ addresses = ["10.77.0.12", "10.77.0.22"]
             pub(super) fn isos(&self) -> Vec<String> {
                 let st = self.sim.state();
                 st.volumes
-                    .keys()
-                    .filter(|k| k.contains(":iso/"))
-                    .cloned()
+                    .values()
+                    .filter(|v| v.volid.contains(":iso/"))
+                    .map(|v| v.volid.clone())
                     .collect()
             }
         }
@@ -1160,6 +1163,7 @@ addresses = ["10.77.0.12", "10.77.0.22"]
                         config,
                         template: false,
                         running: true,
+                        pending: Default::default(),
                     },
                 );
             }

@@ -49,6 +49,9 @@ pub struct PublishOptions {
     pub via: Via,
     /// Draw progress bars on stderr.
     pub progress: bool,
+    /// Refuse the image unless its SHA256SUMS.sig verifies with a key of
+    /// this allowed signers file (`kiln publish --require-signature`).
+    pub allowed_signers: Option<PathBuf>,
 }
 
 /// What `kiln publish --json` prints.
@@ -101,8 +104,14 @@ pub struct NodeReport {
     pub virtual_size: u64,
 }
 
-/// Load the image and check it may be published.
-pub fn load_image(dir: &Path, allow_unvalidated: bool, json: bool) -> Result<ImageManifest> {
+/// Load the image and check it may be published: validated, every output
+/// the one its manifest names and, with `allowed_signers`, signed by one of them.
+pub fn load_image(
+    dir: &Path,
+    allow_unvalidated: bool,
+    allowed_signers: Option<&Path>,
+    json: bool,
+) -> Result<ImageManifest> {
     let m = ImageManifest::load(dir)?;
     if !allow_unvalidated && !m.validation.as_ref().map(|v| v.validated).unwrap_or(false) {
         bail!(
@@ -123,7 +132,14 @@ pub fn load_image(dir: &Path, allow_unvalidated: bool, json: bool) -> Result<Ima
         crate::util::progress::enabled(json),
         "verifying sha256 of every output",
     );
-    let res = m.verify_outputs(dir);
+    // A signature check re-hashes every listed file against the signed sums
+    // and ties the manifest's outputs to them: the outputs are verified too.
+    let res = match allowed_signers {
+        Some(allowed) => crate::image::signature::verify(dir, &m, allowed, None)
+            .map(drop)
+            .context("--require-signature"),
+        None => m.verify_outputs(dir),
+    };
     pb.finish_and_clear();
     res?;
     if let Some(l) = &m.lxc {
@@ -238,7 +254,12 @@ fn find_existing(pve: &Pve, vms: &[VmEntry], m: &ImageManifest) -> Result<Option
 /// Proxmox bug 2059), each node idempotent on its own.
 pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> {
     let json = !args.progress;
-    let m = load_image(&args.image, args.allow_unvalidated, json)?;
+    let m = load_image(
+        &args.image,
+        args.allow_unvalidated,
+        args.allowed_signers.as_deref(),
+        json,
+    )?;
     let pve = Pve::connect(target)?;
     let (major, minor, full) = pve.version().with_context(|| {
         format!(
