@@ -191,9 +191,9 @@ impl State {
         }
     }
 
-    /// A VM disk a create or clone made on `node` (raw, 4 GiB as far as
-    /// listings go: the sim keeps no disk contents).
-    pub(crate) fn add_vm_disk(&mut self, node: &str, volid: String) {
+    /// A VM disk a create or clone made on `node`, of `size` bytes (the sim
+    /// keeps no disk contents).
+    pub(crate) fn add_vm_disk(&mut self, node: &str, volid: String, size: u64) {
         let key = self.volume_key(node, &volid);
         self.volumes.insert(
             key,
@@ -201,7 +201,7 @@ impl State {
                 volid,
                 content: "images".into(),
                 format: "raw".into(),
-                size: 4 << 30,
+                size,
                 ctime: now(),
                 path: None,
             },
@@ -287,7 +287,7 @@ impl State {
             }
         }
         for vol in linked {
-            self.add_vm_disk(&src.node, vol);
+            self.add_vm_disk(&src.node, vol, 4 << 30);
         }
         self.vms.insert(
             vmid,

@@ -322,12 +322,10 @@ fn upload_checked(
         shared.cfg.data_dir.join("nodes").join(&node)
     };
     let dest_dir = root.join("storage").join(s.id).join(sub);
-    let volid = format!(
-        "{}:{}/{}",
-        s.id,
-        if content == "vztmpl" { "vztmpl" } else { sub },
-        name
-    );
+    // Volume ids name the content type, not the directory: `local:iso/x.iso`,
+    // `local:vztmpl/x.tar.zst`, `local:import/x.qcow2` (pve-storage
+    // PVE/Storage/Plugin.pm, `parse_volname`).
+    let volid = format!("{}:{content}/{name}", s.id);
     let checksum = p.get("checksum").cloned();
     let algo = p.get("checksum-algorithm").cloned();
     let mut st = lock(shared);

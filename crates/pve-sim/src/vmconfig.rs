@@ -396,7 +396,8 @@ fn create_disk(st: &mut State, node: &str, vm: &Vm, value: &str) -> Result<Strin
     };
     let n = (0..).find(|n| !taken(&crate::disks::new_disk(sdef, vm.vmid, *n)));
     let volid = crate::disks::new_disk(sdef, vm.vmid, n.unwrap_or(0));
-    st.add_vm_disk(node, volid.clone());
+    let size = (rest.parse::<f64>().unwrap_or(0.0) * (1u64 << 30) as f64) as u64;
+    st.add_vm_disk(node, volid.clone(), size);
     let mut out = vec![volid];
     out.extend(
         opts.iter()
@@ -520,7 +521,7 @@ fn parse_resize(s: &str) -> Option<(bool, f64)> {
 
 /// A size as a drive's `size=` shows it (`PVE::JSONSchema::format_size`):
 /// the largest unit that divides it.
-fn format_size(bytes: u64) -> String {
+pub(crate) fn format_size(bytes: u64) -> String {
     let mut n = bytes;
     for unit in ["", "K", "M", "G", "T"] {
         if unit == "T" || !n.is_multiple_of(1024) {
@@ -532,7 +533,7 @@ fn format_size(bytes: u64) -> String {
 }
 
 /// A drive's `size=` in bytes (`PVE::JSONSchema::parse_size`).
-fn parse_size(s: &str) -> Option<u64> {
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let (n, mult) = match s.chars().last()? {
         'K' => (&s[..s.len() - 1], 1u64 << 10),
         'M' => (&s[..s.len() - 1], 1 << 20),

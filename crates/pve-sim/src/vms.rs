@@ -413,6 +413,13 @@ pub(crate) fn create_vm(
                     "unable to create VM {vmid} - import failed: '{src}' was replaced or removed while it was read"
                 ));
             }
+            // Each import source's virtual size, read before the VM is borrowed.
+            let import_sizes: BTreeMap<String, u64> = config
+                .values()
+                .flat_map(|v| v.split(','))
+                .filter_map(|p| p.strip_prefix("import-from="))
+                .map(|src| (src.to_string(), imported_size(st, &node, src)))
+                .collect();
             let Some(vm) = st.vms.get_mut(&vmid) else {
                 return Err(format!("VM {vmid} vanished during creation"));
             };
@@ -448,20 +455,29 @@ pub(crate) fn create_vm(
                 } else {
                     n += 1;
                     let vol = crate::disks::new_disk(sdef, vmid, n - 1);
+                    // The drive records its size (`create_disks` sets
+                    // `size=`): an imported disk has its source's virtual
+                    // size, an EFI vars disk 528K (4m), a new one SIZE GiB.
+                    let size = match opts.iter().find(|(k, _)| k.as_str() == "import-from") {
+                        Some((_, src)) => import_sizes.get(src).copied().unwrap_or(4 << 30),
+                        None if k == "efidisk0" => 528 << 10,
+                        None => (rest.parse::<f64>().unwrap_or(0.0) * (1u64 << 30) as f64) as u64,
+                    };
                     let mut extra: Vec<String> = opts
                         .iter()
                         .filter(|(k, _)| k.as_str() != "import-from")
                         .map(|(k, v)| format!("{k}={v}"))
                         .collect();
                     extra.insert(0, vol.clone());
-                    new_vols.push(vol);
+                    extra.push(format!("size={}", crate::vmconfig::format_size(size)));
+                    new_vols.push((vol, size));
                     extra.join(",")
                 };
                 vm.config.insert(k, new);
             }
             vm.config.remove("lock");
-            for vol in new_vols {
-                st.add_vm_disk(&node, vol);
+            for (vol, size) in new_vols {
+                st.add_vm_disk(&node, vol, size);
             }
             Ok(())
         }),
@@ -470,6 +486,25 @@ pub(crate) fn create_vm(
 }
 
 /// Which file a volume is right now (its inode), None when it is gone.
+/// The virtual size of an uploaded disk image: a qcow2 header's size field
+/// (bytes 24..32, big-endian), else the file's length; 4 GiB when the sim
+/// has no file for it.
+fn imported_size(st: &State, node: &str, volid: &str) -> u64 {
+    use std::io::Read;
+    let Some(path) = st
+        .volumes
+        .get(&st.volume_key(node, volid))
+        .and_then(|v| v.path.clone())
+    else {
+        return 4 << 30;
+    };
+    let mut head = [0u8; 32];
+    match std::fs::File::open(&path).and_then(|mut f| f.read_exact(&mut head)) {
+        Ok(()) if &head[..4] == b"QFI\xfb" => u64::from_be_bytes(head[24..32].try_into().unwrap()),
+        _ => std::fs::metadata(&path).map(|m| m.len()).unwrap_or(4 << 30),
+    }
+}
+
 fn file_identity(st: &State, node: &str, volid: &str) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     let v = st.volumes.get(&st.volume_key(node, volid))?;
@@ -786,13 +821,19 @@ pub(crate) fn clone_vm(
                 Some(sdef) => crate::disks::new_disk(sdef, newid, crate::disks::disk_no(&vol)),
                 None => c,
             };
-            new_volumes.push(c.clone());
+            // The copy has the size its source drive records.
+            let size = rest
+                .split(',')
+                .find_map(|p| p.strip_prefix("size="))
+                .and_then(crate::vmconfig::parse_size)
+                .unwrap_or(4 << 30);
+            new_volumes.push((c.clone(), size));
             *v = format!("{c}{rest}");
         }
     }
     // The disks are made on this node (then the config moves to `target`).
-    for vol in new_volumes {
-        st.add_vm_disk(&node, vol);
+    for (vol, size) in new_volumes {
+        st.add_vm_disk(&node, vol, size);
     }
     config.insert("lock".into(), "clone".into());
     st.vms.insert(

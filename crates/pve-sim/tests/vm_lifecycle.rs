@@ -1073,3 +1073,50 @@ fn create_keeps_an_iso_cdrom_as_it_is_and_allocates_only_new_disks() {
         "volume local:iso/missing.iso does not exist"
     );
 }
+
+#[test]
+fn a_drive_records_its_size_an_imported_one_its_sources_virtual_size_and_a_clone_keeps_it() {
+    // create_disks writes `size=` on every drive it makes; an import takes
+    // the source image's virtual size (qemu-server PVE/API2/Qemu.pm,
+    // `create_disks`, and PVE/QemuServer/ImportDisk.pm).
+    let (s, t) = sim();
+    let file = t.path().join("src.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&file)
+        .arg("96M")
+        .status()
+        .expect("qemu-img runs (apt install qemu-utils)");
+    assert!(st.success());
+    s.state().volumes.insert(
+        "local:import/src.qcow2".into(),
+        Volume {
+            volid: "local:import/src.qcow2".into(),
+            content: "import".into(),
+            format: "qcow2".into(),
+            size: std::fs::metadata(&file).unwrap().len(),
+            ctime: 0,
+            path: Some(file),
+        },
+    );
+    let answer = post(
+        &s,
+        "/nodes/pve/qemu",
+        &[
+            ("vmid", "100"),
+            ("scsi0", "local-lvm:0,import-from=local:import/src.qcow2"),
+            ("scsi1", "local-lvm:2"),
+        ],
+    );
+    assert_eq!(task(&s, answer), "OK");
+    let c = s.state().vms[&100].config.clone();
+    assert!(c["scsi0"].ends_with(",size=96M"), "{c:?}");
+    assert!(c["scsi1"].ends_with(",size=2G"), "{c:?}");
+    assert_eq!(
+        task(&s, post(&s, "/nodes/pve/qemu/100/template", &[])),
+        "OK"
+    );
+    let answer = post(&s, "/nodes/pve/qemu/100/clone", &[("newid", "101")]);
+    assert_eq!(task(&s, answer), "OK");
+    assert!(s.state().vms[&101].config["scsi0"].ends_with(",size=96M"));
+}
