@@ -205,15 +205,44 @@ fn is_disk_key(k: &str) -> bool {
         || k == "efidisk0"
 }
 
+/// `(major, minor, patch)` of a version string such as `9.1.13`.
+fn version_triple(v: &str) -> (u32, u32, u32) {
+    let mut it = v.split(['.', '-']).map(|x| x.parse::<u32>().unwrap_or(0));
+    (
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+    )
+}
+
+/// The values `efidisk0`'s `ms-cert` takes on the simulated PVE, None where
+/// the option does not exist. The sim answers as the oldest qemu-server its
+/// pve-manager version (`/version`) requires: qemu-server added `ms-cert` in
+/// 9.0.27 with `2011, 2023`, `2023w` in 9.1.4 and `2023k` in 9.1.5
+/// (`src/PVE/QemuServer/Drive.pm`, `%efitype_fmt`); pve-manager's
+/// `debian/control` requires qemu-server >= 9.0.28 from 9.0.17 on and >=
+/// 9.1.11 from 9.1.13 on.
+fn efidisk_ms_cert_values(pve_version: &str) -> Option<&'static [&'static str]> {
+    let v = version_triple(pve_version);
+    if v >= (9, 1, 13) {
+        Some(&["2011", "2023", "2023w", "2023k"])
+    } else if v >= (9, 0, 17) {
+        Some(&["2011", "2023"])
+    } else {
+        None
+    }
+}
+
 /// Check one disk option: a new volume (`STORAGE:SIZE`), an import
 /// (`STORAGE:0,import-from=VOLUME`), `STORAGE:cloudinit`, or `none`.
+/// `efi`: the `efidisk0` of a PVE with these `ms-cert` values (None: none).
 fn check_disk(
     st: &State,
     node: &str,
     e: &mut Errors,
     key: &str,
     v: &str,
-    efi: bool,
+    efi: Option<Option<&[&str]>>,
 ) -> Result<(), ApiError> {
     let (file, opts) = match params::property_string(v, "file") {
         Ok(x) => x,
@@ -222,29 +251,36 @@ fn check_disk(
             return Ok(());
         }
     };
-    let allowed: Vec<&str> = if efi {
-        vec![
-            "file",
-            "efitype",
-            "pre-enrolled-keys",
-            "ms-cert",
-            "format",
-            "size",
-            "import-from",
-        ]
-    } else {
-        params::DRIVE_OPTS.to_vec()
+    let allowed: Vec<&str> = match efi {
+        Some(ms_cert) => {
+            let mut a = vec![
+                "file",
+                "efitype",
+                "pre-enrolled-keys",
+                "format",
+                "size",
+                "import-from",
+            ];
+            if ms_cert.is_some() {
+                a.push("ms-cert");
+            }
+            a
+        }
+        None => params::DRIVE_OPTS.to_vec(),
     };
     if !params::check_keys(e, key, &opts, &allowed) {
         return Ok(());
     }
     let file = file.unwrap_or_default();
-    if efi {
+    if let Some(ms_cert) = efi {
         if let Some(t) = opts.get("efitype") {
             params::check_enum(e, key, t, &["2m", "4m"]);
         }
         if let Some(b) = opts.get("pre-enrolled-keys") {
             params::check_boolean(e, key, b);
+        }
+        if let (Some(c), Some(values)) = (opts.get("ms-cert"), ms_cert) {
+            params::check_enum(e, key, c, values);
         }
     }
     if file == "none" {
@@ -308,7 +344,11 @@ fn check_disk(
     Ok(())
 }
 
-fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, ApiError> {
+fn check_create_params(
+    st: &State,
+    p: &BTreeMap<String, String>,
+    pve_version: &str,
+) -> Result<u32, ApiError> {
     let mut e = Errors::new();
     for k in p.keys() {
         let known = CREATE_KEYS.contains(&k.as_str())
@@ -479,7 +519,8 @@ fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, 
     for (k, v) in p {
         if is_disk_key(k) {
             let node = p.get("node").map(String::as_str).unwrap_or("");
-            if let Err(x) = check_disk(st, node, &mut e, k, v, k == "efidisk0") {
+            let efi = (k == "efidisk0").then(|| efidisk_ms_cert_values(pve_version));
+            if let Err(x) = check_disk(st, node, &mut e, k, v, efi) {
                 hard.get_or_insert(x);
             }
         }
@@ -665,7 +706,7 @@ pub(crate) fn create_vm(
 ) -> ApiResult {
     check_node(shared, p)?;
     let mut st = lock(shared);
-    let vmid = check_create_params(&st, p)?;
+    let vmid = check_create_params(&st, p, &shared.cfg.version)?;
     check_create_perms(shared, vmid, p)?;
     // `$rpcenv->check_pool_exist($pool)` before the worker starts.
     if let Some(pool) = p.get("pool") {
