@@ -95,6 +95,14 @@ fn a_built_image_passes_validation_and_the_result_is_recorded() {
     }
     if before.boot.secure_boot {
         assert!(names.contains(&"Secure Boot enabled"), "{names:?}");
+        // auto: the 2023 keys Proxmox VE 9 enrolls, where virt-fw-vars can add them.
+        let newest = match kiln::util::hosttools::which("virt-fw-vars") {
+            Some(_) => "2023k",
+            None => "2011",
+        };
+        assert_eq!(record.secure_boot_keys, [newest]);
+        let check = format!("firmware has Microsoft's {newest} Secure Boot keys");
+        assert!(names.contains(&check.as_str()), "{names:?}");
     }
     assert!(record.boot_to_ssh_seconds.unwrap() > 0.0);
     assert!(record.boot_to_cloud_init_seconds.unwrap() >= record.boot_to_ssh_seconds.unwrap());

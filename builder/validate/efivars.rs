@@ -498,7 +498,7 @@ fn choose_with(
             })?,
             (Some(KeySet::Ms2011), Some(KeySet::Ms2011)) => as_is(host_set),
             (Some(KeySet::Ms2011), Some(KeySet::Ms2023k)) => bail!(
-                "--secure-boot-keys 2011: {} carries Microsoft's 2023 keys too; pass --ovmf-vars \
+                "--secure-boot-keys 2011: {} carries Microsoft's 2023 keys; pass --ovmf-vars \
                  with a store that has only the 2011 set (Debian 12's ovmf package ships one)",
                 host_vars.display()
             ),
@@ -848,7 +848,7 @@ pub(crate) mod tests {
         }
         let e = choose(&[SecureBootKeys::Ms2011], &p, t.path()).unwrap_err();
         assert!(
-            format!("{e:#}").contains("carries Microsoft's 2023 keys too"),
+            format!("{e:#}").contains("carries Microsoft's 2023 keys; pass --ovmf-vars"),
             "{e:#}"
         );
     }
