@@ -2,8 +2,10 @@
 //! store a validation boot uses for a chosen key set.
 //!
 //! Microsoft's 2011 UEFI CA expired in 2026. Proxmox VE 9 creates EFI disks
-//! from a template that holds the 2023 certificates beside the 2011 ones and
-//! marks them `ms-cert=2023k`; disks made before carry the 2011 set only.
+//! from a template that holds the 2023 certificates beside the 2011 ones
+//! (pve-edk2-firmware >= 4.2025.05-1, `debian/rules` `enroll_vendor`:
+//! `virt-fw-vars --enroll-cert`, which adds both generations to KEK and db)
+//! and marks them `ms-cert=2023k`; disks made before carry the 2011 set only.
 //! `kiln validate --secure-boot-keys` boots the image under either.
 
 use crate::util::hosttools;
