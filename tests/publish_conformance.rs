@@ -344,6 +344,78 @@ fn every_request_kiln_sends_conforms_to_the_pve_schema() {
     );
 }
 
+/// On a Proxmox VE that knows the EFI disk marker (9.1.13+), the create
+/// request carries `ms-cert=2023k`, and that value is in the real schema.
+#[test]
+fn a_publish_to_pve_9_marks_the_efi_disk_within_the_schema() {
+    let Some(schema) = schema() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_config(&tmp.path().join("sim"), |c| c.version = "9.1.13".into());
+    let img = image(tmp.path(), "lb", "1.0.0", true, false);
+    publish_json(tmp.path(), &img, &env_target(&s.url()));
+    let reqs = s.state().requests.clone();
+    let create = reqs
+        .iter()
+        .find(|r| r.method == "POST" && r.path == "/nodes/{node}/qemu")
+        .expect("a create request");
+    let efi = create
+        .params
+        .get("efidisk0")
+        .map(String::as_str)
+        .unwrap_or_default();
+    assert!(efi.ends_with(",ms-cert=2023k"), "{efi}");
+    let mut unchecked = BTreeSet::new();
+    let problems: Vec<String> = reqs
+        .iter()
+        .flat_map(|r| check_request(&schema, r, &mut unchecked))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "requests that break the PVE schema:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// The simulator of a current PVE takes every `ms-cert` value the schema
+/// lists for `efidisk0`, and no other.
+#[test]
+fn the_simulator_accepts_exactly_the_schema_ms_cert_values_on_a_current_pve() {
+    let Some(schema) = schema() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sim_with_config(tmp.path(), |c| c.version = "9.2.11".into());
+    let create = &schema["/nodes/{node}/qemu"]["POST"]["parameters"]["properties"];
+    let values = create["efidisk0"]["format"]["ms-cert"]["enum"]
+        .as_array()
+        .expect("ms-cert enum in schema");
+    assert!(values.iter().any(|v| v == "2023k"), "{values:?}");
+    let client = reqwest::blocking::Client::new();
+    for (i, v) in values
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .chain(["not-a-value"])
+        .enumerate()
+    {
+        let r = client
+            .post(format!("{}/api2/json/nodes/pve/qemu", s.url()))
+            .header("Authorization", format!("PVEAPIToken={}", token()))
+            .form(&[
+                ("vmid", (200 + i).to_string()),
+                (
+                    "efidisk0",
+                    format!("local-lvm:1,efitype=4m,pre-enrolled-keys=1,ms-cert={v}"),
+                ),
+            ])
+            .send()
+            .unwrap();
+        assert_eq!(
+            r.status().is_success(),
+            v != "not-a-value",
+            "ms-cert={v}: sim answered {}",
+            r.status()
+        );
+    }
+}
+
 #[test]
 fn the_checker_catches_what_pve_would_refuse() {
     let Some(schema) = schema() else { return };

@@ -37,6 +37,14 @@ fn publish_creates_a_secure_boot_template_and_prints_json_for_terraform() {
     assert_eq!(c["agent"], "1");
     assert_eq!(c["serial0"], "socket");
     assert!(c["description"].contains(&format!("kiln-id: {}", m.id)));
+    // The description says which Microsoft keys the image was validated under.
+    assert!(
+        c["description"].contains(
+            "validated: yes (2026-11-25T12:00:00Z, 0 checks, tcg, Secure Boot keys 2023k)"
+        ),
+        "{}",
+        c["description"]
+    );
     assert!(!c.contains_key("lock"));
     // The import file is removed once the template exists.
     assert!(
@@ -44,6 +52,41 @@ fn publish_creates_a_secure_boot_template_and_prints_json_for_terraform() {
         "{:?}",
         st.volumes.keys()
     );
+}
+
+/// Proxmox VE 9.1.13 and later take the EFI disk's `ms-cert=2023k` marker
+/// (the template's vars carry Microsoft's 2023 keys); older versions refuse
+/// the option, so kiln leaves it off there.
+#[test]
+fn the_efi_disk_is_marked_ms_cert_2023k_exactly_where_pve_knows_the_marker() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (version, marked) in [
+        ("8.4.1", false),
+        ("9.1.12", false),
+        ("9.1.13", true),
+        ("9.2.11", true),
+    ] {
+        let s = sim_with_config(&tmp.path().join(version), |c| c.version = version.into());
+        let img = image(
+            &tmp.path().join(format!("img-{version}")),
+            "lb",
+            "1.0.0",
+            true,
+            false,
+        );
+        let r = publish_json(tmp.path(), &img, &env_target(&s.url()));
+        let efi = s.state().vms[&r.vmid].config["efidisk0"].clone();
+        assert!(
+            efi.contains("efitype=4m") && efi.contains("pre-enrolled-keys=1"),
+            "PVE {version}: {efi}"
+        );
+        assert_eq!(
+            efi.contains("ms-cert=2023k"),
+            marked,
+            "PVE {version}: {efi}"
+        );
+        assert_eq!(efi.contains("ms-cert"), marked, "PVE {version}: {efi}");
+    }
 }
 
 #[test]

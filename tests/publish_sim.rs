@@ -551,3 +551,58 @@ fn each_node_has_its_own_local_storage_and_vms_while_shared_storage_is_one() {
     let (code, _) = post(&s, "/nodes/pve/qemu", &[("vmid", "100")]);
     assert_eq!(code, 500, "VMIDs are unique in the cluster");
 }
+
+/// `ms-cert` on an EFI disk exists from qemu-server 9.0.27 (values 2011 and
+/// 2023), `2023k` from 9.1.5; the sim answers as the oldest qemu-server its
+/// pve-manager version requires (9.0.28 from 9.0.17, 9.1.11 from 9.1.13).
+#[test]
+fn efidisk_ms_cert_is_refused_before_pve_9_0_17_and_2023k_before_9_1_13() {
+    let tmp = tempfile::tempdir().unwrap();
+    let efi = |c: &str| format!("local-lvm:1,efitype=4m,pre-enrolled-keys=1,ms-cert={c}");
+    for (version, value, accepted, error) in [
+        (
+            "8.4.1",
+            "2023k",
+            false,
+            "efidisk0.ms-cert: property is not defined in schema",
+        ),
+        (
+            "9.0.16",
+            "2011",
+            false,
+            "efidisk0.ms-cert: property is not defined in schema",
+        ),
+        ("9.0.17", "2023", true, ""),
+        (
+            "9.1.12",
+            "2023k",
+            false,
+            "value '2023k' does not have a value in the enumeration '2011, 2023'",
+        ),
+        ("9.1.13", "2023k", true, ""),
+        ("9.2.11", "2023w", true, ""),
+        (
+            "9.2.11",
+            "2024",
+            false,
+            "value '2024' does not have a value in the enumeration '2011, 2023, 2023w, 2023k'",
+        ),
+    ] {
+        let s = sim_with_config(&tmp.path().join(format!("{version}-{value}")), |c| {
+            c.version = version.into()
+        });
+        let (code, v) = post(
+            &s,
+            "/nodes/pve/qemu",
+            &[("vmid", "100"), ("efidisk0", &efi(value))],
+        );
+        if accepted {
+            assert_eq!(code, 200, "PVE {version}, ms-cert={value}: {v}");
+        } else {
+            assert_eq!(code, 400, "PVE {version}, ms-cert={value}: {v}");
+            let e = v["errors"]["efidisk0"].as_str().unwrap_or_default();
+            assert!(e.contains(error), "PVE {version}, ms-cert={value}: {v}");
+            assert!(s.state().vms.is_empty());
+        }
+    }
+}

@@ -167,6 +167,44 @@ fn missing_ovmf_firmware_is_named_with_its_package() {
     assert_nothing_left(tmp.path());
 }
 
+/// Debian 12's ovmf carries Microsoft's 2011 keys only; without virt-fw-vars
+/// the 2023 set Proxmox VE 9 enrolls cannot be added, and asking for it says
+/// so in one line naming the package, before anything boots.
+#[test]
+fn asking_for_the_2023_keys_without_virt_fw_vars_names_the_package() {
+    let t = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = blank_image(t.path());
+    // A PATH with QEMU but no virt-fw-vars.
+    let bin = t.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for tool in ["qemu-system-x86_64", "qemu-img"] {
+        let real = kiln::util::hosttools::which(tool).expect("QEMU is installed");
+        std::os::unix::fs::symlink(real, bin.join(tool)).unwrap();
+    }
+    let o = kiln(
+        tmp.path(),
+        &[img.to_str().unwrap(), "--secure-boot-keys", "2023k"],
+        &[("PATH", bin.to_str().unwrap())],
+    );
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    let line = e
+        .lines()
+        .find(|l| l.contains("--secure-boot-keys 2023k"))
+        .unwrap_or_else(|| panic!("{e}"));
+    assert!(
+        line.contains(&format!(
+            "{} carries only Microsoft's 2011 keys, and missing host tools: virt-fw-vars (apt install python3-virt-firmware",
+            kiln::validate::OVMF_VARS
+        )),
+        "{e}"
+    );
+    assert!(qemu_processes_under(tmp.path()).is_empty());
+    assert_nothing_left(tmp.path());
+    assert!(ImageManifest::load(&img).unwrap().validation.is_none());
+}
+
 #[test]
 fn missing_qemu_is_named_with_its_package() {
     let t = tempfile::tempdir().unwrap();

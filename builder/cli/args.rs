@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::deploy::publish::Via;
 use crate::util::term::ColorWhen;
+use crate::validate::efivars::SecureBootKeys;
 use crate::validate::{Accel, OVMF_CODE, OVMF_VARS};
 
 /// Flags every verb takes.
@@ -142,6 +143,12 @@ pub struct ValidateArgs {
     /// OVMF vars template with the Microsoft keys enrolled (copied per boot).
     #[arg(long, default_value = OVMF_VARS)]
     pub ovmf_vars: PathBuf,
+    /// Microsoft Secure Boot keys the UEFI boot has: 2011 (an EFI disk from
+    /// before 2023), 2023k (the 2023 keys beside them, as Proxmox VE 9 creates
+    /// EFI disks; enrolled with virt-fw-vars if the vars lack them), or auto
+    /// (2023k where possible). Several, comma-separated, boot once each.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
+    pub secure_boot_keys: Vec<SecureBootKeys>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 2048)]
     pub memory: u32,

@@ -22,6 +22,7 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
         ssh_user: args.ssh_user.clone(),
         ovmf_code: args.ovmf_code.clone(),
         ovmf_vars: args.ovmf_vars.clone(),
+        secure_boot_keys: args.secure_boot_keys.clone(),
         memory_mib: args.memory,
         cpus: args.cpus,
         console_dir: args.console_dir.clone(),

@@ -134,6 +134,9 @@ pub struct ValidationRecord {
     pub when: String,
     pub kiln_version: String,
     pub accel: String,
+    /// Microsoft Secure Boot key sets the UEFI boots had (`2011`, `2023k`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secure_boot_keys: Vec<String>,
     pub boot_to_ssh_seconds: Option<f64>,
     pub boot_to_cloud_init_seconds: Option<f64>,
     pub checks: Vec<CheckOutcome>,

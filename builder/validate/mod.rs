@@ -6,6 +6,7 @@
 
 pub(crate) mod checks;
 pub(crate) mod console;
+pub mod efivars;
 pub mod keys;
 pub mod qemu;
 pub(crate) mod qmp;
@@ -54,6 +55,8 @@ pub struct ValidateOptions {
     pub ssh_user: String,
     pub ovmf_code: PathBuf,
     pub ovmf_vars: PathBuf,
+    /// Microsoft key sets to boot UEFI with, once each ([`efivars::choose`]).
+    pub secure_boot_keys: Vec<efivars::SecureBootKeys>,
     pub memory_mib: u32,
     pub cpus: u32,
     /// Bytes added to the disk's virtual size in the overlay, so the
@@ -81,6 +84,7 @@ impl Default for ValidateOptions {
             ssh_user: "debian".into(),
             ovmf_code: OVMF_CODE.into(),
             ovmf_vars: OVMF_VARS.into(),
+            secure_boot_keys: vec![efivars::SecureBootKeys::Auto],
             memory_mib: 2048,
             cpus: 2,
             grow_disk: 1 << 30,
@@ -138,17 +142,40 @@ pub fn validate_image(image_dir: &Path, opts: &ValidateOptions) -> Result<Valida
         crate::util::hosttools::QEMU_IMG,
     ])?;
     let mut modes = Vec::new();
+    // Holds a vars store with the 2023 keys enrolled, while the boots run.
+    let scratch = workdir()?;
     if manifest.boot.uefi {
         for f in [&opts.ovmf_code, &opts.ovmf_vars] {
             crate::util::hosttools::firmware(&[f.to_str().unwrap_or_default()], OVMF_PACKAGE)?;
         }
-        modes.push(Firmware::Uefi {
-            code: opts.ovmf_code.clone(),
-            vars_template: opts.ovmf_vars.clone(),
-        });
+        let chosen = efivars::choose(&opts.secure_boot_keys, &opts.ovmf_vars, scratch.path())?;
+        let several = chosen.len() > 1;
+        for c in chosen {
+            if let Some(note) = &c.note {
+                static SAID: AtomicBool = AtomicBool::new(false);
+                if !SAID.swap(true, Ordering::SeqCst) {
+                    eprintln!("{note}");
+                }
+            }
+            modes.push(Mode {
+                label: match c.keys {
+                    Some(k) if several => format!("uefi {}", k.label()),
+                    _ => "uefi".into(),
+                },
+                firmware: Firmware::Uefi {
+                    code: opts.ovmf_code.clone(),
+                    vars_template: c.vars,
+                },
+                keys: c.keys,
+            });
+        }
     }
     if manifest.boot.bios {
-        modes.push(Firmware::Bios);
+        modes.push(Mode {
+            label: "bios".into(),
+            firmware: Firmware::Bios,
+            keys: None,
+        });
     }
     if modes.is_empty() {
         bail!(
@@ -163,7 +190,7 @@ pub fn validate_image(image_dir: &Path, opts: &ValidateOptions) -> Result<Valida
     // the image); a mismatch stops the boot and nothing is recorded.
     let mut digest = DigestCheck::start(&manifest, image_dir, opts.verify_digest);
     bail_if_interrupted()?;
-    let accel = resolve_accel(opts.accel, &manifest, image_dir, &modes[0], opts)?;
+    let accel = resolve_accel(opts.accel, &manifest, image_dir, &modes[0].firmware, opts)?;
 
     let mut all_checks = Vec::new();
     let mut first: Option<(Option<f64>, Option<f64>)> = None;
@@ -192,6 +219,10 @@ pub fn validate_image(image_dir: &Path, opts: &ValidateOptions) -> Result<Valida
         when: crate::util::now_rfc3339(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
         accel: accel.kind.as_str().to_string(),
+        secure_boot_keys: modes
+            .iter()
+            .filter_map(|m| m.keys.map(|k| k.label().to_string()))
+            .collect(),
         boot_to_ssh_seconds: ssh_s.map(round2),
         boot_to_cloud_init_seconds: ci_s.map(round2),
         checks: all_checks,
@@ -394,6 +425,14 @@ impl DigestCheck {
     }
 }
 
+/// One way the image is booted: a firmware, for UEFI with the Microsoft key
+/// set its vars carry, and the label its checks get when there are several.
+struct Mode {
+    firmware: Firmware,
+    keys: Option<efivars::KeySet>,
+    label: String,
+}
+
 struct BootResult {
     checks: Vec<CheckOutcome>,
     ssh_seconds: Option<f64>,
@@ -413,13 +452,14 @@ fn random_suffix() -> String {
 fn boot_and_check(
     manifest: &ImageManifest,
     image_dir: &Path,
-    firmware: &Firmware,
+    mode: &Mode,
     accel: AccelKind,
     opts: &ValidateOptions,
     label_checks: bool,
     digest: &mut DigestCheck,
 ) -> Result<BootResult> {
-    let fw = firmware.label();
+    let firmware = &mode.firmware;
+    let fw = mode.label.as_str();
     let name = |n: &str| {
         if label_checks {
             format!("{fw}: {n}")
@@ -502,7 +542,7 @@ fn boot_and_check(
         &key,
         &hostname,
         manifest,
-        firmware,
+        mode,
         opts,
         &pb,
         &name,
@@ -514,8 +554,10 @@ fn boot_and_check(
         let _ = std::fs::copy(
             vm.console.path(),
             dir.join(format!(
-                "{}-{}-{fw}-{suffix}.log",
-                manifest.name, manifest.version
+                "{}-{}-{}-{suffix}.log",
+                manifest.name,
+                manifest.version,
+                fw.replace(' ', "-")
             )),
         );
     }
@@ -556,7 +598,7 @@ fn drive_guest(
     key: &keys::ThrowawayKey,
     hostname: &str,
     manifest: &ImageManifest,
-    firmware: &Firmware,
+    mode: &Mode,
     opts: &ValidateOptions,
     pb: &indicatif::ProgressBar,
     name: &dyn Fn(&str) -> String,
@@ -633,9 +675,13 @@ fn drive_guest(
     // 3. Default checks and the recipe's, all at once (they are independent).
     let facts = BootFacts {
         hostname: checks::expected_hostname(manifest.validate.user_data.as_deref(), hostname),
-        secure_boot: manifest.boot.secure_boot && matches!(firmware, Firmware::Uefi { .. }),
+        secure_boot: manifest.boot.secure_boot && matches!(mode.firmware, Firmware::Uefi { .. }),
     };
     let mut specs = checks::default_checks(&facts);
+    // Prove the firmware booted with the key set it was given.
+    if let (true, Some(k)) = (facts.secure_boot, mode.keys) {
+        specs.insert(2.min(specs.len()), efivars::guest_check(k));
+    }
     for mut s in manifest.validate.checks.iter().cloned() {
         s.name = format!("recipe: {}", s.name);
         specs.push(s);

@@ -24,6 +24,13 @@ pub(crate) fn human(results: &[ImageResult]) -> String {
         let _ = write!(s, "{}: {verdict}", r.image);
         if let Some(rec) = &r.record {
             let _ = write!(s, " (accel {}", rec.accel);
+            if !rec.secure_boot_keys.is_empty() {
+                let _ = write!(
+                    s,
+                    ", Secure Boot keys {}",
+                    rec.secure_boot_keys.join(" and ")
+                );
+            }
             if let Some(t) = rec.boot_to_ssh_seconds {
                 let _ = write!(s, ", boot to SSH {t:.1} s");
             }
@@ -163,6 +170,7 @@ mod tests {
                 when: "2026-11-26T00:00:00Z".into(),
                 kiln_version: "0.1.0".into(),
                 accel: "tcg".into(),
+                secure_boot_keys: vec!["2023k".into()],
                 boot_to_ssh_seconds: Some(41.5),
                 boot_to_cloud_init_seconds: Some(60.25),
                 checks: vec![
@@ -188,7 +196,7 @@ mod tests {
     #[test]
     fn human_summary_lists_every_check_with_its_time() {
         let s = human(&[result(false)]);
-        assert!(s.starts_with("images/tiny/1: FAILED (accel tcg, boot to SSH 41.5 s, to cloud-init done 60.2 s)\n"), "{s}");
+        assert!(s.starts_with("images/tiny/1: FAILED (accel tcg, Secure Boot keys 2023k, boot to SSH 41.5 s, to cloud-init done 60.2 s)\n"), "{s}");
         assert!(s.contains("  ok   hostname <applied>"), "{s}");
         assert!(s.contains("  FAIL haproxy listening"), "{s}");
         assert!(s.contains("         exit status 1, expected 0"), "{s}");

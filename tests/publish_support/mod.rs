@@ -152,6 +152,7 @@ pub fn image(root: &Path, name: &str, version: &str, validated: bool, lxc: bool)
             when: "2026-11-25T12:00:00Z".into(),
             kiln_version: "0.1.0".into(),
             accel: "tcg".into(),
+            secure_boot_keys: vec!["2023k".into()],
             boot_to_ssh_seconds: Some(40.0),
             boot_to_cloud_init_seconds: Some(70.0),
             checks: vec![],

@@ -788,6 +788,7 @@ mod tests {
                     boot_to_ssh_seconds: None,
                     boot_to_cloud_init_seconds: None,
                     checks: vec![],
+                    secure_boot_keys: vec![],
                 }),
             };
             m.save(dir).unwrap();

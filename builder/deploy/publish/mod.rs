@@ -332,6 +332,7 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
         dir: &args.image,
         m: &m,
         json,
+        pve_version: &full,
     };
     let mut run: Option<journal::Run> = None;
     let mut shared_upload: Option<Upload> = None;
@@ -357,7 +358,7 @@ pub fn publish(args: &PublishOptions, target: &Target) -> Result<PublishReport> 
             let r = run.as_mut().expect("started above");
             let nr = match via {
                 Via::Ssh => {
-                    ssh::publish(&pn, target, &args.image, &m, &vms, r, &mut report)?;
+                    ssh::publish(&pn, &job, &vms, r, &mut report)?;
                     node_report(&pn, &report.name.clone(), report.vmid, &m, true)?
                 }
                 _ => publish_on_node(&pn, &job, &vms, r, &mut report, &mut shared_upload)?,
@@ -752,6 +753,8 @@ struct Job<'a> {
     dir: &'a Path,
     m: &'a ImageManifest,
     json: bool,
+    /// As `GET /version` reported it: decides the EFI disk options.
+    pve_version: &'a str,
 }
 
 /// A disk uploaded to an import storage.
@@ -892,7 +895,7 @@ fn make_template(
         let when = naming::now_rfc3339();
         let run_id = run.id().to_string();
         let (vmid, upid) = create_vm(pve, target, vms, run, &|id| {
-            naming::create_params(target, m, id, volid, &when, &run_id)
+            naming::create_params(target, m, id, volid, &when, &run_id, job.pve_version)
         })?;
         created = Some(vmid);
         pve.wait_task(&upid, &format!("creating VM {vmid}"))?;

@@ -156,7 +156,17 @@ pub(crate) fn run_marker_matches(
 pub(crate) fn description(m: &ImageManifest, created: &str, run: &str) -> String {
     let validated = match &m.validation {
         Some(v) if v.validated => {
-            format!("yes ({}, {} checks, {})", v.when, v.checks.len(), v.accel)
+            let keys = if v.secure_boot_keys.is_empty() {
+                String::new()
+            } else {
+                format!(", Secure Boot keys {}", v.secure_boot_keys.join(" and "))
+            };
+            format!(
+                "yes ({}, {} checks, {}{keys})",
+                v.when,
+                v.checks.len(),
+                v.accel
+            )
         }
         _ => "no (published with --allow-unvalidated)".into(),
     };
@@ -201,7 +211,41 @@ pub(crate) fn parse_description(d: &str) -> std::collections::BTreeMap<String, S
         .collect()
 }
 
-/// Parameters of `POST /nodes/{node}/qemu` for a template from an imported disk.
+/// `(major, minor, patch)` of a Proxmox VE version (`9.1.13`, `8.4.1-2`).
+fn version_triple(v: &str) -> (u32, u32, u32) {
+    let mut it = v.split(['.', '-']).map(|x| x.parse::<u32>().unwrap_or(0));
+    (
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+    )
+}
+
+/// The first Proxmox VE (pve-manager, as `GET /version` reports it) that
+/// accepts `ms-cert=2023k` on an EFI disk. qemu-server added the `ms-cert`
+/// option in 9.0.27 (values 2011 and 2023) and the value `2023k` in 9.1.5
+/// (`src/PVE/QemuServer/Drive.pm`); pve-manager requires qemu-server >= 9.1.11
+/// from 9.1.13 on (its `debian/control`), the first version that guarantees it.
+/// Every qemu-server with the option requires pve-edk2-firmware-ovmf >=
+/// 4.2025.05-2, whose pre-enrolled vars carry the 2023 keys, so the marker
+/// is true of the disk PVE creates.
+pub(crate) const MS_CERT_2023K_SINCE: (u32, u32, u32) = (9, 1, 13);
+
+/// `efidisk0` of a template: 4 MiB OVMF vars with the distribution's and
+/// Microsoft's keys pre-enrolled, marked `ms-cert=2023k` where PVE knows the
+/// marker (PVE 9 would set it itself; older versions refuse the option), so
+/// PVE never asks for the 2023 keys to be enrolled into the template's clones
+/// (qemu-server `src/PVE/QemuServer.pm`, `check_efi_vars`).
+pub(crate) fn efidisk0(storage: &str, pve_version: &str) -> String {
+    let mut d = format!("{storage}:1,efitype=4m,pre-enrolled-keys=1");
+    if version_triple(pve_version) >= MS_CERT_2023K_SINCE {
+        d.push_str(",ms-cert=2023k");
+    }
+    d
+}
+
+/// Parameters of `POST /nodes/{node}/qemu` for a template from an imported
+/// disk on Proxmox VE `pve_version`.
 pub(crate) fn create_params(
     t: &Target,
     m: &ImageManifest,
@@ -209,6 +253,7 @@ pub(crate) fn create_params(
     import_volid: &str,
     created: &str,
     run: &str,
+    pve_version: &str,
 ) -> Vec<(String, String)> {
     let s = &t.cfg.storage;
     let vm = &t.cfg.vm;
@@ -217,10 +262,7 @@ pub(crate) fn create_params(
         ("name".into(), vm_name(&m.name, &m.version)),
         ("machine".into(), "q35".into()),
         ("bios".into(), "ovmf".into()),
-        (
-            "efidisk0".into(),
-            format!("{s}:1,efitype=4m,pre-enrolled-keys=1"),
-        ),
+        ("efidisk0".into(), efidisk0(s, pve_version)),
         ("scsihw".into(), "virtio-scsi-single".into()),
         (
             "scsi0".into(),
@@ -316,6 +358,21 @@ mod tests {
             run
         ));
         assert!(!run_marker_matches(&cfg(&smbios1(run)), "another-run"));
+    }
+
+    #[test]
+    fn the_efi_disk_is_marked_ms_cert_2023k_from_pve_9_1_13_on() {
+        let plain = "local-lvm:1,efitype=4m,pre-enrolled-keys=1";
+        for v in ["8.4.1", "9.0.17", "9.1.12", "9.1", "garbage"] {
+            assert_eq!(efidisk0("local-lvm", v), plain, "{v}");
+        }
+        for v in ["9.1.13", "9.2.0", "10.0.1-1"] {
+            assert_eq!(
+                efidisk0("local-lvm", v),
+                format!("{plain},ms-cert=2023k"),
+                "{v}"
+            );
+        }
     }
 
     #[test]

@@ -6,14 +6,12 @@
 //! OpenSSH server; the copy (scp) and the qm commands themselves are untested.
 
 use super::{journal, naming, PublishReport, VmEntry};
-use crate::deploy::pve::config::{SshConfig, Target};
+use crate::deploy::pve::config::SshConfig;
 use crate::deploy::pve::Pve;
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-
-use crate::image::manifest::ImageManifest;
 
 /// Quote for a POSIX shell.
 pub(crate) fn sh_quote(s: &str) -> String {
@@ -259,15 +257,14 @@ mod base64_engine {
 
 /// Publish over SSH: copy, create, import, attach, template. The API is
 /// still used for discovery and idempotency (older PVE has those endpoints).
-pub(crate) fn publish(
+pub(super) fn publish(
     pve: &Pve,
-    target: &Target,
-    dir: &Path,
-    m: &ImageManifest,
+    job: &super::Job,
     vms: &[VmEntry],
     run: &mut journal::Run,
     report: &mut PublishReport,
 ) -> Result<()> {
+    let (target, dir, m) = (job.target, job.dir, job.m);
     let c = target.cfg.ssh.as_ref().with_context(|| {
         format!(
             "target `{}` has no [ssh] settings, needed for Proxmox VE older than 8.4",
@@ -298,7 +295,7 @@ pub(crate) fn publish(
     let run_id = run.id().to_string();
     for id in (lo..=hi).filter(|v| !used.contains(v)) {
         run.will_create_vm(&pve.node, id)?;
-        let params = naming::create_params(target, m, id, "", &when, &run_id);
+        let params = naming::create_params(target, m, id, "", &when, &run_id, job.pve_version);
         match remote.run(&qm_create(id, &params))? {
             Ok(_) => {
                 vmid = Some(id);

@@ -63,18 +63,47 @@ pub(crate) fn is_disk_key(k: &str) -> bool {
         || k == "efidisk0"
 }
 
+/// `(major, minor, patch)` of a version string such as `9.1.13`.
+fn version_triple(v: &str) -> (u32, u32, u32) {
+    let mut it = v.split(['.', '-']).map(|x| x.parse::<u32>().unwrap_or(0));
+    (
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+    )
+}
+
+/// The values `efidisk0`'s `ms-cert` takes on the simulated PVE, None where
+/// the option does not exist. The sim answers as the oldest qemu-server its
+/// pve-manager version (`/version`) requires: qemu-server added `ms-cert` in
+/// 9.0.27 with `2011, 2023`, `2023w` in 9.1.4 and `2023k` in 9.1.5
+/// (`src/PVE/QemuServer/Drive.pm`, `%efitype_fmt`); pve-manager's
+/// `debian/control` requires qemu-server >= 9.0.28 from 9.0.17 on and >=
+/// 9.1.11 from 9.1.13 on.
+fn efidisk_ms_cert_values(pve_version: &str) -> Option<&'static [&'static str]> {
+    let v = version_triple(pve_version);
+    if v >= (9, 1, 13) {
+        Some(&["2011", "2023", "2023w", "2023k"])
+    } else if v >= (9, 0, 17) {
+        Some(&["2011", "2023"])
+    } else {
+        None
+    }
+}
+
 /// Check one disk option: a new volume (`STORAGE:SIZE`), an import
 /// (`STORAGE:0,import-from=VOLUME`), `STORAGE:cloudinit`, an existing
 /// volume (an ISO image for a CD-ROM: `local:iso/x.iso,media=cdrom`), or
 /// `none`. With `present_now`, an existing volume must exist now (create);
 /// else the caller checks that when it applies the change (config update,
-/// `create_disks` in its task).
+/// `create_disks` in its task). `efi`: the `efidisk0` of a PVE with these
+/// `ms-cert` values (Some(None): a PVE without the option).
 fn check_disk(
     st: &State,
     node: &str,
     e: &mut Errors,
     (key, v): (&str, &str),
-    efi: bool,
+    efi: Option<Option<&[&str]>>,
     present_now: bool,
 ) -> Result<(), ApiError> {
     let (file, opts) = match params::property_string(v, "file") {
@@ -84,29 +113,36 @@ fn check_disk(
             return Ok(());
         }
     };
-    let allowed: Vec<&str> = if efi {
-        vec![
-            "file",
-            "efitype",
-            "pre-enrolled-keys",
-            "ms-cert",
-            "format",
-            "size",
-            "import-from",
-        ]
-    } else {
-        params::DRIVE_OPTS.to_vec()
+    let allowed: Vec<&str> = match efi {
+        Some(ms_cert) => {
+            let mut a = vec![
+                "file",
+                "efitype",
+                "pre-enrolled-keys",
+                "format",
+                "size",
+                "import-from",
+            ];
+            if ms_cert.is_some() {
+                a.push("ms-cert");
+            }
+            a
+        }
+        None => params::DRIVE_OPTS.to_vec(),
     };
     if !params::check_keys(e, key, &opts, &allowed) {
         return Ok(());
     }
     let file = file.unwrap_or_default();
-    if efi {
+    if let Some(ms_cert) = efi {
         if let Some(t) = opts.get("efitype") {
             params::check_enum(e, key, t, &["2m", "4m"]);
         }
         if let Some(b) = opts.get("pre-enrolled-keys") {
             params::check_boolean(e, key, b);
+        }
+        if let (Some(c), Some(values)) = (opts.get("ms-cert"), ms_cert) {
+            params::check_enum(e, key, c, values);
         }
     }
     if file == "none" {
@@ -207,6 +243,7 @@ pub(crate) fn check_options(
     p: &BTreeMap<String, String>,
     e: &mut Errors,
     volumes_present_now: bool,
+    pve_version: &str,
 ) -> Option<ApiError> {
     if let Some(n) = p.get("name") {
         if !params::is_dns_name(n) {
@@ -345,7 +382,7 @@ pub(crate) fn check_options(
     let mut hard = None;
     for (k, v) in p {
         if is_disk_key(k) {
-            let efi = k == "efidisk0";
+            let efi = (k == "efidisk0").then(|| efidisk_ms_cert_values(pve_version));
             if let Err(x) = check_disk(st, node, e, (k, v), efi, volumes_present_now) {
                 hard.get_or_insert(x);
             }

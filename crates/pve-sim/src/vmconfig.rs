@@ -145,7 +145,7 @@ pub(crate) fn update_config(
         set.insert("ide2".into(), v);
     }
     let mut st = lock(shared);
-    let hard = check_options(&st, &node, &set, &mut e, false);
+    let hard = check_options(&st, &node, &set, &mut e, false, &shared.cfg.version);
     if !e.is_empty() {
         return Err(ApiError::Params(e));
     }

@@ -246,7 +246,11 @@ pub(crate) fn vm_status(shared: &Shared, p: &BTreeMap<String, String>) -> ApiRes
 /// Parameters of `POST /nodes/{node}/qemu` that are not config options.
 const CREATE_ONLY_KEYS: &[&str] = &["vmid", "node", "start", "pool", "storage"];
 
-fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, ApiError> {
+fn check_create_params(
+    st: &State,
+    p: &BTreeMap<String, String>,
+    pve_version: &str,
+) -> Result<u32, ApiError> {
     let mut e = Errors::new();
     for k in p.keys() {
         if !CREATE_ONLY_KEYS.contains(&k.as_str()) && !is_option_key(k) {
@@ -264,7 +268,7 @@ fn check_create_params(st: &State, p: &BTreeMap<String, String>) -> Result<u32, 
         Some(v) => params::check_integer(&mut e, "vmid", v, 100, 999_999_999),
     };
     let node = p.get("node").map(String::as_str).unwrap_or("");
-    let hard = check_options(st, node, p, &mut e, true);
+    let hard = check_options(st, node, p, &mut e, true, pve_version);
     if !e.is_empty() {
         return Err(ApiError::Params(e));
     }
@@ -300,7 +304,7 @@ pub(crate) fn create_vm(
 ) -> ApiResult {
     check_node(shared, p)?;
     let mut st = lock(shared);
-    let vmid = check_create_params(&st, p)?;
+    let vmid = check_create_params(&st, p, &shared.cfg.version)?;
     check_create_perms(shared, vmid, p)?;
     // `$rpcenv->check_pool_exist($pool)` before the worker starts.
     if let Some(pool) = p.get("pool") {
