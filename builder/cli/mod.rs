@@ -177,6 +177,9 @@ fn print_build(o: &BuildOutcome, json_out: bool, seconds: f64) {
                 crate::util::human_bytes(m.disk.virtual_size)
             ),
             crate::image::contract::OutputKind::Lxc => crate::util::human_bytes(f.size),
+            crate::image::contract::OutputKind::Sbom => {
+                format!("SPDX 2.3, {}", crate::util::human_bytes(f.size))
+            }
         };
         println!(
             "  {:<9} {} ({extra})",

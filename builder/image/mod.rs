@@ -19,4 +19,5 @@ pub(crate) mod promote;
 pub(crate) mod recipe;
 pub(crate) mod reuse;
 pub(crate) mod rootfs;
+pub(crate) mod sbom;
 pub mod values;

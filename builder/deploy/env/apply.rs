@@ -740,6 +740,7 @@ pub(crate) mod tests {
                 bios: false,
                 kernel: "k".into(),
                 cmdline: String::new(),
+                chain: vec![],
             },
             packages: Default::default(),
             hygiene: Default::default(),
@@ -747,6 +748,8 @@ pub(crate) mod tests {
             roles: vec!["node".into()],
             validate: ValidateSpec::default(),
             lxc: None,
+            sbom: None,
+            added_files: vec![],
             validation: None,
         };
         m.save(dir).unwrap();
