@@ -24,6 +24,8 @@ enum Command {
     Build(kiln::cli::BuildArgs),
     /// Boot an image in QEMU and run its checks.
     Validate(kiln::cli::ValidateArgs),
+    /// What changed between two built images: packages, artifacts, images, files, boot, size.
+    Diff(kiln::cli::DiffArgs),
     /// Publish an image as a Proxmox VE template.
     Publish(kiln::cli::PublishArgs),
     /// List or prune published templates.
@@ -48,6 +50,7 @@ fn main() {
         Command::Lock(a) => kiln::cli::lock(a),
         Command::Build(a) => kiln::cli::build(a),
         Command::Validate(a) => kiln::cli::validate(a),
+        Command::Diff(a) => kiln::cli::diff(a),
         Command::Publish(a) => kiln::cli::publish(a),
         Command::Templates(c) => kiln::cli::templates(c),
         Command::CloudInit(c) => kiln::cli::cloud_init(c),

@@ -2,11 +2,13 @@
 //! into the library's options, runs it, and prints a summary or `--json` for CI.
 
 pub mod args;
+mod diff;
 mod env;
 mod publish;
 mod validate;
 
 pub use args::*;
+pub use diff::diff;
 pub use env::env;
 pub use publish::{publish, templates};
 pub use validate::validate;

@@ -6,6 +6,7 @@ pub(crate) mod cachegc;
 pub(crate) mod cloudinit;
 pub mod compose;
 pub(crate) mod contract;
+pub mod diff;
 pub mod disk;
 pub(crate) mod fetch;
 pub(crate) mod hygiene;
