@@ -117,6 +117,66 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_boot_chain_names_the_package_each_piece_came_from() {
+        let kv = "6.1.0-50-amd64";
+        let kernel = format!("{KERNEL_PREFIX}{kv}");
+        let captured: std::collections::HashMap<String, Vec<u8>> = [
+            (super::super::SHIM.to_string(), b"shim".to_vec()),
+            (super::super::GRUB_SIGNED.to_string(), b"grub".to_vec()),
+            (kernel.clone(), b"vmlinuz".to_vec()),
+            (
+                "var/lib/dpkg/info/shim-signed:amd64.list".into(),
+                format!("/{}\n", super::super::SHIM).into_bytes(),
+            ),
+            (
+                format!("var/lib/dpkg/info/linux-image-{kv}.list"),
+                format!("/{kernel}\n").into_bytes(),
+            ),
+        ]
+        .into();
+        let info = BaseInfo {
+            index: Default::default(),
+            captured,
+            data_bytes: 0,
+        };
+        let boot = super::super::BootFiles {
+            shim: b"shim".to_vec(),
+            grub: b"grub".to_vec(),
+            mok_manager: None,
+            bios: None,
+            kernel_version: kv.into(),
+        };
+        let dpkg = crate::image::rootfs::parse_dpkg_entries(&format!(
+            "Package: shim-signed\nStatus: install ok installed\nVersion: 1.44\n\nPackage: linux-image-{kv}\nStatus: install ok installed\nVersion: 6.1.176-1\n"
+        ));
+        let c = chain(&info, &boot, &dpkg);
+        let got: Vec<(&str, Option<&str>, Option<&str>)> = c
+            .iter()
+            .map(|c| {
+                (
+                    c.component.as_str(),
+                    c.package.as_deref(),
+                    c.version.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("shim", Some("shim-signed"), Some("1.44")),
+                ("grub", None, None),
+                (
+                    "kernel",
+                    Some("linux-image-6.1.0-50-amd64"),
+                    Some("6.1.176-1")
+                ),
+            ]
+        );
+        assert_eq!(c[2].sha256, crate::util::sha256_hex(b"vmlinuz"));
+        assert_eq!(c[2].file, format!("/{kernel}"));
+    }
+
+    #[test]
     fn kernel_versions_sort_numerically() {
         let mut v = ["6.1.0-9-amd64", "6.1.0-50-amd64", "6.1.0-10-amd64"];
         v.sort_by(|a, b| version_cmp(a, b));
