@@ -30,6 +30,8 @@ enum Command {
     Sign(kiln::cli::SignArgs),
     /// Check an image's signature against allowed signers, and every file it lists.
     Verify(kiln::cli::VerifyArgs),
+    /// What changed between two built images: packages, artifacts, images, files, boot, size.
+    Diff(kiln::cli::DiffArgs),
     /// Publish an image as a Proxmox VE template.
     Publish(kiln::cli::PublishArgs),
     /// List or prune published templates.
@@ -61,6 +63,7 @@ fn main() {
         Command::Validate(a) => kiln::cli::validate(a),
         Command::Sign(a) => kiln::cli::sign(a),
         Command::Verify(a) => kiln::cli::verify(a),
+        Command::Diff(a) => kiln::cli::diff(a),
         Command::Publish(a) => kiln::cli::publish(a),
         Command::Templates(c) => kiln::cli::templates(c),
         Command::CloudInit(c) => kiln::cli::cloud_init(c),

@@ -171,6 +171,7 @@ fn fabricate_image(project: &Path, dest: &Path, recipe_digest: Option<&str>) {
             bios: false,
             kernel: "6.1".into(),
             cmdline: String::new(),
+            chain: vec![],
         },
         packages: Default::default(),
         hygiene: Default::default(),
@@ -178,6 +179,8 @@ fn fabricate_image(project: &Path, dest: &Path, recipe_digest: Option<&str>) {
         roles: vec![],
         validate: Default::default(),
         lxc: None,
+        sbom: None,
+        added_files: vec![],
         validation: None,
     };
     m.save(dest).unwrap();

@@ -46,6 +46,7 @@ fn blank_image_named(dir: &Path, name: &str) -> PathBuf {
             bios: false,
             kernel: "none".into(),
             cmdline: "console=ttyS0".into(),
+            chain: vec![],
         },
         packages: Default::default(),
         hygiene: Default::default(),
@@ -53,6 +54,8 @@ fn blank_image_named(dir: &Path, name: &str) -> PathBuf {
         roles: vec![],
         validate: ValidateSpec::default(),
         lxc: None,
+        sbom: None,
+        added_files: vec![],
         validation: None,
     };
     m.save(&img).unwrap();

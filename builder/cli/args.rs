@@ -89,6 +89,17 @@ pub struct BuildArgs {
     pub json: bool,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct DiffArgs {
+    /// The older image directory (holding manifest.json), e.g. images/lb/0.1.0.
+    pub a: PathBuf,
+    /// The newer image directory.
+    pub b: PathBuf,
+    /// Print a JSON object (for CI comments) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(clap::Subcommand, Debug)]
 pub enum CloudInitCommand {
     /// Print a node's user-data rendered from a role's template.

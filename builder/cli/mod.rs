@@ -2,6 +2,7 @@
 //! into the library's options, runs it, and prints a summary or `--json` for CI.
 
 pub mod args;
+mod diff;
 mod env;
 mod global;
 mod publish;
@@ -9,6 +10,7 @@ mod sign;
 mod validate;
 
 pub use args::*;
+pub use diff::diff;
 pub use env::env;
 pub use global::{completions, init, man, parse};
 pub use publish::{publish, templates};
@@ -181,6 +183,9 @@ fn print_build(o: &BuildOutcome, json_out: bool, seconds: f64) {
                 crate::util::human_bytes(m.disk.virtual_size)
             ),
             crate::image::contract::OutputKind::Lxc => crate::util::human_bytes(f.size),
+            crate::image::contract::OutputKind::Sbom => {
+                format!("SPDX 2.3, {}", crate::util::human_bytes(f.size))
+            }
         };
         println!(
             "  {:<9} {} ({extra})",

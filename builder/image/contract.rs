@@ -1,5 +1,6 @@
 //! The contract types every stage shares, below all of them: what a path in
-//! the image tree is, which image paths are acceptable, recipe checks, the hygiene report, output kinds.
+//! the image tree is, which image paths are acceptable, recipe checks, the hygiene report,
+//! the files kiln adds over the base, output kinds.
 
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +82,27 @@ pub struct HygieneReport {
     pub violations: Vec<String>,
 }
 
+/// A file or symlink kiln wrote over the base rootfs from an overlay, its
+/// defaults or `[units]` (artifacts and container images are recorded by
+/// digest instead), so `kiln diff` can name what changed between two images.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(deny_unknown_fields)]
+pub struct AddedFile {
+    /// Absolute path in the image, symlinks in its parents resolved.
+    pub path: String,
+    /// Where it came from, e.g. `overlays/base/etc/motd` or `kiln defaults`.
+    pub origin: String,
+    /// Octal, e.g. `0644` (symlinks have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// sha256 of a file's content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// A symlink's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
 /// One kind of file a build can produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -89,6 +111,8 @@ pub enum OutputKind {
     Disk,
     /// The rootfs as an LXC template (`vztmpl` `.tar.zst`), when the recipe asks.
     Lxc,
+    /// The software bill of materials (SPDX 2.3 JSON), written after the disk.
+    Sbom,
 }
 
 impl OutputKind {
@@ -97,14 +121,17 @@ impl OutputKind {
         match self {
             OutputKind::Disk => format!("{name}-{version}.qcow2"),
             OutputKind::Lxc => format!("{name}-{version}-lxc.tar.zst"),
+            OutputKind::Sbom => format!("{name}-{version}.spdx.json"),
         }
     }
 
-    /// How the build summary and the manifest's stage record count reuse.
+    /// How the build summary and the manifest's stage record count reuse
+    /// (the SBOM is written whole: it reuses nothing).
     pub fn reuse_unit(self) -> &'static str {
         match self {
             OutputKind::Disk => "qcow2 clusters",
             OutputKind::Lxc => "zstd frames",
+            OutputKind::Sbom => "files",
         }
     }
 
@@ -112,6 +139,7 @@ impl OutputKind {
         match self {
             OutputKind::Disk => "disk",
             OutputKind::Lxc => "lxc",
+            OutputKind::Sbom => "sbom",
         }
     }
 }

@@ -38,6 +38,15 @@ pub struct ImageManifest {
     /// An LXC rootfs archive built from the same rootfs, when the recipe asks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lxc: Option<FileInfo>,
+    /// The SPDX 2.3 software bill of materials (`image::sbom`); images made
+    /// by an older kiln have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sbom: Option<FileInfo>,
+    /// Every file and symlink kiln wrote over the base from overlays, its
+    /// defaults and `[units]`, by path, with its sha256 (what `kiln diff`
+    /// compares; artifacts and images are compared by their digests).
+    #[serde(default)]
+    pub added_files: Vec<crate::image::contract::AddedFile>,
     /// Filled in by `kiln validate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<ValidationRecord>,
@@ -91,6 +100,25 @@ pub struct BootInfo {
     pub bios: bool,
     pub kernel: String,
     pub cmdline: String,
+    /// What boots, in order: shim, GRUB, the kernel (and MokManager), each
+    /// with the Debian package it came from; images made by an older kiln have none.
+    #[serde(default)]
+    pub chain: Vec<BootComponent>,
+}
+
+/// One piece of the boot chain, as read from the base rootfs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BootComponent {
+    /// `shim`, `grub`, `kernel` or `mok-manager`.
+    pub component: String,
+    /// Path in the rootfs it was read from.
+    pub file: String,
+    pub sha256: String,
+    /// The Debian package whose file list names it, and its version (None
+    /// when dpkg's database does not say).
+    pub package: Option<String>,
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -187,6 +215,7 @@ impl ImageManifest {
         };
         let mut v = vec![(OutputKind::Disk, disk)];
         v.extend(self.lxc.iter().map(|l| (OutputKind::Lxc, l.clone())));
+        v.extend(self.sbom.iter().map(|s| (OutputKind::Sbom, s.clone())));
         v
     }
 

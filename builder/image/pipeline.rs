@@ -3,7 +3,7 @@
 //!
 //! [`build`] reads as the table of contents: resolve (recipe + lock) → fetch →
 //! rootfs (cached mmdebstrap) → images (airgap) → compose (artifacts,
-//! overlays, roles, kiln defaults, hygiene) → disk → compress, lxc →
+//! overlays, roles, kiln defaults, hygiene) → disk → compress, lxc → sbom →
 //! manifest → [validate] → promote. Each stage is one function here that
 //! hands the work to its module; each stage's time lands in the manifest.
 
@@ -19,7 +19,8 @@ use crate::image::disk::{BootFiles, DiskInputs, Identities, Layout};
 use crate::image::fetch::Cache;
 use crate::image::lock::Lockfile;
 use crate::image::manifest::{
-    BootInfo, DiskInfo, FileInfo, ImageManifest, InputDigests, StageTiming, ValidateSpec,
+    BootComponent, BootInfo, DiskInfo, FileInfo, ImageManifest, InputDigests, StageTiming,
+    ValidateSpec,
 };
 use crate::image::outputs::OutputKind;
 use crate::image::recipe::Recipe;
@@ -37,6 +38,7 @@ pub enum BuildStage {
     Disk,
     Compress,
     Lxc,
+    Sbom,
     Validate,
     Promote,
 }
@@ -52,6 +54,7 @@ impl BuildStage {
             BuildStage::Disk => "disk",
             BuildStage::Compress => "compress",
             BuildStage::Lxc => "lxc",
+            BuildStage::Sbom => "sbom",
             BuildStage::Validate => "validate",
             BuildStage::Promote => "promote",
         }
@@ -133,6 +136,9 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         work,
         opts,
     )?;
+    let sbom = timer.run(BuildStage::Sbom, || {
+        Ok((write_sbom(&recipe, &lock, &rootfs, &outputs)?, false))
+    })?;
 
     let mut manifest = image_manifest(
         &recipe,
@@ -140,6 +146,7 @@ pub fn build(recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<BuildOutcome
         inputs,
         &rootfs,
         &outputs,
+        sbom,
         lock.source_date_epoch,
     )?;
     manifest.stages = timer.stages;
@@ -354,12 +361,15 @@ fn bake_images(
     })
 }
 
-/// The final root filesystem as a tar, and what the disk needs from it.
+/// The final root filesystem as a tar, what the disk needs from it, and what
+/// the SBOM and the manifest record of it.
 struct ComposedRootfs {
     tar: PathBuf,
     composed: Composed,
     boot: BootFiles,
     cmdline: String,
+    packages: Vec<crate::image::sbom::DebPackage>,
+    chain: Vec<BootComponent>,
 }
 
 /// The compose stage: base + artifacts + container images + overlays + kiln's
@@ -376,16 +386,27 @@ fn compose_rootfs(
     use crate::image::compose::defaults;
     let unit_paths = defaults::unit_paths(recipe);
     let want = |p: &str| {
-        p == "var/lib/dpkg/status"
+        crate::image::sbom::wanted(p)
             || crate::image::disk::boot::wanted(p, recipe.boot.bios)
             || unit_paths.iter().any(|u| u == p)
     };
     let info = crate::image::compose::index_base(&base.tar, &want)?;
     let boot = crate::image::disk::boot::files(&info, recipe, work.scratch.path())?;
     let cmdline = crate::image::disk::cmdline(ids, &recipe.boot.cmdline);
+    let status = info
+        .captured
+        .get(crate::image::rootfs::DPKG_STATUS)
+        .context("the base rootfs has no dpkg status database")?;
+    let dpkg = crate::image::rootfs::parse_dpkg_entries(&String::from_utf8_lossy(status));
+    let packages = crate::image::sbom::packages(&info, &dpkg);
+    let chain = crate::image::disk::boot::chain(&info, &boot, &dpkg);
 
     let mut additions = artifact_additions(recipe, lock, artifacts, work.scratch.path())?;
     additions.extend(baked.additions.iter().cloned());
+    // Artifacts and container images are recorded by their digests; every
+    // other file kiln adds is listed with its own (`added_files`).
+    let by_digest: std::collections::HashSet<String> =
+        additions.iter().map(|a| a.origin.clone()).collect();
     let ctx = crate::image::cloudinit::context(recipe, "", &toml::Table::new())?;
     for o in recipe.all_overlays() {
         additions.extend(crate::image::compose::overlay_additions(
@@ -407,6 +428,7 @@ fn compose_rootfs(
                     || defaults::is_disabled_link(recipe, p)
             },
             additions,
+            record: &|a: &Addition| !by_digest.contains(&a.origin),
             mtime: lock.source_date_epoch,
             hygiene: &recipe.hygiene,
         },
@@ -423,6 +445,8 @@ fn compose_rootfs(
         composed,
         boot,
         cmdline,
+        packages,
+        chain,
     })
 }
 
@@ -616,6 +640,53 @@ fn write_disk(
     Ok(())
 }
 
+/// The sbom stage: the SPDX document of the staged image, named by the
+/// disk's sha256, from what compose read and what the lock pinned.
+fn write_sbom(
+    recipe: &Recipe,
+    lock: &Lockfile,
+    rootfs: &ComposedRootfs,
+    outputs: &StagedOutputs,
+) -> Result<FileInfo> {
+    use crate::image::sbom::{SbomArtifact, SbomInput};
+    let mut images = BTreeMap::new();
+    for i in &recipe.images {
+        let digest = lock
+            .images
+            .get(&i.reference)
+            .with_context(|| format!("image `{}` has no digest in the lock", i.reference))?;
+        images.insert(i.reference.clone(), digest.clone());
+    }
+    let input = SbomInput {
+        name: &recipe.name,
+        version: &recipe.version,
+        image_id: &outputs.disk.sha256,
+        disk_file: &outputs.disk.file,
+        source_date_epoch: lock.source_date_epoch,
+        distribution: recipe.base.distribution,
+        suite: &recipe.base.suite,
+        packages: &rootfs.packages,
+        artifacts: recipe
+            .artifacts
+            .iter()
+            .map(|a| SbomArtifact {
+                name: a.name.clone(),
+                url: a.url.clone(),
+                sha256: lock.artifact_sha(&a.name).unwrap_or_default().to_string(),
+                dest: a.dest.clone(),
+                extract: a.extract,
+            })
+            .collect(),
+        images,
+        boot: &rootfs.chain,
+    };
+    crate::image::sbom::write(
+        outputs.staging.path(),
+        &OutputKind::Sbom.file_name(&recipe.name, &recipe.version),
+        &input,
+    )
+}
+
 /// The manifest of the staged image (stages are filled in by the caller).
 fn image_manifest(
     recipe: &Recipe,
@@ -623,6 +694,7 @@ fn image_manifest(
     inputs: InputDigests,
     rootfs: &ComposedRootfs,
     outputs: &StagedOutputs,
+    sbom: FileInfo,
     epoch: u64,
 ) -> Result<ImageManifest> {
     let validate = ValidateSpec {
@@ -649,6 +721,7 @@ fn image_manifest(
             bios: recipe.boot.bios,
             kernel: rootfs.boot.kernel_version.clone(),
             cmdline: rootfs.cmdline.clone(),
+            chain: rootfs.chain.clone(),
         },
         packages: base.meta.packages.clone(),
         hygiene: rootfs.composed.report.clone(),
@@ -656,6 +729,8 @@ fn image_manifest(
         roles: recipe.roles.keys().cloned().collect(),
         validate,
         lxc: outputs.lxc.clone(),
+        sbom: Some(sbom),
+        added_files: rootfs.composed.added.clone(),
         validation: None,
     })
 }

@@ -395,34 +395,108 @@ fn run_mmdebstrap(
     Ok(())
 }
 
+/// dpkg's status database, as a path in the rootfs.
+pub(crate) const DPKG_STATUS: &str = "var/lib/dpkg/status";
+/// Where dpkg keeps each package's file list (`<package>[:<arch>].list`).
+const DPKG_INFO: &str = "var/lib/dpkg/info/";
+
 /// Installed packages and versions, from dpkg's status database in the tar.
 pub(crate) fn read_packages(tar_path: &std::path::Path) -> Result<BTreeMap<String, String>> {
-    let info = crate::image::compose::index_base(tar_path, &|p| p == "var/lib/dpkg/status")?;
+    let info = crate::image::compose::index_base(tar_path, &|p| p == DPKG_STATUS)?;
     let status = info
         .captured
-        .get("var/lib/dpkg/status")
-        .context("the base rootfs has no var/lib/dpkg/status")?;
+        .get(DPKG_STATUS)
+        .with_context(|| format!("the base rootfs has no {DPKG_STATUS}"))?;
     Ok(parse_dpkg_status(&String::from_utf8_lossy(status)))
+}
+
+/// Whether `path` is one of dpkg's per-package file lists.
+pub(crate) fn is_dpkg_list(path: &str) -> bool {
+    path.strip_prefix(DPKG_INFO)
+        .is_some_and(|f| f.ends_with(".list") && !f.contains('/'))
+}
+
+/// The installed package whose file list (captured from the rootfs) names
+/// `path` (image-relative), as dpkg -S would answer; the first by name when
+/// several do.
+pub(crate) fn dpkg_owner(
+    captured: &std::collections::HashMap<String, Vec<u8>>,
+    path: &str,
+) -> Option<String> {
+    let want = format!("/{path}");
+    captured
+        .iter()
+        .filter(|(p, _)| is_dpkg_list(p))
+        .filter(|(_, list)| list.split(|b| *b == b'\n').any(|l| l == want.as_bytes()))
+        .filter_map(|(p, _)| {
+            let file = p.strip_prefix(DPKG_INFO)?.strip_suffix(".list")?;
+            Some(file.split(':').next().unwrap_or(file).to_string())
+        })
+        .min()
 }
 
 /// `Package` → `Version` for every installed stanza.
 pub(crate) fn parse_dpkg_status(text: &str) -> BTreeMap<String, String> {
+    parse_dpkg_entries(text)
+        .into_iter()
+        .map(|(name, e)| (name, e.version))
+        .collect()
+}
+
+/// What dpkg's status database says about one installed package.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct DpkgEntry {
+    pub version: String,
+    pub architecture: Option<String>,
+    /// The `Source:` field: `name` or `name (version)`, absent when the
+    /// source package has the binary's name and version (deb-control(5)).
+    pub source: Option<String>,
+}
+
+impl DpkgEntry {
+    /// The source package's name and version.
+    pub(crate) fn source_package<'a>(&'a self, name: &'a str) -> (&'a str, &'a str) {
+        match self.source.as_deref().map(str::trim) {
+            None | Some("") => (name, &self.version),
+            Some(s) => match s.split_once(' ') {
+                Some((n, v)) => (n, v.trim().trim_start_matches('(').trim_end_matches(')')),
+                None => (s, &self.version),
+            },
+        }
+    }
+}
+
+/// Every installed stanza of dpkg's status database, by package name.
+pub(crate) fn parse_dpkg_entries(text: &str) -> BTreeMap<String, DpkgEntry> {
     let mut out = BTreeMap::new();
     for stanza in text.split("\n\n") {
         let mut name = None;
         let mut version = None;
+        let mut architecture = None;
+        let mut source = None;
         let mut installed = false;
         for line in stanza.lines() {
             if let Some(v) = line.strip_prefix("Package: ") {
                 name = Some(v.trim());
             } else if let Some(v) = line.strip_prefix("Version: ") {
                 version = Some(v.trim());
+            } else if let Some(v) = line.strip_prefix("Architecture: ") {
+                architecture = Some(v.trim().to_string());
+            } else if let Some(v) = line.strip_prefix("Source: ") {
+                source = Some(v.trim().to_string());
             } else if let Some(v) = line.strip_prefix("Status: ") {
                 installed = v.trim().ends_with(" installed");
             }
         }
         if let (Some(n), Some(v), true) = (name, version, installed) {
-            out.insert(n.to_string(), v.to_string());
+            out.insert(
+                n.to_string(),
+                DpkgEntry {
+                    version: v.to_string(),
+                    architecture,
+                    source,
+                },
+            );
         }
     }
     out
@@ -438,6 +512,51 @@ mod tests {
         let m = parse_dpkg_status(text);
         assert_eq!(m.len(), 2);
         assert_eq!(m["c"], "3:1.2-1");
+    }
+
+    #[test]
+    fn the_owner_of_a_file_comes_from_dpkgs_file_lists() {
+        let captured: std::collections::HashMap<String, Vec<u8>> = [
+            (
+                "var/lib/dpkg/info/shim-signed:amd64.list".to_string(),
+                b"/.\n/usr/lib/shim\n/usr/lib/shim/shimx64.efi.signed\n".to_vec(),
+            ),
+            (
+                "var/lib/dpkg/info/shim-helpers-amd64-signed.list".to_string(),
+                b"/usr/lib/shim/mmx64.efi.signed\n".to_vec(),
+            ),
+            (
+                "var/lib/dpkg/info/shim-signed.md5sums".to_string(),
+                b"/usr/lib/shim/mmx64.efi.signed\n".to_vec(),
+            ),
+        ]
+        .into();
+        assert_eq!(
+            dpkg_owner(&captured, "usr/lib/shim/shimx64.efi.signed").as_deref(),
+            Some("shim-signed")
+        );
+        assert_eq!(
+            dpkg_owner(&captured, "usr/lib/shim/mmx64.efi.signed").as_deref(),
+            Some("shim-helpers-amd64-signed")
+        );
+        assert_eq!(
+            dpkg_owner(&captured, "usr/lib/shim"),
+            Some("shim-signed".into())
+        );
+        assert_eq!(dpkg_owner(&captured, "boot/vmlinuz-6.1.0-50-amd64"), None);
+    }
+
+    #[test]
+    fn dpkg_source_field_names_the_source_package_and_its_version() {
+        let text = "Package: bash\nStatus: install ok installed\nArchitecture: amd64\nSource: bash (5.2.15-2)\nVersion: 5.2.15-2+b2\n\nPackage: bsdutils\nStatus: install ok installed\nSource: util-linux\nVersion: 1:2.38.1-5\n\nPackage: dash\nStatus: install ok installed\nVersion: 0.5.12-2\n";
+        let m = parse_dpkg_entries(text);
+        assert_eq!(m["bash"].source_package("bash"), ("bash", "5.2.15-2"));
+        assert_eq!(m["bash"].architecture.as_deref(), Some("amd64"));
+        assert_eq!(
+            m["bsdutils"].source_package("bsdutils"),
+            ("util-linux", "1:2.38.1-5")
+        );
+        assert_eq!(m["dash"].source_package("dash"), ("dash", "0.5.12-2"));
     }
 
     /// A cache holding `bytes` as the base under key "k", with meta

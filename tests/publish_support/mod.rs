@@ -140,6 +140,7 @@ pub fn image(root: &Path, name: &str, version: &str, validated: bool, lxc: bool)
             bios: false,
             kernel: "6.12.0-test".into(),
             cmdline: "root=UUID=x ro".into(),
+            chain: vec![],
         },
         packages: [("k3s".to_string(), "1.33.0".to_string())].into(),
         hygiene: Default::default(),
@@ -147,6 +148,8 @@ pub fn image(root: &Path, name: &str, version: &str, validated: bool, lxc: bool)
         roles: vec!["server".into()],
         validate: ValidateSpec::default(),
         lxc: lxc_info,
+        sbom: None,
+        added_files: vec![],
         validation: validated.then(|| ValidationRecord {
             validated: true,
             when: "2026-11-25T12:00:00Z".into(),

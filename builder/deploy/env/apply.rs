@@ -802,6 +802,7 @@ pub(crate) mod tests {
                 bios: false,
                 kernel: "k".into(),
                 cmdline: String::new(),
+                chain: vec![],
             },
             packages: Default::default(),
             hygiene: Default::default(),
@@ -809,6 +810,8 @@ pub(crate) mod tests {
             roles: vec!["node".into()],
             validate: ValidateSpec::default(),
             lxc: None,
+            sbom: None,
+            added_files: vec![],
             validation: None,
         };
         m.save(dir).unwrap();

@@ -773,6 +773,7 @@ mod tests {
                     bios: false,
                     kernel: "k".into(),
                     cmdline: String::new(),
+                    chain: vec![],
                 },
                 packages: Default::default(),
                 hygiene: Default::default(),
@@ -780,6 +781,8 @@ mod tests {
                 roles: vec!["node".into()],
                 validate: ValidateSpec::default(),
                 lxc: None,
+                sbom: None,
+                added_files: vec![],
                 validation: Some(ValidationRecord {
                     validated: true,
                     when: "2026-11-29T12:00:00Z".into(),

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use crate::image::cloudinit::render_template;
 pub use crate::image::contract::Node;
-use crate::image::contract::{check_image_path, overlay_mode, HygieneReport};
+use crate::image::contract::{check_image_path, overlay_mode, AddedFile, HygieneReport};
 use crate::image::recipe::Hygiene;
 
 /// Normalize a tar member name to the image-relative form used here: no
@@ -189,6 +189,8 @@ pub struct ComposePlan<'a> {
     /// Base paths to drop (cleaned for hygiene), with the reason recorded.
     pub drop: &'a dyn Fn(&str, &Node) -> bool,
     pub additions: Vec<Addition>,
+    /// Additions whose path and digest the result lists (`Composed::added`).
+    pub record: &'a dyn Fn(&Addition) -> bool,
     pub mtime: u64,
     pub hygiene: &'a Hygiene,
 }
@@ -199,6 +201,8 @@ pub struct Composed {
     /// Bytes of file data in the final tree.
     pub data_bytes: u64,
     pub entries: u64,
+    /// The recorded additions' files and symlinks as written, by path.
+    pub added: Vec<AddedFile>,
 }
 
 /// Resolve additions against the tree: symlinks followed, escapes refused,
@@ -318,6 +322,7 @@ pub fn compose(plan: ComposePlan<'_>, out: &Path) -> Result<Composed> {
     let mut builder = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, out_file));
     let mut data_bytes = 0u64;
     let mut entries = 0u64;
+    let mut added = Vec::new();
 
     // Pass over the base: copy every surviving entry's raw bytes (extension
     // headers included) from `start` to the end of its padded data.
@@ -374,6 +379,18 @@ pub fn compose(plan: ComposePlan<'_>, out: &Path) -> Result<Composed> {
         header.set_uid(0);
         header.set_gid(0);
         header.set_mtime(plan.mtime);
+        let recorded = (plan.record)(add);
+        let mut record = |mode: Option<u32>, sha256: Option<String>, target: Option<String>| {
+            if recorded {
+                added.push(AddedFile {
+                    path: format!("/{path}"),
+                    origin: add.origin.clone(),
+                    mode: mode.map(|m| format!("{m:04o}")),
+                    sha256,
+                    target,
+                });
+            }
+        };
         match &add.kind {
             AddKind::Dir { mode } => {
                 header.set_entry_type(tar::EntryType::Directory);
@@ -388,6 +405,7 @@ pub fn compose(plan: ComposePlan<'_>, out: &Path) -> Result<Composed> {
                 header.set_size(0);
                 builder.append_link(&mut header, format!("./{path}"), target)?;
                 scanner.check_path(path, &Node::Symlink(target.clone()), 0);
+                record(None, None, Some(target.clone()));
             }
             AddKind::File { content, mode } => {
                 header.set_entry_type(tar::EntryType::Regular);
@@ -400,6 +418,9 @@ pub fn compose(plan: ComposePlan<'_>, out: &Path) -> Result<Composed> {
                         scan.feed(bytes);
                         builder.append_data(&mut header, format!("./{path}"), bytes.as_slice())?;
                         data_bytes += bytes.len() as u64;
+                        if recorded {
+                            record(Some(*mode), Some(crate::util::sha256_hex(bytes)), None);
+                        }
                     }
                     Content::Path { path: src, sha256 } => {
                         let f = File::open(src).with_context(|| {
@@ -411,17 +432,20 @@ pub fn compose(plan: ComposePlan<'_>, out: &Path) -> Result<Composed> {
                         let mut reader = ScanningReader {
                             inner: f,
                             scan: &mut scan,
-                            hasher: sha256.as_ref().map(|_| sha2::Sha256::default()),
+                            hasher: (sha256.is_some() || recorded).then(sha2::Sha256::default),
                         };
                         builder.append_data(&mut header, format!("./{path}"), &mut reader)?;
-                        if let (Some(want), Some(h)) = (sha256, reader.hasher.take()) {
+                        let got = reader.hasher.take().map(|h| {
                             use sha2::Digest;
-                            let got = hex::encode(h.finalize());
-                            if &got != want {
+                            hex::encode(h.finalize())
+                        });
+                        if let (Some(want), Some(got)) = (sha256, &got) {
+                            if got != want {
                                 bail!("{}: {} has sha256 {got}, expected {want} (the cached copy is corrupt; it was not used)", add.origin, src.display());
                             }
                         }
                         data_bytes += len;
+                        record(Some(*mode), got, None);
                     }
                 }
                 scanner.finish_content(scan);
@@ -436,6 +460,7 @@ pub fn compose(plan: ComposePlan<'_>, out: &Path) -> Result<Composed> {
         report: scanner.into_report(),
         data_bytes,
         entries,
+        added,
     })
 }
 
@@ -783,10 +808,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn composed_tar_keeps_the_lib_symlink_and_puts_overlay_files_in_usr_lib() {
-        let d = tempfile::tempdir().unwrap();
-        let base = d.path().join("base.tar");
+    /// A base tar holding `usr/lib/` and the merged-usr `lib -> usr/lib`.
+    fn merged_usr_base(dir: &Path) -> PathBuf {
+        let base = dir.join("base.tar");
         {
             let mut b = tar::Builder::new(File::create(&base).unwrap());
             for dir in ["usr/", "usr/lib/"] {
@@ -803,6 +827,13 @@ mod tests {
             b.append_link(&mut h, "./lib", "usr/lib").unwrap();
             b.finish().unwrap();
         }
+        base
+    }
+
+    #[test]
+    fn composed_tar_keeps_the_lib_symlink_and_puts_overlay_files_in_usr_lib() {
+        let d = tempfile::tempdir().unwrap();
+        let base = merged_usr_base(d.path());
         let ov = d.path().join("ov");
         std::fs::create_dir_all(ov.join("lib/systemd")).unwrap();
         std::fs::write(ov.join("lib/systemd/x.conf"), "x").unwrap();
@@ -814,6 +845,7 @@ mod tests {
                 base: &info,
                 drop: &|_: &str, _: &Node| false,
                 additions: overlay_additions(&ov, "overlays/m", &tera::Context::new()).unwrap(),
+                record: &|_| false,
                 mtime: 0,
                 hygiene: &Hygiene::default(),
             },
@@ -843,6 +875,77 @@ mod tests {
                     "usr/lib/systemd/x.conf".to_string(),
                     tar::EntryType::Regular
                 ),
+            ]
+        );
+    }
+
+    #[test]
+    fn recorded_additions_are_listed_where_they_land_with_their_digest() {
+        let d = tempfile::tempdir().unwrap();
+        let base = merged_usr_base(d.path());
+        let ov = d.path().join("ov");
+        std::fs::create_dir_all(ov.join("lib/systemd")).unwrap();
+        std::fs::write(ov.join("lib/systemd/x.conf"), "x").unwrap();
+        std::os::unix::fs::symlink("x.conf", ov.join("lib/systemd/y.conf")).unwrap();
+        let mut additions = overlay_additions(&ov, "overlays/m", &tera::Context::new()).unwrap();
+        additions.push(Addition {
+            path: "/etc/kiln".into(),
+            kind: AddKind::File {
+                content: Content::Bytes(b"k".to_vec()),
+                mode: 0o600,
+            },
+            origin: "kiln defaults".into(),
+        });
+        additions.push(Addition {
+            path: "/usr/local/bin/tool".into(),
+            kind: AddKind::File {
+                content: Content::Bytes(b"t".to_vec()),
+                mode: 0o755,
+            },
+            origin: "artifact `tool`".into(),
+        });
+        let info = index_base(&base, &|_| false).unwrap();
+        let composed = compose(
+            ComposePlan {
+                base_tar: &base,
+                base: &info,
+                drop: &|_: &str, _: &Node| false,
+                additions,
+                record: &|a| !a.origin.starts_with("artifact"),
+                mtime: 0,
+                hygiene: &Hygiene::default(),
+            },
+            &d.path().join("out.tar"),
+        )
+        .unwrap();
+        let file = |path: &str, origin: &str, mode: &str, content: &[u8]| AddedFile {
+            path: path.into(),
+            origin: origin.into(),
+            mode: Some(mode.into()),
+            sha256: Some(crate::util::sha256_hex(content)),
+            target: None,
+        };
+        assert_eq!(
+            composed.added,
+            [
+                file("/etc/kiln", "kiln defaults", "0600", b"k"),
+                file(
+                    "/usr/lib/systemd/x.conf",
+                    "overlays/m/lib/systemd/x.conf",
+                    &format!(
+                        "{:04o}",
+                        overlay_mode(&std::fs::metadata(ov.join("lib/systemd/x.conf")).unwrap())
+                            & 0o7777
+                    ),
+                    b"x"
+                ),
+                AddedFile {
+                    path: "/usr/lib/systemd/y.conf".into(),
+                    origin: "overlays/m/lib/systemd/y.conf".into(),
+                    mode: None,
+                    sha256: None,
+                    target: Some("x.conf".into()),
+                },
             ]
         );
     }
