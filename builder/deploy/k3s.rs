@@ -14,7 +14,7 @@
 //!   kubectl does (staging/src/k8s.io/kubectl/pkg/drain/filters.go);
 //! - `/readyz/etcd` is the API server's etcd health check.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, Pod};
 use kube::api::{Api, DeleteParams, EvictParams, ListParams};
 use std::path::Path;
@@ -157,16 +157,6 @@ impl Cluster {
         }
     }
 
-    /// Whether a pod still exists.
-    pub(crate) fn pod_exists(&self, pod: &PodRef) -> Result<bool> {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let p = self
-            .rt
-            .block_on(api.get_opt(&pod.name))
-            .map_err(|e| api_error(e, &format!("reading pod {}", pod.name)))?;
-        Ok(p.is_some())
-    }
-
     /// Delete a Node (for a server, K3s then removes its etcd member).
     /// Already gone is fine.
     pub(crate) fn delete_node(&self, name: &str) -> Result<()> {
@@ -212,6 +202,31 @@ impl Cluster {
                 }
             })
             .collect())
+    }
+}
+
+impl Cluster {
+    /// Let a local volume's workload start afresh elsewhere: delete its claim
+    /// (and the volume, whose node is gone). Already gone is fine.
+    pub(crate) fn delete_claim(&self, v: &LocalVolume) -> Result<()> {
+        use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+        if let Some((ns, name)) = v.claim.split_once('/') {
+            let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
+            match self.rt.block_on(api.delete(name, &DeleteParams::default())) {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(api_error(e, &format!("deleting claim {}", v.claim))),
+            }
+        }
+        let api: Api<PersistentVolume> = Api::all(self.client.clone());
+        match self
+            .rt
+            .block_on(api.delete(&v.pv, &DeleteParams::default()))
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(api_error(e, &format!("deleting volume {}", v.pv))),
+        }
     }
 }
 
@@ -285,16 +300,4 @@ fn api_error(e: kube::Error, what: &str) -> anyhow::Error {
         kube::Error::Api(s) => anyhow!("Kubernetes API, {what}: {} ({})", s.message, s.code),
         other => anyhow!("Kubernetes API, {what}: {other}"),
     }
-}
-
-/// Refuse a node name that is not a DNS label (it becomes a path segment).
-pub(crate) fn check_node_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-    {
-        bail!("`{name}` is not a Kubernetes node name");
-    }
-    Ok(())
 }

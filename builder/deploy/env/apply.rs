@@ -20,6 +20,7 @@ use super::gates::Gates;
 use super::journal::Journal;
 use super::model::{Environment, Role, RoleKind, Slot};
 use super::plan::{Action, Desired, Plan};
+use super::rollout;
 use crate::deploy::providers::{NewVm, NodeVm, Provider};
 use crate::image::manifest::ImageManifest;
 use crate::image::recipe::Recipe;
@@ -37,6 +38,8 @@ pub(crate) struct ApplyOptions {
     pub stop_grace: Duration,
     /// Say each step on stderr.
     pub say: bool,
+    /// How often the rollout looks at the cluster while it waits.
+    pub poll: Duration,
 }
 
 impl Default for ApplyOptions {
@@ -46,6 +49,7 @@ impl Default for ApplyOptions {
             cloud_init_timeout: Duration::from_secs(600),
             stop_grace: Duration::from_secs(60),
             say: true,
+            poll: Duration::from_secs(2),
         }
     }
 }
@@ -208,7 +212,12 @@ fn values_digest(v: &Values) -> Result<String> {
 /// The VM name of a slot's generation: `<env>-<slot>-g<generation>`. K3s
 /// refuses a reused node name, so every generation has a new one.
 pub(crate) fn vm_name(env: &Environment, slot: &Slot, generation: u32) -> String {
-    format!("{}-{}-g{generation}", env.name, slot.name)
+    vm_name_of(env, &slot.name, generation)
+}
+
+/// [`vm_name`] by the slot's name.
+pub(crate) fn vm_name_of(env: &Environment, slot: &str, generation: u32) -> String {
+    format!("{}-{slot}-g{generation}", env.name)
 }
 
 /// One slot's values: what kiln knows about the environment (only the keys
@@ -426,6 +435,8 @@ pub(crate) struct StepReport {
 /// Carries a plan out against one provider.
 pub(crate) struct Applier<'a> {
     pub env: &'a Environment,
+    /// The K3s cluster's API, when the plan replaces or removes K3s nodes.
+    pub cluster: Option<&'a crate::deploy::k3s::Cluster>,
     pub provider: &'a dyn Provider,
     pub images: &'a BTreeMap<String, RoleImage>,
     pub key: &'a ThrowawayKey,
@@ -435,7 +446,7 @@ pub(crate) struct Applier<'a> {
 }
 
 impl Applier<'_> {
-    fn say(&self, msg: &str) {
+    pub(super) fn say(&self, msg: &str) {
         if self.opts.say {
             eprintln!("[{}] {msg}", self.env.name);
         }
@@ -459,9 +470,11 @@ impl Applier<'_> {
     }
 
     /// Carry out every action of `plan` in order. `actual` is what the
-    /// provider showed when the plan was made.
+    /// provider showed when the plan was made. Replacing or removing K3s
+    /// servers and agents goes through the K3s-aware rollout (`rollout`).
     pub(crate) fn run(&self, plan: &Plan, actual: &[NodeVm]) -> Result<Vec<StepReport>> {
-        refuse_stateful_changes(self.env, plan)?;
+        refuse_unknown_removals(self.env, plan)?;
+        self.k3s_preflight(plan)?;
         // A new cluster: no server VM exists anywhere, so the first server
         // created bootstraps it; every other server joins through the VIP.
         let mut cluster_exists = actual.iter().any(|vm| {
@@ -469,10 +482,17 @@ impl Applier<'_> {
                 .slots()
                 .any(|(r, s)| r.kind == RoleKind::Server && s.name == vm.slot)
         });
+        let mut snapshot_taken = false;
         let mut steps = Vec::new();
-        for action in &plan.actions {
+        let mut actions = plan.actions.iter().peekable();
+        while let Some(action) = actions.next() {
             crate::util::check_interrupted()?;
             let t = Instant::now();
+            let k3s = rollout::touches_k3s(self.env, action);
+            if k3s && !snapshot_taken && self.is_server_change(action) {
+                self.etcd_snapshot(actual, &leaving(plan))?;
+                snapshot_taken = true;
+            }
             let (slot, vm, retired) = match action {
                 Action::Keep { .. } => continue,
                 Action::Create {
@@ -493,6 +513,57 @@ impl Applier<'_> {
                     slot,
                     old,
                     generation,
+                    ..
+                } if k3s && self.role(role).0.kind == RoleKind::Agent => {
+                    // Agents: up to max_surge new ones first, then the old go.
+                    let mut batch = vec![(role, slot, old, *generation)];
+                    while batch.len() < self.env.rollout.max_surge as usize {
+                        match actions.peek() {
+                            Some(Action::Replace {
+                                role,
+                                slot,
+                                old,
+                                generation,
+                                ..
+                            }) if self.role(role).0.kind == RoleKind::Agent => {
+                                batch.push((role, slot, old, *generation));
+                                actions.next();
+                            }
+                            _ => break,
+                        }
+                    }
+                    let mut made = Vec::new();
+                    for (role, slot, old, generation) in &batch {
+                        self.say(&format!(
+                            "{slot}: replacing {} (surge {})",
+                            old.name,
+                            batch.len()
+                        ));
+                        made.push(self.k3s_bring_up(role, slot, *generation)?);
+                    }
+                    for (_, _, old, _) in &batch {
+                        self.k3s_retire(old)?;
+                    }
+                    for ((_, slot, old, _), vm) in batch.iter().zip(&made).skip(1) {
+                        steps.push(StepReport {
+                            slot: (*slot).clone(),
+                            action: "replace".into(),
+                            vm: Some(vm.name.clone()),
+                            retired: vec![old.name.clone()],
+                            seconds: crate::util::round2(t.elapsed().as_secs_f64()),
+                        });
+                    }
+                    (
+                        slot.clone(),
+                        Some(made[0].name.clone()),
+                        vec![old.name.clone()],
+                    )
+                }
+                Action::Replace {
+                    role,
+                    slot,
+                    old,
+                    generation,
                     reasons,
                 } => {
                     self.say(&format!(
@@ -500,8 +571,15 @@ impl Applier<'_> {
                         old.name,
                         reasons.join("; ")
                     ));
-                    let vm = self.create_and_prove(role, slot, *generation, false)?;
-                    self.retire(old)?;
+                    let vm = if k3s {
+                        let vm = self.k3s_bring_up(role, slot, *generation)?;
+                        self.k3s_retire(old)?;
+                        vm
+                    } else {
+                        let vm = self.create_and_prove(role, slot, *generation, false)?;
+                        self.retire(old)?;
+                        vm
+                    };
                     (slot.clone(), Some(vm.name), vec![old.name.clone()])
                 }
                 Action::Resume {
@@ -511,30 +589,36 @@ impl Applier<'_> {
                     new,
                 } => {
                     self.say(&format!("{slot}: resuming: proving {}", new.name));
-                    // Create is idempotent: it finishes a half-made VM and
-                    // starts a stopped one; then the gates prove it.
-                    let (r, _) = self.role(role);
-                    let first_server = r.kind == RoleKind::Server
-                        && !actual.iter().any(|vm| {
-                            vm.name != new.name
-                                && self
-                                    .env
-                                    .slots()
-                                    .any(|(r, s)| r.kind == RoleKind::Server && s.name == vm.slot)
-                        });
-                    self.create_and_prove(role, slot, new.generation, first_server)
-                        .with_context(|| {
-                            if old.is_empty() {
-                                format!("{slot}: resuming {}", new.name)
-                            } else {
-                                format!(
-                                    "{slot}: the new generation was not proven; {} stays in service",
-                                    old.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
-                                )
-                            }
-                        })?;
-                    for o in old {
-                        self.retire(o)?;
+                    if k3s {
+                        self.k3s_bring_up(role, slot, new.generation)?;
+                        for o in old {
+                            self.k3s_retire(o)?;
+                        }
+                    } else {
+                        // Create is idempotent: it finishes a half-made VM and
+                        // starts a stopped one; then the gates prove it.
+                        let (r, _) = self.role(role);
+                        let first_server = r.kind == RoleKind::Server
+                            && !actual.iter().any(|vm| {
+                                vm.name != new.name
+                                    && self.env.slots().any(|(r, s)| {
+                                        r.kind == RoleKind::Server && s.name == vm.slot
+                                    })
+                            });
+                        self.create_and_prove(role, slot, new.generation, first_server)
+                            .with_context(|| {
+                                if old.is_empty() {
+                                    format!("{slot}: resuming {}", new.name)
+                                } else {
+                                    format!(
+                                        "{slot}: the new generation was not proven; {} stays in service",
+                                        old.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+                                    )
+                                }
+                            })?;
+                        for o in old {
+                            self.retire(o)?;
+                        }
                     }
                     (
                         slot.clone(),
@@ -544,8 +628,12 @@ impl Applier<'_> {
                 }
                 Action::Destroy { vm, reason } => {
                     self.say(&format!("destroying {} ({reason})", vm.name));
-                    self.journal.record(&vm.slot, "destroy", &vm.name, reason)?;
-                    self.provider.destroy(vm)?;
+                    if k3s {
+                        self.k3s_retire(vm)?;
+                    } else {
+                        self.journal.record(&vm.slot, "destroy", &vm.name, reason)?;
+                        self.provider.destroy(vm)?;
+                    }
                     (vm.slot.clone(), None, vec![vm.name.clone()])
                 }
             };
@@ -560,9 +648,25 @@ impl Applier<'_> {
         Ok(steps)
     }
 
+    fn is_server_change(&self, a: &Action) -> bool {
+        let slot = match a {
+            Action::Replace { slot, .. } | Action::Resume { slot, .. } => slot,
+            Action::Destroy { vm, .. } => &vm.slot,
+            _ => return false,
+        };
+        self.env
+            .slots()
+            .any(|(r, s)| s.name == *slot && r.kind == RoleKind::Server)
+    }
+
+    /// Record a step in the journal before it is taken (a step boundary).
+    pub(super) fn step(&self, slot: &str, step: &str, vm: &str, detail: &str) -> Result<()> {
+        self.journal.record(slot, step, vm, detail)
+    }
+
     /// Create a slot's generation and prove it; a VM that fails its gates is
     /// destroyed and the error says why (check output and console tail).
-    fn create_and_prove(
+    pub(super) fn create_and_prove(
         &self,
         role: &str,
         slot: &str,
@@ -585,6 +689,18 @@ impl Applier<'_> {
             self.journal
                 .record(slot, "gate-failed", &vm.name, &format!("{e:#}"))?;
             let console = self.provider.console_tail(&vm);
+            // A K3s node that registered is left in place: destroying its VM
+            // would leave a Node (and an etcd member) without a VM.
+            if r.kind != RoleKind::Lb {
+                if let Some(c) = self.cluster {
+                    if c.node(&vm.name)?.is_some() {
+                        return Err(e.context(format!(
+                            "{}: failed its gates after joining the cluster; left in place for inspection (nothing else touched)",
+                            vm.name
+                        )));
+                    }
+                }
+            }
             self.provider.destroy(&vm)?;
             let mut e = e.context(format!("{}: failed its gates and was destroyed", vm.name));
             if let Some(c) = console {
@@ -622,38 +738,34 @@ fn action_name(a: &Action) -> &'static str {
     }
 }
 
-/// Replacing or removing a K3s server or agent needs the cluster-aware
-/// rollout (etcd quorum, drain, member removal), which apply does not do
-/// yet: refuse before anything is touched. Creating them (bootstrap) is fine.
-pub(crate) fn refuse_stateful_changes(env: &Environment, plan: &Plan) -> Result<()> {
-    let kind_of = |slot: &str| {
-        env.slots()
-            .find(|(_, s)| s.name == slot)
-            .map(|(r, _)| r.kind)
-    };
+/// A VM of a slot no longer in the file: its kind is unknown, so only an
+/// explicit destroy of the whole environment may remove it.
+pub(crate) fn refuse_unknown_removals(env: &Environment, plan: &Plan) -> Result<()> {
     for a in &plan.actions {
-        let (slot, what) = match a {
-            Action::Replace { slot, .. } => (slot.as_str(), "replace"),
-            Action::Resume { old, .. } if old.is_empty() => continue,
-            Action::Resume { slot, .. } => (slot.as_str(), "replace"),
-            Action::Destroy { vm, .. } => (vm.slot.as_str(), "remove"),
-            Action::Create { .. } | Action::Keep { .. } => continue,
-        };
-        match kind_of(slot) {
-            Some(RoleKind::Lb) => {}
-            Some(k) => bail!(
-                "the plan would {what} K3s {} `{slot}`; that needs the K3s-aware rollout (quorum, drain, etcd member removal), which kiln does not do yet: destroy and rebuild the environment instead (`kiln env rebuild`)",
-                k.as_str()
-            ),
-            // A slot no longer in the file: its kind is unknown, so only an
-            // explicit destroy of the whole environment may remove it.
-            None => bail!(
-                "the plan would remove `{slot}`, a slot no longer in {}; kiln does not remove cluster nodes outside `kiln env destroy` yet",
-                env.path.display()
-            ),
+        if let Action::Destroy { vm, .. } = a {
+            if !env.slots().any(|(_, s)| s.name == vm.slot) {
+                bail!(
+                    "the plan would remove `{}`, a slot no longer in {}; kiln does not remove cluster nodes outside `kiln env destroy`",
+                    vm.slot,
+                    env.path.display()
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// The VMs the plan takes away (old generations and destroyed ones).
+fn leaving(plan: &Plan) -> Vec<&str> {
+    plan.actions
+        .iter()
+        .flat_map(|a| match a {
+            Action::Replace { old, .. } => vec![old.name.as_str()],
+            Action::Resume { old, .. } => old.iter().map(|o| o.name.as_str()).collect(),
+            Action::Destroy { vm, .. } => vec![vm.name.as_str()],
+            _ => vec![],
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -758,10 +870,12 @@ pub(crate) mod tests {
         new_vm(env, role, s, generation, &images[&role.name], key, false).unwrap()
     }
 
-    /// Gates that pass except for the VM names listed.
+    /// Gates that pass except for the VM names listed; commands run on VMs
+    /// are recorded (`vm: command`) and answer `ok`.
     #[derive(Default)]
     pub(crate) struct FakeGates {
         pub fail: Vec<String>,
+        pub ran: RefCell<Vec<String>>,
     }
 
     impl Gates for FakeGates {
@@ -773,6 +887,12 @@ pub(crate) mod tests {
         }
         fn env_checks(&self) -> Result<()> {
             Ok(())
+        }
+        fn run(&self, vm: &NodeVm, command: &str) -> Result<String> {
+            self.ran
+                .borrow_mut()
+                .push(format!("{}: {command}", vm.name));
+            Ok("ok".into())
         }
     }
 
@@ -894,6 +1014,7 @@ addresses = ["10.77.0.31", "10.77.0.41"]
             let actual = provider.list()?;
             let plan = plan::plan(&env.name, &desired(&env, &ids(&images))?, &actual);
             Applier {
+                cluster: None,
                 env: &env,
                 provider,
                 images: &images,
@@ -1010,6 +1131,7 @@ addresses = ["10.77.0.31", "10.77.0.41"]
         lab.write("b", "a");
         let gates = FakeGates {
             fail: vec!["qa-lb-1-g1".into()],
+            ..Default::default()
         };
         let e = format!("{:#}", lab.apply(&p, &gates).unwrap_err());
         assert!(
@@ -1025,13 +1147,16 @@ addresses = ["10.77.0.31", "10.77.0.41"]
     }
 
     #[test]
-    fn a_changed_server_image_is_refused_before_anything_is_touched() {
+    fn a_changed_server_image_without_the_clusters_api_is_refused_before_anything_is_touched() {
         let lab = Lab::new();
         let p = FakeProvider::default();
         lab.apply(&p, &FakeGates::default()).unwrap();
         lab.write("b", "b");
         let e = format!("{:#}", lab.apply(&p, &FakeGates::default()).unwrap_err());
-        assert!(e.contains("replace K3s server `server-1`"), "{e}");
+        assert!(
+            e.contains("replacing K3s nodes needs the cluster's API"),
+            "{e}"
+        );
         assert_eq!(
             names(&p),
             vec!["qa-lb-1-g0", "qa-lb-2-g0", "qa-server-1-g0"]

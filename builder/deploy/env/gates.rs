@@ -18,6 +18,9 @@ pub(crate) trait Gates {
     fn prove(&self, vm: &NodeVm) -> Result<()>;
     /// The environment's own checks, from inside its network.
     fn env_checks(&self) -> Result<()>;
+    /// Run a command on a VM (as the access user); its output, or an error
+    /// when it fails.
+    fn run(&self, vm: &NodeVm, command: &str) -> Result<String>;
 }
 
 /// Gates over SSH through the provider's network.
@@ -112,6 +115,10 @@ impl Gates for SshGates<'_> {
         self.env_checks()
     }
 
+    fn run(&self, vm: &NodeVm, command: &str) -> Result<String> {
+        self.run_on(vm, command)
+    }
+
     fn env_checks(&self) -> Result<()> {
         for c in &self.env.checks {
             let (host, port) = c
@@ -150,6 +157,24 @@ impl Gates for SshGates<'_> {
 }
 
 impl SshGates<'_> {
+    /// Run `command` on `vm` over SSH (one session, 10 minutes at most).
+    fn run_on(&self, vm: &NodeVm, command: &str) -> Result<String> {
+        let guest = self.wait_for_ssh(vm)?;
+        let r = guest.run(command, Duration::from_secs(600), &crate::util::interrupted)?;
+        crate::util::check_interrupted()?;
+        if r.timed_out || r.exit != Some(0) {
+            bail!(
+                "{}: `{command}` failed ({}): {}",
+                vm.name,
+                r.exit
+                    .map(|c| format!("exit {c}"))
+                    .unwrap_or_else(|| "timed out".into()),
+                r.stderr.trim()
+            );
+        }
+        Ok(r.stdout)
+    }
+
     fn wait_for_ssh(&self, vm: &NodeVm) -> Result<Guest> {
         let start = Instant::now();
         let addr = SocketAddr::from((vm.address, 22));

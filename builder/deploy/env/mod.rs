@@ -11,6 +11,7 @@ pub(crate) mod gates;
 pub(crate) mod journal;
 pub mod model;
 pub(crate) mod plan;
+pub(crate) mod rollout;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -27,7 +28,9 @@ use plan::Plan;
 pub(crate) fn plan_for(env: &Environment, provider: &dyn Provider) -> Result<(Plan, Vec<NodeVm>)> {
     let desired = apply::desired(env, &apply::planned_ids(env)?)?;
     let actual = provider.list()?;
-    Ok((plan::plan(&env.name, &desired, &actual), actual))
+    let mut plan = plan::plan(&env.name, &desired, &actual);
+    plan.rollout = rollout::explain(env, &plan);
+    Ok((plan, actual))
 }
 
 /// Carry the plan out: one apply per environment at a time.
@@ -50,7 +53,8 @@ pub(crate) fn apply_env(
     }
     let desired = apply::desired(env, &apply::ids(&images))?;
     let actual = provider.list()?;
-    let plan = plan::plan(&env.name, &desired, &actual);
+    let mut plan = plan::plan(&env.name, &desired, &actual);
+    plan.rollout = rollout::explain(env, &plan);
     let gates = gates::SshGates {
         env,
         provider,
@@ -58,8 +62,14 @@ pub(crate) fn apply_env(
         key: &key,
         opts,
     };
+    let cluster = if plan.actions.iter().any(|a| rollout::touches_k3s(env, a)) {
+        Some(crate::deploy::k3s::Cluster::connect(&env.kubeconfig()?)?)
+    } else {
+        None
+    };
     let applier = Applier {
         env,
+        cluster: cluster.as_ref(),
         provider,
         images: &images,
         key: &key,

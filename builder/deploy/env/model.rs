@@ -33,16 +33,6 @@ pub(crate) enum RoleKind {
     Agent,
 }
 
-impl RoleKind {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            RoleKind::Lb => "lb",
-            RoleKind::Server => "server",
-            RoleKind::Agent => "agent",
-        }
-    }
-}
-
 /// A parsed, checked environment file.
 #[derive(Debug, Clone)]
 pub(crate) struct Environment {

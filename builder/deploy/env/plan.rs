@@ -112,6 +112,10 @@ impl Action {
 pub(crate) struct Plan {
     pub env: String,
     pub actions: Vec<Action>,
+    /// The K3s rollout's steps in order, when the plan replaces or removes
+    /// servers or agents (see `rollout::explain`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rollout: Vec<String>,
 }
 
 impl Plan {
@@ -125,6 +129,12 @@ impl Plan {
         for a in &self.actions {
             out.push_str(&a.describe());
             out.push('\n');
+        }
+        if !self.rollout.is_empty() {
+            out.push_str("K3s rollout, in order:\n");
+            for (i, step) in self.rollout.iter().enumerate() {
+                out.push_str(&format!("  {:>2}. {step}\n", i + 1));
+            }
         }
         let count = |f: fn(&Action) -> bool| self.actions.iter().filter(|a| f(a)).count();
         out.push_str(&format!(
@@ -245,6 +255,7 @@ pub(crate) fn plan(env: &str, desired: &[Desired], actual: &[NodeVm]) -> Plan {
     Plan {
         env: env.to_string(),
         actions,
+        rollout: Vec::new(),
     }
 }
 

@@ -893,6 +893,7 @@ addresses = ["10.77.0.12", "10.77.0.22"]
                 let actual = p.list()?;
                 let plan = plan::plan(&env.name, &desired(&env, &ids(&images))?, &actual);
                 Applier {
+                    cluster: None,
                     env: &env,
                     provider: &p,
                     images: &images,
@@ -1102,6 +1103,7 @@ addresses = ["10.77.0.12", "10.77.0.22"]
             let err = lab
                 .apply(&FakeGates {
                     fail: vec!["qa-lb-1-g1".into()],
+                    ..Default::default()
                 })
                 .unwrap_err();
             assert!(format!("{err:#}").contains("failed its gates"), "{err:#}");
