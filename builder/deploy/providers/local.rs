@@ -315,7 +315,7 @@ impl LocalProvider {
             accel,
             firmware,
             disk: dir.join("disk.qcow2"),
-            seed: Some(dir.join("seed.img")),
+            seed: Some(qemu::SeedDrive::Disk(dir.join("seed.img"))),
             net: Net::Tap {
                 ifname: rec.tap.clone(),
                 mac: rec.mac.clone(),
