@@ -34,6 +34,21 @@ pub struct LockArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct AffectedArgs {
+    /// A git revision range as `git diff` takes it: `BASE...HEAD` (what HEAD
+    /// changed since it left BASE, as a pull request shows), `A..B`, or one
+    /// revision (against the work tree).
+    pub range: String,
+    /// The directory whose `*.toml` recipes are considered.
+    #[arg(long, value_name = "DIR", default_value = "recipes")]
+    pub recipes: PathBuf,
+    /// Print the range, the changed files and each affected recipe (with
+    /// the changed files that touch it) as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct BuildArgs {
     pub recipe: PathBuf,
     /// Output directory.

@@ -1,11 +1,13 @@
 //! The command-line front end's verbs: each turns its arguments (`args`)
 //! into the library's options, runs it, and prints a summary or `--json` for CI.
 
+mod affected;
 pub mod args;
 mod env;
 mod publish;
 mod validate;
 
+pub use affected::affected;
 pub use args::*;
 pub use env::env;
 pub use publish::{publish, templates};
