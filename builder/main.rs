@@ -22,6 +22,8 @@ enum Command {
     Check(kiln::cli::CheckArgs),
     /// Resolve a recipe's pins (artifact digests, image digests) into RECIPE.lock.
     Lock(kiln::cli::LockArgs),
+    /// The recipes a git diff range touches (file, lock, base, role files, overlays).
+    Affected(kiln::cli::AffectedArgs),
     /// Build a recipe into images/<name>/<version>/.
     Build(kiln::cli::BuildArgs),
     /// Boot an image in QEMU and run its checks.
@@ -59,6 +61,7 @@ fn main() {
     let result = match cli.command {
         Command::Check(a) => kiln::cli::check(a),
         Command::Lock(a) => kiln::cli::lock(a),
+        Command::Affected(a) => kiln::cli::affected(a),
         Command::Build(a) => kiln::cli::build(a),
         Command::Validate(a) => kiln::cli::validate(a),
         Command::Sign(a) => kiln::cli::sign(a),

@@ -49,15 +49,33 @@ pub struct CheckArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct LockArgs {
-    pub recipe: PathBuf,
-    /// Re-resolve everything: new SOURCE_DATE_EPOCH, package pins dropped
-    /// (the next build pins them again), artifacts and images re-pinned.
-    #[arg(long)]
-    pub update: bool,
+    /// Recipe file (e.g. recipes/k3s-node.toml).
+    pub recipe: Option<PathBuf>,
+    /// Re-resolve pins that still apply. Alone: everything (new
+    /// SOURCE_DATE_EPOCH, package pins dropped so the next build pins them
+    /// again, every artifact and image re-pinned). With NAME (an artifact
+    /// name, or an image reference or repository): that pin only.
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
+    pub update: Option<String>,
     /// Registry credentials: a docker `config.json` (default
     /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json` if present).
     #[arg(long, value_name = "FILE")]
     pub docker_config: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AffectedArgs {
+    /// A git revision range as `git diff` takes it: `BASE...HEAD` (what HEAD
+    /// changed since it left BASE, as a pull request shows), `A..B`, or one
+    /// revision (against the work tree).
+    pub range: String,
+    /// The directory whose `*.toml` recipes are considered.
+    #[arg(long, value_name = "DIR", default_value = "recipes")]
+    pub recipes: PathBuf,
+    /// Print the range, the changed files and each affected recipe (with
+    /// the changed files that touch it) as JSON.
     #[arg(long)]
     pub json: bool,
 }

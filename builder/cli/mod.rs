@@ -1,6 +1,7 @@
 //! The command-line front end's verbs: each turns its arguments (`args`)
 //! into the library's options, runs it, and prints a summary or `--json` for CI.
 
+mod affected;
 pub mod args;
 mod diff;
 mod env;
@@ -9,6 +10,7 @@ mod publish;
 mod sign;
 mod validate;
 
+pub use affected::affected;
 pub use args::*;
 pub use diff::diff;
 pub use env::env;
@@ -75,7 +77,16 @@ pub fn check(a: CheckArgs) -> Result<()> {
 }
 
 pub fn lock(a: LockArgs) -> Result<()> {
-    let recipe = Recipe::load(&a.recipe)?;
+    use crate::image::lock::Update;
+    let (recipe_path, update) = match (a.recipe, a.update) {
+        (Some(r), None) => (r, Update::Nothing),
+        (Some(r), Some(n)) if n.is_empty() => (r, Update::All),
+        (Some(r), Some(n)) => (r, Update::Pin(n)),
+        // `kiln lock --update RECIPE`: clap hands the recipe to `--update`.
+        (None, Some(n)) if !n.is_empty() => (std::path::PathBuf::from(n), Update::All),
+        (None, _) => anyhow::bail!("kiln lock needs a recipe: kiln lock RECIPE [--update [NAME]]"),
+    };
+    let recipe = Recipe::load(&recipe_path)?;
     let path = recipe.lock_path();
     let old = Lockfile::load(&path)?;
     let cache = Cache::from_env()?;
@@ -88,7 +99,7 @@ pub fn lock(a: LockArgs) -> Result<()> {
         &cache,
         &resolve_image,
         &crate::image::lock::LockOptions {
-            update: a.update,
+            update,
             show_progress: show,
         },
     )?;

@@ -223,9 +223,84 @@ fn toml_key(k: &str) -> String {
 /// downloading them (recipe digests are taken as given), and drop package pins
 /// when the base changed so the next build resolves them again.
 pub(crate) struct LockOptions {
-    /// Drop package pins and take a new SOURCE_DATE_EPOCH (`kiln lock --update`).
-    pub update: bool,
+    pub update: Update,
     pub show_progress: bool,
+}
+
+/// Which pins `kiln lock` re-resolves although they still apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Update {
+    /// None (plain `kiln lock`): only new or changed entries are pinned.
+    Nothing,
+    /// Everything (`kiln lock --update`): package pins dropped, a new
+    /// SOURCE_DATE_EPOCH, every artifact and image re-pinned.
+    All,
+    /// One artifact or image (`kiln lock --update NAME`): every other pin,
+    /// the package pins and SOURCE_DATE_EPOCH stay as they are.
+    Pin(String),
+}
+
+impl Update {
+    fn renews_artifact(&self, name: &str) -> bool {
+        match self {
+            Update::Nothing => false,
+            Update::All => true,
+            Update::Pin(n) => n == name,
+        }
+    }
+
+    fn renews_image(&self, reference: &str) -> bool {
+        match self {
+            Update::Nothing => false,
+            Update::All => true,
+            Update::Pin(n) => image_named(reference, n),
+        }
+    }
+}
+
+/// Whether `name` names the image `reference`: the reference as written, or
+/// its repository without tag or digest (`quay.io/cilium/cilium`, or `alpine`
+/// for `docker.io/library/alpine:3`).
+fn image_named(reference: &str, name: &str) -> bool {
+    use crate::image::oci::ImageRef;
+    reference == name
+        || matches!(
+            (ImageRef::parse(reference), ImageRef::parse(name)),
+            (Ok(r), Ok(n)) if n.tag().is_none() && n.digest().is_none() && r.name() == n.name()
+        )
+}
+
+/// Refuse `--update NAME` when NAME is no artifact or image of the recipe,
+/// listing the names it knows.
+fn check_update_name(r: &Recipe, update: &Update) -> Result<()> {
+    let Update::Pin(name) = update else {
+        return Ok(());
+    };
+    if r.artifacts.iter().any(|a| &a.name == name)
+        || r.images.iter().any(|i| image_named(&i.reference, name))
+    {
+        return Ok(());
+    }
+    let known: Vec<&str> = r
+        .artifacts
+        .iter()
+        .map(|a| a.name.as_str())
+        .chain(r.images.iter().map(|i| i.reference.as_str()))
+        .collect();
+    if known.is_empty() {
+        bail!(
+            "--update {name}: {} has no artifacts or images to re-pin",
+            r.path.display()
+        );
+    }
+    let hint = crate::util::diagnostics::did_you_mean(name, &known)
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default();
+    bail!(
+        "--update {name}: no artifact or image of {} is named `{name}`{hint}; known: {}",
+        r.path.display(),
+        known.join(", ")
+    )
 }
 
 pub(crate) fn relock(
@@ -235,9 +310,11 @@ pub(crate) fn relock(
     resolve_image: &dyn Fn(&str) -> Result<String>,
     opts: &LockOptions,
 ) -> Result<Lockfile> {
+    check_update_name(r, &opts.update)?;
     let fp = fingerprint(r);
-    let keep_packages = !opts.update && old.is_some_and(|o| o.recipe == fp || same_base(o, r));
-    let sde = match (old, opts.update) {
+    let everything = opts.update == Update::All;
+    let keep_packages = !everything && old.is_some_and(|o| o.recipe == fp || same_base(o, r));
+    let sde = match (old, everything) {
         (Some(o), false) => o.source_date_epoch,
         _ => now_epoch(),
     };
@@ -260,7 +337,7 @@ pub(crate) fn relock(
             .filter(|p| p.url == a.url && a.sha256.as_ref().is_none_or(|s| s == &p.sha256));
         let sha = match (&a.sha256, kept) {
             (Some(s), _) => s.clone(),
-            (None, Some(p)) if !opts.update => p.sha256.clone(),
+            (None, Some(p)) if !opts.update.renews_artifact(&a.name) => p.sha256.clone(),
             (None, _) => {
                 cache
                     .fetch(
@@ -283,7 +360,7 @@ pub(crate) fn relock(
     for i in &r.images {
         let kept = old
             .and_then(|o| o.images.get(&i.reference))
-            .filter(|_| !opts.update);
+            .filter(|_| !opts.update.renews_image(&i.reference));
         let digest = match (embedded_digest(&i.reference), kept) {
             (Some(d), _) => d.to_string(),
             (None, Some(d)) => d.clone(),
@@ -343,17 +420,136 @@ mod tests {
         cache: &crate::image::fetch::Cache,
         update: bool,
     ) -> Lockfile {
+        let update = if update { Update::All } else { Update::Nothing };
+        relock_with(r, old, cache, &no_images, update).unwrap()
+    }
+
+    fn relock_with(
+        r: &Recipe,
+        old: Option<&Lockfile>,
+        cache: &crate::image::fetch::Cache,
+        resolve_image: &dyn Fn(&str) -> Result<String>,
+        update: Update,
+    ) -> Result<Lockfile> {
         relock(
             r,
             old,
             cache,
-            &no_images,
+            resolve_image,
             &LockOptions {
                 update,
                 show_progress: false,
             },
         )
-        .unwrap()
+    }
+
+    /// What the registry stand-in answers for each image reference.
+    type Answers = std::rc::Rc<std::cell::RefCell<BTreeMap<String, String>>>;
+
+    /// A recipe with two file:// artifacts and two images, and a registry
+    /// stand-in whose answer for each image is read from `answers` at call time.
+    fn two_of_each(dir: &Path) -> (Recipe, impl Fn(&str) -> Result<String>, Answers) {
+        for f in ["a.bin", "b.bin"] {
+            std::fs::write(dir.join(f), format!("{f} v1")).unwrap();
+        }
+        let extra = format!(
+            "[[artifacts]]\nname = \"tool-a\"\nurl = \"file://{d}/a.bin\"\ndest = \"/a\"\n\
+             [[artifacts]]\nname = \"tool-b\"\nurl = \"file://{d}/b.bin\"\ndest = \"/b\"\n",
+            d = dir.display()
+        );
+        let p = dir.join("r.toml");
+        std::fs::create_dir_all(dir.join("overlays")).unwrap();
+        std::fs::write(
+            &p,
+            format!("name = \"r\"\nversion = \"1\"\nimages = [\"quay.io/x/one:v1\", \"quay.io/x/two:v1\"]\n[base]\nsuite = \"bookworm\"\n{extra}"),
+        )
+        .unwrap();
+        let answers = std::rc::Rc::new(std::cell::RefCell::new(BTreeMap::new()));
+        for (r, c) in [("quay.io/x/one:v1", "11"), ("quay.io/x/two:v1", "22")] {
+            answers
+                .borrow_mut()
+                .insert(r.to_string(), format!("sha256:{}", c.repeat(32)));
+        }
+        let a = answers.clone();
+        let resolve = move |r: &str| {
+            a.borrow()
+                .get(r)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("unknown image {r}"))
+        };
+        (Recipe::load(&p).unwrap(), resolve, answers)
+    }
+
+    #[test]
+    fn update_one_artifact_repins_it_and_leaves_every_other_pin_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = crate::image::fetch::Cache::at(d.path().join("c")).unwrap();
+        let (r, resolve, answers) = two_of_each(d.path());
+        let mut first = relock_with(&r, None, &cache, &resolve, Update::Nothing).unwrap();
+        first.packages.insert("libc6".into(), "2.36".into());
+        first.source_date_epoch = 1234;
+        // Upstream moved on: both files and both tags now hold other bytes.
+        std::fs::write(d.path().join("a.bin"), "a.bin v2").unwrap();
+        std::fs::write(d.path().join("b.bin"), "b.bin v2").unwrap();
+        for v in answers.borrow_mut().values_mut() {
+            *v = format!("sha256:{}", "99".repeat(32));
+        }
+        let after = relock_with(
+            &r,
+            Some(&first),
+            &cache,
+            &resolve,
+            Update::Pin("tool-a".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            after.artifact_sha("tool-a"),
+            Some(crate::util::sha256_hex(b"a.bin v2").as_str())
+        );
+        let mut expected = first.clone();
+        expected.artifacts.get_mut("tool-a").unwrap().sha256 = crate::util::sha256_hex(b"a.bin v2");
+        assert_eq!(after, expected, "only tool-a's pin may change");
+    }
+
+    #[test]
+    fn update_one_image_by_repository_repins_it_and_leaves_every_other_pin_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = crate::image::fetch::Cache::at(d.path().join("c")).unwrap();
+        let (r, resolve, answers) = two_of_each(d.path());
+        let first = relock_with(&r, None, &cache, &resolve, Update::Nothing).unwrap();
+        std::fs::write(d.path().join("a.bin"), "a.bin v2").unwrap();
+        let moved = format!("sha256:{}", "99".repeat(32));
+        for v in answers.borrow_mut().values_mut() {
+            *v = moved.clone();
+        }
+        for name in ["quay.io/x/two", "quay.io/x/two:v1"] {
+            let after =
+                relock_with(&r, Some(&first), &cache, &resolve, Update::Pin(name.into())).unwrap();
+            let mut expected = first.clone();
+            expected
+                .images
+                .insert("quay.io/x/two:v1".into(), moved.clone());
+            assert_eq!(after, expected, "--update {name}");
+        }
+    }
+
+    #[test]
+    fn update_of_a_name_the_recipe_lacks_lists_the_known_ones_in_one_line() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = crate::image::fetch::Cache::at(d.path().join("c")).unwrap();
+        let (r, resolve, _) = two_of_each(d.path());
+        let first = relock_with(&r, None, &cache, &resolve, Update::Nothing).unwrap();
+        for bad in ["tool-c", "quay.io/x", "quay.io/x/one:v2"] {
+            let err = relock_with(&r, Some(&first), &cache, &resolve, Update::Pin(bad.into()))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                !err.contains('\n')
+                    && err.contains(&format!("`{bad}`"))
+                    && err.ends_with("known: tool-a, tool-b, quay.io/x/one:v1, quay.io/x/two:v1"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

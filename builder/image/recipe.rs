@@ -36,6 +36,11 @@ pub struct Recipe {
     pub lxc: bool,
     /// The role `kiln validate` boots the image as.
     pub validate_role: Option<String>,
+    /// Every file this recipe was read from besides overlays: the `extends`
+    /// chain (this file first), role templates and value types. Not in the
+    /// digest (their contents are, through the settings they give).
+    #[serde(skip)]
+    pub sources: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -482,6 +487,7 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
     // Where each role's user_data and value_types were set (chain index, span).
     let mut user_data_at = BTreeMap::new();
     let mut value_types_at = BTreeMap::new();
+    let mut value_types_files: BTreeMap<String, PathBuf> = BTreeMap::new();
 
     let root = find_root(&leaf);
     for (idx, (src, file)) in chain.iter().enumerate() {
@@ -651,6 +657,7 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
                     ));
                 }
                 role.value_types = Some(ValueTypes::load(&p).map_err(value_error)?);
+                value_types_files.insert(role_name.clone(), p);
                 value_types_at.insert(role_name.clone(), (idx, t.span()));
             }
             if let Some(t) = &r.test_values {
@@ -843,8 +850,18 @@ fn resolve(leaf: PathBuf, chain: Vec<(Source, RecipeFile)>) -> Result<Recipe, Re
         hygiene,
         checks,
         lxc: lxc.unwrap_or(false),
+        sources: Vec::new(),
     };
-    Ok(recipe)
+    // The leaf first, its ancestors, then the files of the roles as merged.
+    let mut sources: Vec<PathBuf> = chain.iter().rev().map(|(s, _)| s.path.clone()).collect();
+    for (name, role) in &recipe.roles {
+        for p in role.user_data.iter().chain(value_types_files.get(name)) {
+            if !sources.contains(p) {
+                sources.push(p.clone());
+            }
+        }
+    }
+    Ok(Recipe { sources, ..recipe })
 }
 
 /// A value or value-types problem as a recipe error (same file:line:col form).
