@@ -897,7 +897,7 @@ pub(crate) mod tests {
     }
 
     /// A fake image directory whose manifest has `id`.
-    fn image(dir: &Path, id: &str) -> PathBuf {
+    pub(crate) fn image_at(dir: &Path, id: &str) -> PathBuf {
         use crate::image::manifest::*;
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("disk.qcow2"), b"not a disk").unwrap();
@@ -949,8 +949,8 @@ pub(crate) mod tests {
         /// tiny recipe, its images with ids `a…` (and `b…` ready).
         pub(crate) fn new() -> Lab {
             let dir = tempfile::tempdir().unwrap();
-            image(&dir.path().join("images/a"), &"a".repeat(64));
-            image(&dir.path().join("images/b"), &"b".repeat(64));
+            image_at(&dir.path().join("images/a"), &"a".repeat(64));
+            image_at(&dir.path().join("images/b"), &"b".repeat(64));
             let lab = Lab { dir };
             lab.write("a", "a");
             lab
@@ -1033,7 +1033,7 @@ addresses = ["10.77.0.31", "10.77.0.41"]
         use crate::image::signature::tests::keypair;
         let lab = Lab::new();
         let dir = lab.dir.path().join("images/a");
-        image(&dir, &crate::util::sha256_hex(b"not a disk"));
+        image_at(&dir, &crate::util::sha256_hex(b"not a disk"));
         ImageManifest::load(&dir).unwrap().write_sums(&dir).unwrap();
         let (key, line) = keypair(lab.dir.path(), "ci", "ci@example.org");
         std::fs::write(lab.dir.path().join("allowed_signers"), line).unwrap();

@@ -435,14 +435,7 @@ impl Provider for LocalProvider {
     }
 
     fn create(&self, vm: &NewVm) -> Result<NodeVm> {
-        if vm.env != self.env {
-            bail!(
-                "VM {} is for environment `{}`, this provider serves `{}`",
-                vm.name,
-                vm.env,
-                self.env
-            );
-        }
+        vm.check_env(&self.env)?;
         if !self.network.contains(vm.address) {
             bail!(
                 "VM {}: address {} is outside {}/{}",

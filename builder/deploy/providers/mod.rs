@@ -68,6 +68,18 @@ pub struct NewVm {
 }
 
 impl NewVm {
+    /// Refuse a VM meant for another environment than the provider serves.
+    pub fn check_env(&self, serves: &str) -> Result<()> {
+        if self.env != serves {
+            anyhow::bail!(
+                "VM {} is for environment `{}`, this provider serves `{serves}`",
+                self.name,
+                self.env
+            );
+        }
+        Ok(())
+    }
+
     /// What the provider will show for this VM once it exists.
     pub fn shown(&self, handle: String, running: bool) -> NodeVm {
         NodeVm {

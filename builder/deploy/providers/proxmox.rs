@@ -516,14 +516,7 @@ impl Provider for ProxmoxProvider {
     }
 
     fn create(&self, vm: &NewVm) -> Result<NodeVm> {
-        if vm.env != self.env {
-            bail!(
-                "VM {} is for environment `{}`, this provider serves `{}`",
-                vm.name,
-                vm.env,
-                self.env
-            );
-        }
+        vm.check_env(&self.env)?;
         let Some(node) = vm.node.clone() else {
             bail!("VM {}: its slot names no Proxmox node", vm.name);
         };
@@ -739,11 +732,13 @@ mod tests {
         }
 
         /// A small validated image whose disk is a real (empty) qcow2 of
-        /// `mb` MiB, so `kiln publish` takes it.
+        /// `mb` MiB, so `kiln publish` takes it: the engine's fixture with a
+        /// real disk, its id, a validation record and SHA256SUMS.
         fn image(dir: &Path, mb: u64) {
             use crate::image::manifest::*;
-            std::fs::create_dir_all(dir).unwrap();
+            crate::deploy::env::apply::tests::image_at(dir, "0");
             let disk = dir.join("disk.qcow2");
+            std::fs::remove_file(&disk).unwrap();
             let st = std::process::Command::new("qemu-img")
                 .args(["create", "-q", "-f", "qcow2"])
                 .arg(&disk)
@@ -752,48 +747,22 @@ mod tests {
                 .unwrap();
             assert!(st.success());
             let id = crate::util::sha256_file(&disk).unwrap();
-            let m = ImageManifest {
-                name: "tiny".into(),
-                version: format!("0.{mb}.0"),
-                id: id.clone(),
+            let mut m = ImageManifest::load(dir).unwrap();
+            m.version = format!("0.{mb}.0");
+            m.id = id.clone();
+            m.disk.sha256 = id;
+            m.disk.size = std::fs::metadata(&disk).unwrap().len();
+            m.disk.virtual_size = mb << 20;
+            m.validation = Some(ValidationRecord {
+                validated: true,
+                when: "2026-11-29T12:00:00Z".into(),
                 kiln_version: "0.1.0".into(),
-                disk: DiskInfo {
-                    file: "disk.qcow2".into(),
-                    format: "qcow2".into(),
-                    sha256: id,
-                    size: std::fs::metadata(&disk).unwrap().len(),
-                    virtual_size: mb << 20,
-                    root_fs_uuid: "x".into(),
-                },
-                inputs: InputDigests::default(),
-                source_date_epoch: 1,
-                boot: BootInfo {
-                    uefi: true,
-                    secure_boot: true,
-                    bios: false,
-                    kernel: "k".into(),
-                    cmdline: String::new(),
-                    chain: vec![],
-                },
-                packages: Default::default(),
-                hygiene: Default::default(),
-                stages: vec![],
-                roles: vec!["node".into()],
-                validate: ValidateSpec::default(),
-                lxc: None,
-                sbom: None,
-                added_files: vec![],
-                validation: Some(ValidationRecord {
-                    validated: true,
-                    when: "2026-11-29T12:00:00Z".into(),
-                    kiln_version: "0.1.0".into(),
-                    accel: "tcg".into(),
-                    boot_to_ssh_seconds: None,
-                    boot_to_cloud_init_seconds: None,
-                    checks: vec![],
-                    secure_boot_keys: vec![],
-                }),
-            };
+                accel: "tcg".into(),
+                boot_to_ssh_seconds: None,
+                boot_to_cloud_init_seconds: None,
+                checks: vec![],
+                secure_boot_keys: vec![],
+            });
             m.save(dir).unwrap();
             m.write_sums(dir).unwrap();
         }
