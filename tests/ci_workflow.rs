@@ -447,6 +447,18 @@ fn the_images_workflow_runs_here_for_a_pull_request_and_for_a_tag() {
     for k in ["KILN_PVE_FINGERPRINT", "KILN_PVE_POOL", "KILN_PVE_CA_PEM"] {
         exprs.insert(format!("secrets.{k}"), String::new());
     }
+    // The signing key secret: an OpenSSH key made for this run.
+    let key = dir.join("signing-key");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "ci@kiln.test", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen runs (apt install openssh-client)");
+    assert!(st.success());
+    exprs.insert(
+        "secrets.KILN_SIGNING_KEY".into(),
+        std::fs::read_to_string(&key).unwrap(),
+    );
     let mut tag = run_for(&dir, true, exprs);
     tag.exprs
         .insert("env.KILN_CACHE".into(), tag.env["KILN_CACHE"].clone());
@@ -463,9 +475,29 @@ fn the_images_workflow_runs_here_for_a_pull_request_and_for_a_tag() {
         files,
         [
             "tiny-0.1.0.SHA256SUMS",
+            "tiny-0.1.0.SHA256SUMS.sig",
             "tiny-0.1.0.manifest.json",
-            "tiny-0.1.0.publish.json"
+            "tiny-0.1.0.publish.json",
+            "tiny-0.1.0.spdx.json"
         ]
+    );
+    // The attached signature verifies with plain OpenSSH against the key.
+    let public = std::fs::read_to_string(dir.join("signing-key.pub")).unwrap();
+    let allowed = dir.join("allowed_signers");
+    std::fs::write(&allowed, format!("ci@kiln.test {}", public.trim())).unwrap();
+    let sums = std::fs::File::open(release.join("tiny-0.1.0.SHA256SUMS")).unwrap();
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-Y", "verify", "-f"])
+        .arg(&allowed)
+        .args(["-I", "ci@kiln.test", "-n", "kiln-image", "-s"])
+        .arg(release.join("tiny-0.1.0.SHA256SUMS.sig"))
+        .stdin(sums)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let report: kiln::deploy::publish::PublishReport = serde_json::from_str(
         &std::fs::read_to_string(release.join("tiny-0.1.0.publish.json")).unwrap(),
