@@ -433,3 +433,74 @@ fn the_request_log_keeps_method_path_and_order() {
         ]
     );
 }
+
+#[test]
+fn deleting_a_pod_answers_the_object_and_removes_it() {
+    let sim = one_server();
+    sim.add_pod(
+        "default",
+        "web-1",
+        "server-1",
+        Owner::ReplicaSet("web-5d8f".into()),
+        Evict::Allow,
+    )
+    .unwrap();
+    let http = Http::new(&sim);
+    let a = http.send(
+        "DELETE",
+        "/api/v1/namespaces/default/pods/web-1",
+        None,
+        None,
+        true,
+    );
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json()["metadata"]["name"], "web-1");
+    assert_eq!(
+        http.get("/api/v1/namespaces/default/pods/web-1").status,
+        404
+    );
+    assert!(sim.pods().is_empty());
+}
+
+#[test]
+fn a_joined_node_turns_ready_after_its_scripted_delay() {
+    let sim = one_server();
+    sim.join_agent(
+        "agent-1",
+        "10.0.0.21",
+        AgentScript {
+            ready_after: Duration::from_millis(1500),
+            ready: true,
+        },
+    )
+    .unwrap();
+    let http = Http::new(&sim);
+    let ready = || condition(&http.get("/api/v1/nodes/agent-1").json(), "Ready").unwrap();
+    let c = ready();
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("False"), Some("KubeletNotReady"))
+    );
+    assert!(kube_sim::wait_until(Duration::from_secs(10), || ready()
+        ["status"]
+        == "True"));
+    assert_eq!(ready()["reason"], "KubeletReady");
+}
+
+#[test]
+fn a_node_scripted_never_ready_stays_not_ready() {
+    let sim = one_server();
+    sim.join_agent(
+        "agent-1",
+        "10.0.0.21",
+        AgentScript {
+            ready_after: Duration::ZERO,
+            ready: false,
+        },
+    )
+    .unwrap();
+    let http = Http::new(&sim);
+    std::thread::sleep(Duration::from_millis(500));
+    let c = condition(&http.get("/api/v1/nodes/agent-1").json(), "Ready").unwrap();
+    assert_eq!(c["status"], "False");
+}

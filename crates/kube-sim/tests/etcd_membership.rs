@@ -204,3 +204,62 @@ fn a_killed_member_shows_etcd_is_voter_unhealthy() {
     // Two of three still form a quorum.
     assert_eq!(http.get("/readyz/etcd").status, 200);
 }
+
+#[test]
+fn deleting_a_server_node_lingers_while_etcd_refuses_to_lose_quorum() {
+    let sim = KubeSim::start(SERVERS).unwrap();
+    let http = Http::new(&sim);
+    sim.kill_member("server-2").unwrap();
+    let a = http.send("DELETE", "/api/v1/nodes/server-3", None, None, true);
+    assert_eq!(a.status, 200, "{}", a.text);
+    // Past etcd's 5s health interval: removing a live member while another
+    // is down would leave no quorum, and etcd's strict reconfig check says no.
+    std::thread::sleep(Duration::from_secs(7));
+    let v = http.get("/api/v1/nodes/server-3");
+    assert_eq!(v.status, 200, "the Node waits for its finalizer");
+    assert!(v.json()["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(sim.members().unwrap().len(), 3);
+    assert!(
+        sim.log()
+            .iter()
+            .any(|l| l.contains("etcdserver: unhealthy cluster")),
+        "{:?}",
+        sim.log()
+    );
+}
+
+#[test]
+fn the_k3s_remove_annotation_removes_the_member_and_keeps_the_node() {
+    let sim = KubeSim::start(SERVERS).unwrap();
+    let http = Http::new(&sim);
+    let member = sim.member_of("server-3").unwrap();
+    let a = http.send(
+        "PATCH",
+        "/api/v1/nodes/server-3",
+        Some("application/merge-patch+json"),
+        Some(r#"{"metadata":{"annotations":{"etcd.k3s.cattle.io/remove":"true"}}}"#),
+        true,
+    );
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert!(
+        wait_until(Duration::from_secs(30), || sim
+            .members()
+            .unwrap()
+            .iter()
+            .all(|m| m.name != member)),
+        "log: {:?}",
+        sim.log()
+    );
+    // k3s member_controller.go sync: removed-node-name recorded, the
+    // node-name and node-address annotations dropped, the Node kept.
+    assert!(wait_until(Duration::from_secs(5), || {
+        let v = http.get("/api/v1/nodes/server-3").json();
+        v["metadata"]["annotations"]["etcd.k3s.cattle.io/removed-node-name"] == member.as_str()
+    }));
+    let v = http.get("/api/v1/nodes/server-3").json();
+    assert!(v["metadata"]["annotations"]
+        .get("etcd.k3s.cattle.io/node-name")
+        .is_none());
+    let c = condition(&v, "EtcdIsVoter").unwrap();
+    assert_eq!(c["reason"], "NotAMember");
+}
