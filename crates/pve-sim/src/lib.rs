@@ -38,7 +38,9 @@ mod vms;
 
 pub use access::{parse_acl, Acl};
 pub use faults::{parse_faults, Fault, FaultKind, FaultOp};
-pub use state::{Recorded, SimConfig, State, StorageDef, Task, Vm, Volume, NODE, STORAGES};
+pub use state::{
+    new_uuid, Recorded, SimConfig, State, StorageDef, Task, Vm, Volume, NODE, STORAGES,
+};
 
 use anyhow::{bail, Context, Result};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -56,7 +58,8 @@ pub struct Sim {
     https: bool,
 }
 
-fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
+/// A rustls server configuration from PEM files (also used by kube-sim).
+pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)

@@ -347,7 +347,7 @@ pub(crate) fn now() -> u64 {
 
 /// A fresh random-looking UUID, as PVE generates for `smbios1` on create and
 /// clone (`PVE::QemuServer::generate_uuid`).
-pub(crate) fn new_uuid() -> String {
+pub fn new_uuid() -> String {
     use sha2::{Digest, Sha256};
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
