@@ -80,9 +80,13 @@ impl Cluster {
         let kc = kube::config::Kubeconfig::read_from(kubeconfig)
             .with_context(|| format!("cannot read kubeconfig {}", kubeconfig.display()))?;
         let client = rt.block_on(async {
-            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
                 .with_context(|| format!("kubeconfig {}", kubeconfig.display()))?;
+            // kube retries 429 by itself for minutes (client/retry.rs); the
+            // drain must see a PodDisruptionBudget's 429 to keep its own
+            // timeout and report it.
+            cfg.default_retry = false;
             kube::Client::try_from(cfg).context("cannot build the Kubernetes client")
         })?;
         Ok(Cluster { rt, client })

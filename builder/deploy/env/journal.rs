@@ -27,9 +27,14 @@ struct Entry<'a> {
     detail: &'a str,
 }
 
-/// Append-only: each line is written whole and synced.
+/// Append-only: each line is written whole and synced. Apply records each
+/// step before it takes it, so the records are the step boundaries.
 pub(crate) struct Journal {
     path: PathBuf,
+    /// Tests: fail the n-th record (from 0), as `kill -9` would stop kiln
+    /// at that step boundary.
+    crash_at: Option<usize>,
+    records: std::sync::atomic::AtomicUsize,
 }
 
 impl Journal {
@@ -37,10 +42,27 @@ impl Journal {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Journal {
             path: dir.join("journal.jsonl"),
+            crash_at: None,
+            records: Default::default(),
+        })
+    }
+
+    /// A journal whose `n`-th record stops the run (tests of `kill -9`).
+    #[cfg(test)]
+    pub(crate) fn crashing_at(dir: &Path, n: usize) -> Result<Journal> {
+        Ok(Journal {
+            crash_at: Some(n),
+            ..Journal::open(dir)?
         })
     }
 
     pub(crate) fn record(&self, slot: &str, step: &str, vm: &str, detail: &str) -> Result<()> {
+        let n = self
+            .records
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.crash_at == Some(n) {
+            anyhow::bail!("killed before step {n} ({step} {vm})");
+        }
         let mut line = serde_json::to_string(&Entry {
             time: crate::util::now_rfc3339(),
             pid: std::process::id(),

@@ -17,6 +17,7 @@
 //! 6. stop the old VM (never when fewer than ⌊N/2⌋+1 healthy voters would
 //!    remain), delete its Node, wait for the voters to be back to N and etcd
 //!    healthy, destroy the VM.
+//!
 //! Agents: up to `max_surge` new agents first, then each old one drained,
 //! stopped, its Node deleted, destroyed. Every step is idempotent, so a
 //! second apply after `kill -9` anywhere finishes the job.
@@ -358,21 +359,30 @@ impl Applier<'_> {
         Ok(())
     }
 
-    /// Steps 5 and 6 for an old K3s node.
+    /// Steps 5 and 6 for an old K3s node. Each part is skipped when a run
+    /// killed after it did it already (the Node gone: drained and removed).
     pub(super) fn k3s_retire(&self, vm: &NodeVm) -> Result<()> {
         let cluster = self.cluster()?;
         let server = kind_of(self.env, &vm.slot) != Some(RoleKind::Agent);
+        let registered = cluster.node(&vm.name)?.is_some();
         let volumes = cluster.local_volumes_on(&vm.name)?;
-        self.run_volume_hooks(&volumes, vm, Hook::Before)?;
-        self.step(&vm.slot, "drain", &vm.name, "")?;
-        self.drain(cluster, &vm.name)?;
-        if server {
-            self.check_quorum_without(cluster, &vm.name)?;
+        if registered {
+            self.run_volume_hooks(&volumes, vm, Hook::Before)?;
+            self.step(&vm.slot, "drain", &vm.name, "")?;
+            self.drain(cluster, &vm.name)?;
+            if server {
+                self.check_quorum_without(cluster, &vm.name)?;
+            }
         }
         self.step(&vm.slot, "stop", &vm.name, "")?;
         self.provider.stop(vm, self.opts.stop_grace)?;
-        self.step(&vm.slot, "delete-node", &vm.name, "")?;
-        cluster.delete_node(&vm.name)?;
+        if registered {
+            self.step(&vm.slot, "delete-node", &vm.name, "")?;
+            cluster.delete_node(&vm.name)?;
+        }
+        // The Node goes once K3s's controllers let it (its finalizer: for a
+        // server, after the etcd member is removed); its VM stays until then.
+        self.wait_node_gone(cluster, &vm.name)?;
         if server {
             self.wait_voters_back(cluster)?;
         }
@@ -419,6 +429,18 @@ impl Applier<'_> {
             }
             std::thread::sleep(self.opts.poll);
         }
+    }
+
+    fn wait_node_gone(&self, cluster: &Cluster, name: &str) -> Result<()> {
+        let start = Instant::now();
+        while cluster.node(name)?.is_some() {
+            crate::util::check_interrupted()?;
+            if start.elapsed().as_secs() > self.env.rollout.join_timeout {
+                bail!("Node {name} is still there {} s after its deletion; its VM stays until it goes", self.env.rollout.join_timeout);
+            }
+            std::thread::sleep(self.opts.poll);
+        }
+        Ok(())
     }
 
     /// Never stop a server when fewer than ⌊N/2⌋+1 healthy voters would remain.
@@ -533,3 +555,7 @@ mod tests {
         assert_eq!(quorum(5), 3);
     }
 }
+
+#[cfg(test)]
+#[path = "rollout_stand_in.rs"]
+mod on_the_stand_in;

@@ -9,7 +9,8 @@
 //!   `GET|DELETE /api/v1/namespaces/{ns}/pods/{name}`,
 //!   `POST /api/v1/namespaces/{ns}/pods/{name}/eviction`
 //! - `GET /api/v1/persistentvolumes[/{name}]`,
-//!   `GET /api/v1[/namespaces/{ns}]/persistentvolumeclaims[/{name}]`
+//!   `GET /api/v1[/namespaces/{ns}]/persistentvolumeclaims[/{name}]`,
+//!   `DELETE` of either (a claim takes its local-path volume with it)
 //! - `GET /apis/apps/v1/namespaces/{ns}/daemonsets/{name}` (kubectl drain
 //!   checks a DaemonSet-owned pod's owner exists)
 //! - `GET /readyz`, `GET /readyz/etcd`, `GET /version`
@@ -285,6 +286,10 @@ fn handle(inner: &Inner, head: &Head, body: &[u8]) -> Reply {
         ("GET", ["api", "v1", "namespaces", ns, "persistentvolumeclaims", name]) => {
             get_pvc(inner, ns, name)
         }
+        ("DELETE", ["api", "v1", "namespaces", ns, "persistentvolumeclaims", name]) => {
+            delete_pvc(inner, ns, name)
+        }
+        ("DELETE", ["api", "v1", "persistentvolumes", name]) => delete_pv(inner, name),
         ("GET", ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name]) => {
             get_daemonset(inner, ns, name)
         }
@@ -786,6 +791,37 @@ fn get_pvc(inner: &Inner, ns: &str, name: &str) -> Reply {
     {
         Some(p) => json_reply(200, &p.claim_json()),
         None => not_found("persistentvolumeclaims", name, None),
+    }
+}
+
+/// Deleting a claim of a local-path volume: the StorageClass's reclaim
+/// policy is `Delete` (rancher/local-path-provisioner deploy/
+/// local-path-storage.yaml), so its PersistentVolume goes with it (the
+/// stand-in has no provisioner to clean the node's directory). Answers the
+/// claim as it was, as the apiserver answers a delete.
+fn delete_pvc(inner: &Inner, ns: &str, name: &str) -> Reply {
+    let mut st = inner.lock();
+    let Some(pv) = st
+        .pvs
+        .values()
+        .find(|p| p.claim.0 == ns && p.claim.1 == name)
+        .map(|p| p.name.clone())
+    else {
+        return not_found("persistentvolumeclaims", name, None);
+    };
+    let p = st.pvs.remove(&pv).expect("present");
+    st.next_rv();
+    json_reply(200, &p.claim_json())
+}
+
+fn delete_pv(inner: &Inner, name: &str) -> Reply {
+    let mut st = inner.lock();
+    match st.pvs.remove(name) {
+        Some(p) => {
+            st.next_rv();
+            json_reply(200, &p.to_json())
+        }
+        None => not_found("persistentvolumes", name, None),
     }
 }
 
