@@ -325,6 +325,10 @@ pub struct EnvChangeArgs {
     /// Seconds a new VM may take until SSH answers.
     #[arg(long, default_value_t = 600)]
     pub boot_timeout: u64,
+    /// New K3s agents made at a time before old ones go (overrides the
+    /// environment file's `[rollout] max_surge`, default 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_surge: Option<u32>,
 }
 
 #[derive(clap::Subcommand, Debug)]

@@ -25,6 +25,15 @@ fn open(a: &EnvArgs) -> Result<(Environment, Box<dyn Provider>)> {
     Ok((e, p))
 }
 
+/// [`open`] for the verbs that change VMs, with their command-line overrides.
+fn open_change(a: &EnvChangeArgs) -> Result<(Environment, Box<dyn Provider>)> {
+    let (mut e, p) = open(&a.env)?;
+    if let Some(n) = a.max_surge {
+        e.rollout.max_surge = n;
+    }
+    Ok((e, p))
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -67,7 +76,7 @@ fn options(a: &EnvChangeArgs) -> ApplyOptions {
 }
 
 fn apply(a: &EnvChangeArgs) -> Result<()> {
-    let (e, p) = open(&a.env)?;
+    let (e, p) = open_change(a)?;
     let (plan, _) = env::plan_for(&e, p.as_ref())?;
     if !a.env.json && !crate::util::term::quiet() {
         eprint!("{}", plan.text());
@@ -124,7 +133,7 @@ fn status(a: &EnvArgs) -> Result<()> {
 }
 
 fn destroy(a: &EnvChangeArgs) -> Result<()> {
-    let (e, p) = open(&a.env)?;
+    let (e, p) = open_change(a)?;
     confirm(&format!("destroy every VM of `{}`", e.name), a.yes)?;
     let gone = env::destroy_env(&e, p.as_ref())?;
     if a.env.json {
@@ -135,7 +144,7 @@ fn destroy(a: &EnvChangeArgs) -> Result<()> {
 }
 
 fn rebuild(a: &EnvChangeArgs) -> Result<()> {
-    let (e, p) = open(&a.env)?;
+    let (e, p) = open_change(a)?;
     let show = crate::util::progress::enabled(a.env.json);
     let images = env::rebuild_images(&e, crate::image::fetch::Cache::from_env()?, show)?;
     for i in &images {

@@ -70,31 +70,47 @@ pub(crate) fn explain(env: &Environment, plan: &Plan) -> Vec<String> {
     if first_server && env.rollout.snapshot {
         out.push("etcd snapshot on a healthy server (k3s etcd-snapshot save)".into());
     }
-    for a in k3s {
-        match a {
-            Action::Replace {
-                slot,
-                old,
-                generation,
-                ..
-            } => {
-                let name = super::apply::vm_name_of(env, slot, *generation);
+    let surge = env.rollout.max_surge as usize;
+    let is_agent_replace = |a: &Action| matches!(a, Action::Replace { slot, .. } if kind_of(env, slot) == Some(RoleKind::Agent));
+    let mut i = 0;
+    while i < k3s.len() {
+        match k3s[i] {
+            Action::Replace { slot, .. } => {
                 let server = kind_of(env, slot) == Some(RoleKind::Server);
-                out.push(format!(
-                    "{slot}: create {name} ({}), wait until it is Ready{}{}",
-                    if server {
-                        "server-join through the VIP"
-                    } else {
-                        "agent"
-                    },
-                    if server { " and an etcd voter" } else { "" },
-                    if env.rollout.gates.is_empty() {
-                        ""
-                    } else {
-                        ", run the user gates"
+                // Agents come max_surge at a time, as apply takes them.
+                let mut n = 1;
+                while !server && n < surge && k3s.get(i + n).is_some_and(|a| is_agent_replace(a)) {
+                    n += 1;
+                }
+                for b in &k3s[i..i + n] {
+                    if let Action::Replace {
+                        slot, generation, ..
+                    } = b
+                    {
+                        let name = super::apply::vm_name_of(env, slot, *generation);
+                        out.push(format!(
+                            "{slot}: create {name} ({}), wait until it is Ready{}{}",
+                            if server {
+                                "server-join through the VIP"
+                            } else {
+                                "agent"
+                            },
+                            if server { " and an etcd voter" } else { "" },
+                            if env.rollout.gates.is_empty() {
+                                ""
+                            } else {
+                                ", run the user gates"
+                            }
+                        ));
                     }
-                ));
-                out.extend(retire_lines(slot, &old.name, server));
+                }
+                for b in &k3s[i..i + n] {
+                    if let Action::Replace { slot, old, .. } = b {
+                        out.extend(retire_lines(slot, &old.name, server));
+                    }
+                }
+                i += n;
+                continue;
             }
             Action::Resume { slot, old, new, .. } => {
                 let server = kind_of(env, slot) == Some(RoleKind::Server);
@@ -113,6 +129,7 @@ pub(crate) fn explain(env: &Environment, plan: &Plan) -> Vec<String> {
             }
             _ => {}
         }
+        i += 1;
     }
     out
 }
@@ -546,6 +563,68 @@ impl Hook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The users' prod environment (envs/prod.toml) running generation 0
+    /// of every slot, and new K3s images for servers and agents: the plan
+    /// replaces the six K3s nodes in the rollout's order, LBs kept.
+    #[test]
+    fn the_prod_plan_for_new_k3s_images_lists_each_rollout_step_in_order() {
+        use crate::deploy::env::apply::{desired, vm_name_of};
+        let env = Environment::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("envs/prod.toml"),
+        )
+        .unwrap();
+        let ids = |k3s: &str| -> std::collections::BTreeMap<String, String> {
+            [
+                ("lb", "1b".repeat(32)),
+                ("server", k3s.repeat(32)),
+                ("agent", k3s.repeat(32)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+        };
+        let running: Vec<NodeVm> = desired(&env, &ids("5e"))
+            .unwrap()
+            .into_iter()
+            .map(|d| NodeVm {
+                handle: d.slot.clone(),
+                name: vm_name_of(&env, &d.slot, 0),
+                slot: d.slot,
+                generation: 0,
+                image_id: d.image_id,
+                values_digest: d.values_digest,
+                address: "192.168.0.250".parse().unwrap(),
+                running: true,
+            })
+            .collect();
+        let mut plan = crate::deploy::env::plan::plan(
+            &env.name,
+            &desired(&env, &ids("6f")).unwrap(),
+            &running,
+        );
+        plan.rollout = explain(&env, &plan);
+        let text = plan.text();
+        println!("$ kiln env plan envs/prod.toml\n{text}");
+        assert!(
+            text.contains(
+                "prod: 0 to create, 6 to replace, 0 to resume, 0 to destroy, 3 unchanged"
+            ),
+            "{text}"
+        );
+        let order: Vec<&str> = plan
+            .rollout
+            .iter()
+            .filter_map(|l| l.split_once(": ").map(|(slot, _)| slot))
+            .filter(|s| !s.contains(' ') && s.contains('-'))
+            .collect();
+        let mut slots = order.clone();
+        slots.dedup();
+        assert_eq!(
+            slots,
+            ["server-1", "server-2", "server-3", "agent-1", "agent-2", "agent-3"]
+        );
+    }
 
     #[test]
     fn quorum_is_a_strict_majority() {

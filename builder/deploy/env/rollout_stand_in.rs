@@ -586,3 +586,53 @@ fn killed_at_every_step_boundary_a_second_apply_completes_the_server_replacement
         boundary += 1;
     }
 }
+
+#[test]
+fn a_volumes_backup_hook_runs_before_the_drain_and_its_restore_after_the_old_node_is_gone() {
+    let lab = Lab::new();
+    let p = lab.provider();
+    lab.sim
+        .add_local_pv(
+            "pvc-77",
+            "local-path",
+            ("default", "data-db-0"),
+            "qa-agent-1-g0",
+        )
+        .unwrap();
+    let log = lab.dir.path().join("hooks.log");
+    lab.write(
+        "a",
+        "b",
+        &format!(
+            "[storage.local-path]\nbefore = \"echo before $KILN_PVC $KILN_PV $KILN_NODE >> {0}\"\nafter = \"echo after $KILN_PVC >> {0}\"\n",
+            log.display()
+        ),
+    );
+    lab.apply(&p, &FakeGates::default()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "before default/data-db-0 pvc-77 qa-agent-1-g0\nafter default/data-db-0\n"
+    );
+}
+
+#[test]
+fn an_eviction_the_api_answers_500_is_retried_and_reported_never_forced() {
+    let lab = Lab::new();
+    let p = lab.provider();
+    lab.sim
+        .add_pod(
+            "default",
+            "api-0",
+            "qa-agent-1-g0",
+            Owner::ReplicaSet("api".into()),
+            Evict::Error500,
+        )
+        .unwrap();
+    lab.write("a", "b", "");
+    let e = format!("{:#}", lab.apply(&p, &FakeGates::default()).unwrap_err());
+    assert!(e.contains("draining qa-agent-1-g0 did not finish"), "{e}");
+    assert!(e.contains("default/api-0"), "{e}");
+    assert!(lab.sim.evictions().len() > 1, "retried");
+    assert!(lab.sim.pods().iter().any(|p| p.name == "api-0"));
+    lab.check_invariants(&p);
+}
