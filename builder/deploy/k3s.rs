@@ -210,6 +210,82 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Run a Job to its end (a user gate): delete a leftover of the same
+    /// name, create it, wait until the Job controller marks it `Complete`
+    /// or `Failed` (kubernetes pkg/controller/job/job_controller.go), then
+    /// delete it with its pods.
+    pub(crate) fn run_job(
+        &self,
+        job: &k8s_openapi::api::batch::v1::Job,
+        timeout: std::time::Duration,
+        poll: std::time::Duration,
+    ) -> Result<()> {
+        use k8s_openapi::api::batch::v1::Job;
+        use kube::api::{PostParams, PropagationPolicy};
+        let ns = job
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = job
+            .metadata
+            .name
+            .clone()
+            .context("the Job has no metadata.name")?;
+        let api: Api<Job> = Api::namespaced(self.client.clone(), &ns);
+        let gone = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        let delete = |what: &str| match self.rt.block_on(api.delete(&name, &gone)) {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(api_error(e, &format!("{what} Job {ns}/{name}"))),
+        };
+        delete("removing the leftover")?;
+        self.rt
+            .block_on(api.create(&PostParams::default(), job))
+            .map_err(|e| api_error(e, &format!("creating Job {ns}/{name}")))?;
+        let start = std::time::Instant::now();
+        let outcome = loop {
+            crate::util::check_interrupted()?;
+            let j = self
+                .rt
+                .block_on(api.get(&name))
+                .map_err(|e| api_error(e, &format!("reading Job {ns}/{name}")))?;
+            let conds = j
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.clone())
+                .unwrap_or_default();
+            if conds
+                .iter()
+                .any(|c| c.type_ == "Complete" && c.status == "True")
+            {
+                break Ok(());
+            }
+            if let Some(c) = conds
+                .iter()
+                .find(|c| c.type_ == "Failed" && c.status == "True")
+            {
+                break Err(anyhow!(
+                    "Job {ns}/{name} failed: {} ({})",
+                    c.message.clone().unwrap_or_default(),
+                    c.reason.clone().unwrap_or_default()
+                ));
+            }
+            if start.elapsed() > timeout {
+                break Err(anyhow!(
+                    "Job {ns}/{name} did not finish within {} s",
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(poll);
+        };
+        delete("deleting")?;
+        outcome
+    }
+
     /// Let a local volume's workload start afresh elsewhere: delete its claim
     /// (and the volume, whose node is gone). Already gone is fine.
     pub(crate) fn delete_claim(&self, v: &LocalVolume) -> Result<()> {

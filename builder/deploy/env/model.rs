@@ -113,6 +113,10 @@ pub(crate) struct UserGate {
     /// Run on this host, with KILN_ENV, KILN_NODE and KILN_NODE_ADDRESS set.
     #[serde(default)]
     pub command: Option<String>,
+    /// A Kubernetes Job (a batch/v1 manifest, YAML or JSON, relative to the
+    /// environment file) run in the cluster; it must complete.
+    #[serde(default)]
+    pub job: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -406,10 +410,18 @@ fn rollout(
     }
     for g in gates {
         let v = g.get_ref();
-        if v.ssh.is_some() == v.command.is_some() {
+        if [v.ssh.is_some(), v.command.is_some(), v.job.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count()
+            != 1
+        {
             return Err(src.error_at(
                 g.span(),
-                format!("gate `{}`: give exactly one of `ssh` or `command`", v.name),
+                format!(
+                    "gate `{}`: give exactly one of `ssh`, `command` or `job`",
+                    v.name
+                ),
             ));
         }
         out.gates.push(v.clone());

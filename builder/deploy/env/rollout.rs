@@ -358,6 +358,11 @@ impl Applier<'_> {
             self.gates.run(vm, cmd)?;
             return Ok(());
         }
+        if let Some(path) = &g.job {
+            let job = job_for(&self.env.resolve_path(path), vm)?;
+            let timeout = std::time::Duration::from_secs(self.env.rollout.join_timeout);
+            return self.cluster()?.run_job(&job, timeout, self.opts.poll);
+        }
         let cmd = g.command.as_deref().unwrap_or("true");
         let out = std::process::Command::new("sh")
             .args(["-c", cmd])
@@ -543,6 +548,41 @@ impl Applier<'_> {
         }
         Ok(())
     }
+}
+
+/// A gate's Job for one new node: the manifest's Job named after it
+/// (`<name>-<node>`, at most 63 characters), with KILN_NODE and
+/// KILN_NODE_ADDRESS in every container's environment.
+fn job_for(path: &std::path::Path, vm: &NodeVm) -> Result<k8s_openapi::api::batch::v1::Job> {
+    use k8s_openapi::api::core::v1::EnvVar;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the gate's Job {}", path.display()))?;
+    let mut job: k8s_openapi::api::batch::v1::Job = serde_saphyr::from_str(&text)
+        .with_context(|| format!("{} is not a batch/v1 Job", path.display()))?;
+    let base = job
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_else(|| "kiln-gate".into());
+    let mut name = format!("{base}-{}", vm.name);
+    name.truncate(63);
+    job.metadata.name = Some(name.trim_end_matches('-').to_string());
+    if let Some(spec) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+        for c in &mut spec.containers {
+            let env = c.env.get_or_insert_with(Vec::new);
+            for (k, v) in [
+                ("KILN_NODE", vm.name.clone()),
+                ("KILN_NODE_ADDRESS", vm.address.to_string()),
+            ] {
+                env.push(EnvVar {
+                    name: k.into(),
+                    value: Some(v),
+                    ..EnvVar::default()
+                });
+            }
+        }
+    }
+    Ok(job)
 }
 
 #[derive(Clone, Copy)]

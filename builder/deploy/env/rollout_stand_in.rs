@@ -636,3 +636,58 @@ fn an_eviction_the_api_answers_500_is_retried_and_reported_never_forced() {
     assert!(lab.sim.pods().iter().any(|p| p.name == "api-0"));
     lab.check_invariants(&p);
 }
+
+/// A gate's Job for the tests: a batch/v1 manifest as an operator writes it.
+fn write_job(lab: &Lab) {
+    std::fs::write(
+        lab.dir.path().join("smoke-job.yaml"),
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: smoke\n  namespace: default\nspec:\n  backoffLimit: 0\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n        - name: smoke\n          image: busybox\n          command: [\"sh\", \"-c\", \"test -n \\\"$KILN_NODE\\\"\"]\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_job_gate_runs_in_the_cluster_for_each_new_node_and_is_cleaned_up() {
+    let lab = Lab::new();
+    let p = lab.provider();
+    write_job(&lab);
+    lab.write(
+        "a",
+        "b",
+        "[[gates]]\nname = \"smoke\"\njob = \"smoke-job.yaml\"\n",
+    );
+    lab.apply(&p, &FakeGates::default()).unwrap();
+    let created: Vec<String> = lab
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/jobs"))
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(created.len(), 2, "one Job per new agent: {created:?}");
+    assert!(lab.sim.jobs().is_empty(), "the Jobs were deleted");
+}
+
+#[test]
+fn a_failing_job_gate_stops_the_rollout_before_the_old_node_goes() {
+    let lab = Lab::new();
+    let p = lab.provider();
+    write_job(&lab);
+    lab.sim.script_jobs(
+        "smoke-qa-agent-1-g1",
+        kube_sim::JobOutcome::Fail(Duration::from_millis(100)),
+    );
+    lab.write(
+        "a",
+        "b",
+        "[[gates]]\nname = \"smoke\"\njob = \"smoke-job.yaml\"\n",
+    );
+    let e = format!("{:#}", lab.apply(&p, &FakeGates::default()).unwrap_err());
+    assert!(e.contains("gate `smoke` failed for qa-agent-1-g1"), "{e}");
+    assert!(e.contains("BackoffLimitExceeded"), "{e}");
+    assert!(
+        lab.nodes().contains(&"qa-agent-1-g0".to_string()),
+        "the old agent stays"
+    );
+    lab.check_invariants(&p);
+}

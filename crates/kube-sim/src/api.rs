@@ -290,6 +290,13 @@ fn handle(inner: &Inner, head: &Head, body: &[u8]) -> Reply {
             delete_pvc(inner, ns, name)
         }
         ("DELETE", ["api", "v1", "persistentvolumes", name]) => delete_pv(inner, name),
+        ("POST", ["apis", "batch", "v1", "namespaces", ns, "jobs"]) => create_job(inner, ns, body),
+        ("GET", ["apis", "batch", "v1", "namespaces", ns, "jobs", name]) => {
+            get_job(inner, ns, name)
+        }
+        ("DELETE", ["apis", "batch", "v1", "namespaces", ns, "jobs", name]) => {
+            delete_job(inner, ns, name)
+        }
         ("GET", ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name]) => {
             get_daemonset(inner, ns, name)
         }
@@ -301,6 +308,7 @@ fn handle(inner: &Inner, head: &Head, body: &[u8]) -> Reply {
             ["api", "v1", "nodes" | "pods" | "persistentvolumes" | "persistentvolumeclaims", ..]
             | ["api", "v1", "namespaces", ..]
             | ["apis", "apps", "v1", ..]
+            | ["apis", "batch", "v1", ..]
             | ["readyz", ..]
             | ["version"],
         ) => not_served(m, &path),
@@ -791,6 +799,94 @@ fn get_pvc(inner: &Inner, ns: &str, name: &str) -> Reply {
     {
         Some(p) => json_reply(200, &p.claim_json()),
         None => not_found("persistentvolumeclaims", name, None),
+    }
+}
+
+/// A batch/v1 Job: stored as created and "run" by script (no kubelet):
+/// after its delay it shows the status the Job controller writes
+/// (kubernetes pkg/controller/job/job_controller.go: `succeeded` and a
+/// `Complete` condition; `failed` and a `Failed` condition with reason
+/// `BackoffLimitExceeded`, "Job has reached the specified backoff limit").
+fn create_job(inner: &Inner, ns: &str, body: &[u8]) -> Reply {
+    let mut job: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return bad_request(&format!("error decoding Job: {e}")),
+    };
+    let Some(name) = job
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
+        return status(
+            422,
+            "Invalid",
+            "Job.batch \"\" is invalid: metadata.name: Required value",
+            None,
+        );
+    };
+    let mut st = inner.lock();
+    let key = (ns.to_string(), name.clone());
+    if st.jobs.contains_key(&key) {
+        return status(
+            409,
+            "AlreadyExists",
+            &format!("jobs.batch \"{name}\" already exists"),
+            None,
+        );
+    }
+    let outcome = st
+        .job_scripts
+        .iter()
+        .find(|(prefix, _)| name.starts_with(prefix.as_str()))
+        .map(|(_, o)| *o)
+        .unwrap_or(model::JobOutcome::Succeed(
+            std::time::Duration::from_millis(200),
+        ));
+    let rv = st.next_rv();
+    job["metadata"]["namespace"] = json!(ns);
+    job["metadata"]["uid"] = json!(pve_sim::new_uuid());
+    job["metadata"]["resourceVersion"] = json!(rv.to_string());
+    job["metadata"]["creationTimestamp"] = json!(model::now());
+    job["apiVersion"] = json!("batch/v1");
+    job["kind"] = json!("Job");
+    st.jobs
+        .insert(key, (job.clone(), std::time::Instant::now(), outcome));
+    json_reply(201, &job)
+}
+
+fn get_job(inner: &Inner, ns: &str, name: &str) -> Reply {
+    let st = inner.lock();
+    let Some((job, created, outcome)) = st.jobs.get(&(ns.to_string(), name.to_string())) else {
+        return not_found("jobs", name, Some("batch"));
+    };
+    let mut job = job.clone();
+    let (done, ok) = match outcome {
+        model::JobOutcome::Succeed(d) => (created.elapsed() >= *d, true),
+        model::JobOutcome::Fail(d) => (created.elapsed() >= *d, false),
+    };
+    job["status"] = if !done {
+        json!({ "active": 1 })
+    } else if ok {
+        json!({ "succeeded": 1, "conditions": [
+            { "type": "Complete", "status": "True" }
+        ]})
+    } else {
+        json!({ "failed": 1, "conditions": [
+            { "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+              "message": "Job has reached the specified backoff limit" }
+        ]})
+    };
+    json_reply(200, &job)
+}
+
+fn delete_job(inner: &Inner, ns: &str, name: &str) -> Reply {
+    let mut st = inner.lock();
+    match st.jobs.remove(&(ns.to_string(), name.to_string())) {
+        Some((job, _, _)) => {
+            st.next_rv();
+            json_reply(200, &job)
+        }
+        None => not_found("jobs", name, Some("batch")),
     }
 }
 

@@ -29,9 +29,9 @@ mod tls;
 
 pub use etcd::Member;
 pub use model::{
-    AgentScript, ApiRequest, Evict, Eviction, JoinScript, Owner, PodInfo, CONTROL_PLANE_LABEL,
-    ETCD_FINALIZER, ETCD_LABEL, MASTER_LABEL, MIRROR_ANNOTATION, NODE_ADDRESS_ANNOTATION,
-    NODE_NAME_ANNOTATION, REMOVED_NODE_NAME_ANNOTATION, REMOVE_ANNOTATION,
+    AgentScript, ApiRequest, Evict, Eviction, JobOutcome, JoinScript, Owner, PodInfo,
+    CONTROL_PLANE_LABEL, ETCD_FINALIZER, ETCD_LABEL, MASTER_LABEL, MIRROR_ANNOTATION,
+    NODE_ADDRESS_ANNOTATION, NODE_NAME_ANNOTATION, REMOVED_NODE_NAME_ANNOTATION, REMOVE_ANNOTATION,
 };
 
 use anyhow::{bail, Context, Result};
@@ -545,6 +545,20 @@ impl KubeSim {
             },
         );
         Ok(())
+    }
+
+    /// How Jobs whose name starts with `prefix` end (default: they succeed
+    /// after 200 ms).
+    pub fn script_jobs(&self, prefix: &str, outcome: JobOutcome) {
+        self.inner
+            .lock()
+            .job_scripts
+            .push((prefix.to_string(), outcome));
+    }
+
+    /// The Jobs that exist now, as (namespace, name).
+    pub fn jobs(&self) -> Vec<(String, String)> {
+        self.inner.lock().jobs.keys().cloned().collect()
     }
 
     /// SIGKILL the etcd member of a server node: a real member failure.

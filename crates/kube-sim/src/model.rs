@@ -176,6 +176,21 @@ pub(crate) struct State {
     pub log: Vec<String>,
     /// Learners K3s will try to promote: (member name, not before).
     pub promotions: Vec<(String, Instant)>,
+    /// batch/v1 Jobs, by (namespace, name): the object as created, when it
+    /// was, and its scripted outcome.
+    pub jobs: BTreeMap<(String, String), (Value, Instant, JobOutcome)>,
+    /// Outcome of the next Jobs whose name starts with a prefix (default:
+    /// succeed).
+    pub job_scripts: Vec<(String, JobOutcome)>,
+}
+
+/// How a Job the stand-in "runs" ends (there is no kubelet: scripted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// `Complete` after the delay.
+    Succeed(std::time::Duration),
+    /// `Failed` (BackoffLimitExceeded) after the delay.
+    Fail(std::time::Duration),
 }
 
 impl State {
