@@ -212,6 +212,19 @@ fn endpoints_outside_the_subset() -> Value {
             "path": { "type": "string", "optional": 1 },
             "userid": { "type": "string", "optional": 1 },
         }}}},
+        // "Extend volume size." (qemu-server PVE/API2/Qemu.pm, resize_vm)
+        "/nodes/{node}/qemu/{vmid}/resize": { "PUT": { "parameters": { "properties": {
+            "node": { "type": "string" },
+            "vmid": { "type": "integer", "minimum": 100, "maximum": 999_999_999 },
+            "disk": { "type": "string", "enum": [
+                "ide0", "ide1", "ide2", "ide3", "sata0", "sata1", "sata2", "sata3", "sata4", "sata5",
+                "scsi0", "scsi1", "scsi2", "scsi3", "scsi4", "scsi5", "scsi6", "scsi7", "scsi8",
+                "scsi9", "scsi10", "virtio0", "virtio1", "virtio2", "virtio3", "efidisk0", "tpmstate0"
+            ]},
+            "size": { "type": "string", "pattern": "\\+?\\d+(\\.\\d+)?[KMGT]?" },
+            "digest": { "type": "string", "optional": 1, "maxLength": 40 },
+            "skiplock": { "type": "boolean", "optional": 1 },
+        }}}},
     })
 }
 
@@ -542,4 +555,86 @@ fn the_simulator_accepts_exactly_the_schema_enums_it_checks() {
             assert_eq!(param_error, v == "bogus", "{field}={v}: {code} {errors}");
         }
     }
+}
+
+/// The Proxmox environment provider's requests: an `env apply` on two
+/// nodes (templates published, clones, seed ISO uploads, config, resize,
+/// start) whose SSH gates cannot pass here, so each new VM is stopped and
+/// destroyed with its seed again, then `env status` and `env destroy`.
+#[test]
+fn every_request_the_proxmox_environment_provider_sends_conforms_to_the_pve_schema() {
+    let Some(schema) = schema() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let s = publish_support::sim_with_config(&tmp.path().join("sim"), |c| {
+        c.nodes = vec!["pve".into(), "pve2".into()];
+    });
+    let mut env = env_target(&s.url());
+    env.retain(|(k, _)| k != "KILN_PVE_NODE");
+    env.push(("KILN_PVE_NODE".into(), "pve,pve2".into()));
+    image(tmp.path(), "tiny", "0.1.0", true, false);
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::write(
+        tmp.path().join("qa.toml"),
+        format!(
+            "name = \"qa\"\n[provider]\nkind = \"proxmox\"\n[network]\nbridge = \"vmbr0\"\n\
+             cidr = \"127.77.0.0/24\"\ngateway = \"127.77.0.1\"\nvip = \"127.77.0.10\"\n\
+             [roles.lb]\nrecipe = \"{}/recipes/tiny.toml\"\nuser_data_role = \"node\"\n\
+             image = \"images/tiny/0.1.0\"\ncores = 1\nmemory = 512\ndisk = 4\n\
+             [[roles.lb.slots]]\nname = \"lb-1\"\nnode = \"pve\"\naddresses = [\"127.77.0.11\", \"127.77.0.21\"]\n\
+             [[roles.lb.slots]]\nname = \"lb-2\"\nnode = \"pve2\"\naddresses = [\"127.77.0.12\", \"127.77.0.22\"]\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    s.state().requests.clear();
+    let o = kiln(
+        tmp.path(),
+        &["env", "apply", "qa.toml", "--yes", "--boot-timeout", "1"],
+        &env,
+    );
+    assert!(!o.status.success(), "SSH cannot answer here");
+    for verb in [["env", "status", "qa.toml"], ["env", "destroy", "qa.toml"]] {
+        let mut args = verb.to_vec();
+        if verb[1] == "destroy" {
+            args.push("--yes");
+        }
+        let o = kiln(tmp.path(), &args, &env);
+        assert!(o.status.success(), "{}", publish_support::stderr(&o));
+    }
+    let reqs = s.state().requests.clone();
+    let seen: BTreeSet<(String, String)> = reqs
+        .iter()
+        .map(|r| (r.method.clone(), r.path.clone()))
+        .collect();
+    for (m, p) in [
+        ("POST", "/nodes/{node}/qemu/{vmid}/clone"),
+        ("POST", "/nodes/{node}/qemu/{vmid}/config"),
+        ("PUT", "/nodes/{node}/qemu/{vmid}/resize"),
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/start"),
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/stop"),
+        ("POST", "/nodes/{node}/storage/{storage}/upload"),
+        ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"),
+        ("DELETE", "/nodes/{node}/qemu/{vmid}"),
+        ("GET", "/cluster/nextid"),
+    ] {
+        assert!(
+            seen.contains(&(m.to_string(), p.to_string())),
+            "the environment workload never sent {m} {p}"
+        );
+    }
+    let mut unchecked = BTreeSet::new();
+    let problems: Vec<String> = reqs
+        .iter()
+        .flat_map(|r| check_request(&schema, r, &mut unchecked))
+        .collect();
+    println!(
+        "checked {} requests over {} endpoints; not checkable here: {unchecked:?}",
+        reqs.len(),
+        seen.len()
+    );
+    assert!(
+        problems.is_empty(),
+        "requests that break the PVE schema:\n{}",
+        problems.join("\n")
+    );
 }
