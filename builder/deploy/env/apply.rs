@@ -894,6 +894,9 @@ pub(crate) mod tests {
                 .push(format!("{}: {command}", vm.name));
             Ok("ok".into())
         }
+        fn api_server_up(&self, _: &NodeVm, _: Duration) -> Result<()> {
+            Ok(())
+        }
     }
 
     /// A fake image directory whose manifest has `id`.

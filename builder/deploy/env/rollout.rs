@@ -95,7 +95,11 @@ pub(crate) fn explain(env: &Environment, plan: &Plan) -> Vec<String> {
                             } else {
                                 "agent"
                             },
-                            if server { " and an etcd voter" } else { "" },
+                            if server {
+                                ", an etcd voter and UP by the LBs' health check"
+                            } else {
+                                ""
+                            },
                             if env.rollout.gates.is_empty() {
                                 ""
                             } else {
@@ -307,6 +311,11 @@ impl Applier<'_> {
         let server = kind_of(self.env, slot) == Some(RoleKind::Server);
         self.step(slot, "join", &vm.name, "")?;
         self.wait_joined(&vm.name, server)?;
+        if server {
+            // The LBs must count it UP before an old server goes.
+            let timeout = std::time::Duration::from_secs(self.env.rollout.join_timeout);
+            self.gates.api_server_up(&vm, timeout)?;
+        }
         self.gates.env_checks().with_context(|| {
             format!(
                 "{}: the environment's checks failed with it in service",
