@@ -121,11 +121,13 @@ fn a_built_image_passes_validation_and_the_result_is_recorded() {
 
 /// Proxmox VE 9 creates EFI disks with Microsoft's 2023 keys (`ms-cert=2023k`),
 /// older ones have the 2011 keys only: the image boots under both, and the
-/// guest sees the keys it was given. Debian 12's ovmf ships the 2011 store;
+/// guest sees the keys it was given. The 2023k boot is the validation test
+/// above (`auto` takes 2023k where virt-fw-vars is, as in CI); this one boots
+/// under the 2011 keys, and fails under CI without virt-fw-vars. Debian 12's ovmf ships the 2011 store;
 /// the 2023 set is enrolled into a copy with virt-fw-vars (python3-virt-firmware,
 /// which .ci/install-deps installs), as Proxmox does.
 #[test]
-fn the_image_boots_under_microsofts_2011_and_2023k_secure_boot_keys() {
+fn the_image_boots_under_microsofts_2011_secure_boot_keys_as_well_as_2023k() {
     use kiln::validate::efivars::{SecureBootKeys, VIRT_FW_VARS};
     if kiln::util::hosttools::which(VIRT_FW_VARS.program).is_none() {
         let why = format!(
@@ -140,7 +142,7 @@ fn the_image_boots_under_microsofts_2011_and_2023k_secure_boot_keys() {
     let (img, m) = copy_image(t.path());
     assert!(m.boot.secure_boot, "the test image must use Secure Boot");
     let o = ValidateOptions {
-        secure_boot_keys: vec![SecureBootKeys::Ms2011, SecureBootKeys::Ms2023k],
+        secure_boot_keys: vec![SecureBootKeys::Ms2011],
         ..opts(t.path())
     };
     let started = Instant::now();
@@ -151,23 +153,23 @@ fn the_image_boots_under_microsofts_2011_and_2023k_secure_boot_keys() {
             e.downcast_ref::<ValidationFailed>().map(|f| &f.record)
         ),
     };
-    println!("two UEFI boots in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "UEFI boot under the 2011 keys in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     assert!(record.validated);
-    assert_eq!(record.secure_boot_keys, ["2011", "2023k"]);
-    for set in ["2011", "2023k"] {
-        for check in [
-            "boot to SSH".to_string(),
-            "Secure Boot enabled".to_string(),
-            format!("firmware has Microsoft's {set} Secure Boot keys"),
-        ] {
-            let name = format!("uefi {set}: {check}");
-            let c = record.checks.iter().find(|c| c.name == name);
-            assert!(
-                c.is_some_and(|c| c.passed),
-                "{name}: {c:?} in {:#?}",
-                record.checks
-            );
-        }
+    assert_eq!(record.secure_boot_keys, ["2011"]);
+    for name in [
+        "boot to SSH",
+        "Secure Boot enabled",
+        "firmware has Microsoft's 2011 Secure Boot keys",
+    ] {
+        let c = record.checks.iter().find(|c| c.name == name);
+        assert!(
+            c.is_some_and(|c| c.passed),
+            "{name}: {c:?} in {:#?}",
+            record.checks
+        );
     }
 }
 
