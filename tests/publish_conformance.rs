@@ -281,6 +281,36 @@ fn check_request(
     problems
 }
 
+/// Every request in `reqs` conforms to the schema, and the workload sent
+/// each of `must_see` (so the check covered them).
+fn assert_all_conform(schema: &Value, reqs: &[pve_sim::Recorded], must_see: &[(&str, &str)]) {
+    let seen: BTreeSet<(String, String)> = reqs
+        .iter()
+        .map(|r| (r.method.clone(), r.path.clone()))
+        .collect();
+    for (m, p) in must_see {
+        assert!(
+            seen.contains(&(m.to_string(), p.to_string())),
+            "the workload never sent {m} {p}"
+        );
+    }
+    let mut unchecked = BTreeSet::new();
+    let problems: Vec<String> = reqs
+        .iter()
+        .flat_map(|r| check_request(schema, r, &mut unchecked))
+        .collect();
+    println!(
+        "checked {} requests over {} endpoints; not checkable here: {unchecked:?}",
+        reqs.len(),
+        seen.len()
+    );
+    assert!(
+        problems.is_empty(),
+        "requests that break the PVE schema:\n{}",
+        problems.join("\n")
+    );
+}
+
 #[test]
 fn every_request_kiln_sends_conforms_to_the_pve_schema() {
     let Some(schema) = schema() else { return };
@@ -317,43 +347,23 @@ fn every_request_kiln_sends_conforms_to_the_pve_schema() {
     );
 
     let reqs = s.state().requests.clone();
-    let seen: BTreeSet<(String, String)> = reqs
-        .iter()
-        .map(|r| (r.method.clone(), r.path.clone()))
-        .collect();
-    for (m, p) in [
-        ("GET", "/version"),
-        ("GET", "/cluster/resources"),
-        ("GET", "/nodes/{node}/storage"),
-        ("POST", "/nodes/{node}/storage/{storage}/upload"),
-        ("GET", "/nodes/{node}/storage/{storage}/content"),
-        ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"),
-        ("POST", "/nodes/{node}/qemu"),
-        ("POST", "/nodes/{node}/qemu/{vmid}/template"),
-        ("GET", "/nodes/{node}/qemu/{vmid}/config"),
-        ("GET", "/nodes/{node}/qemu/{vmid}/status/current"),
-        ("DELETE", "/nodes/{node}/qemu/{vmid}"),
-        ("GET", "/nodes/{node}/tasks/{upid}/status"),
-    ] {
-        assert!(
-            seen.contains(&(m.to_string(), p.to_string())),
-            "workload never sent {m} {p}"
-        );
-    }
-    let mut unchecked = BTreeSet::new();
-    let problems: Vec<String> = reqs
-        .iter()
-        .flat_map(|r| check_request(&schema, r, &mut unchecked))
-        .collect();
-    println!(
-        "checked {} requests over {} endpoints; not checkable here: {unchecked:?}",
-        reqs.len(),
-        seen.len()
-    );
-    assert!(
-        problems.is_empty(),
-        "requests that break the PVE schema:\n{}",
-        problems.join("\n")
+    assert_all_conform(
+        &schema,
+        &reqs,
+        &[
+            ("GET", "/version"),
+            ("GET", "/cluster/resources"),
+            ("GET", "/nodes/{node}/storage"),
+            ("POST", "/nodes/{node}/storage/{storage}/upload"),
+            ("GET", "/nodes/{node}/storage/{storage}/content"),
+            ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"),
+            ("POST", "/nodes/{node}/qemu"),
+            ("POST", "/nodes/{node}/qemu/{vmid}/template"),
+            ("GET", "/nodes/{node}/qemu/{vmid}/config"),
+            ("GET", "/nodes/{node}/qemu/{vmid}/status/current"),
+            ("DELETE", "/nodes/{node}/qemu/{vmid}"),
+            ("GET", "/nodes/{node}/tasks/{upid}/status"),
+        ],
     );
 }
 
@@ -602,39 +612,19 @@ fn every_request_the_proxmox_environment_provider_sends_conforms_to_the_pve_sche
         assert!(o.status.success(), "{}", publish_support::stderr(&o));
     }
     let reqs = s.state().requests.clone();
-    let seen: BTreeSet<(String, String)> = reqs
-        .iter()
-        .map(|r| (r.method.clone(), r.path.clone()))
-        .collect();
-    for (m, p) in [
-        ("POST", "/nodes/{node}/qemu/{vmid}/clone"),
-        ("POST", "/nodes/{node}/qemu/{vmid}/config"),
-        ("PUT", "/nodes/{node}/qemu/{vmid}/resize"),
-        ("POST", "/nodes/{node}/qemu/{vmid}/status/start"),
-        ("POST", "/nodes/{node}/qemu/{vmid}/status/stop"),
-        ("POST", "/nodes/{node}/storage/{storage}/upload"),
-        ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"),
-        ("DELETE", "/nodes/{node}/qemu/{vmid}"),
-        ("GET", "/cluster/nextid"),
-    ] {
-        assert!(
-            seen.contains(&(m.to_string(), p.to_string())),
-            "the environment workload never sent {m} {p}"
-        );
-    }
-    let mut unchecked = BTreeSet::new();
-    let problems: Vec<String> = reqs
-        .iter()
-        .flat_map(|r| check_request(&schema, r, &mut unchecked))
-        .collect();
-    println!(
-        "checked {} requests over {} endpoints; not checkable here: {unchecked:?}",
-        reqs.len(),
-        seen.len()
-    );
-    assert!(
-        problems.is_empty(),
-        "requests that break the PVE schema:\n{}",
-        problems.join("\n")
+    assert_all_conform(
+        &schema,
+        &reqs,
+        &[
+            ("POST", "/nodes/{node}/qemu/{vmid}/clone"),
+            ("POST", "/nodes/{node}/qemu/{vmid}/config"),
+            ("PUT", "/nodes/{node}/qemu/{vmid}/resize"),
+            ("POST", "/nodes/{node}/qemu/{vmid}/status/start"),
+            ("POST", "/nodes/{node}/qemu/{vmid}/status/stop"),
+            ("POST", "/nodes/{node}/storage/{storage}/upload"),
+            ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"),
+            ("DELETE", "/nodes/{node}/qemu/{vmid}"),
+            ("GET", "/cluster/nextid"),
+        ],
     );
 }
