@@ -13,6 +13,19 @@ use crate::state::{new_uuid, storage, Shared, State};
 /// The VM options the simulator knows: a subset of
 /// `PVE::QemuServer::json_config_properties`, the options of both create and
 /// config update.
+/// The cloud-init options (`PVE/QemuServer/Cloudinit.pm`): VM.Config.Cloudinit,
+/// and taken at once by a running VM.
+pub(crate) const CLOUDINIT_OPTIONS: &[&str] = &[
+    "cicustom",
+    "cipassword",
+    "citype",
+    "ciuser",
+    "ciupgrade",
+    "nameserver",
+    "searchdomain",
+    "sshkeys",
+];
+
 const OPTION_KEYS: &[&str] = &[
     "name",
     "tags",
@@ -447,16 +460,6 @@ pub(crate) fn option_privilege(k: &str) -> Option<&'static [&'static str]> {
         "tdf",
         "template",
     ];
-    const CLOUDINIT: &[&str] = &[
-        "cicustom",
-        "cipassword",
-        "citype",
-        "ciuser",
-        "ciupgrade",
-        "nameserver",
-        "searchdomain",
-        "sshkeys",
-    ];
     if is_disk_key(k) || k == "tpmstate0" || k == "tags" {
         None
     } else if CPU.contains(&k) || is_indexed(k, "numa", 7) {
@@ -473,7 +476,7 @@ pub(crate) fn option_privilege(k: &str) -> Option<&'static [&'static str]> {
         Some(&["VM.Config.Disk"])
     } else if is_indexed(k, "net", 31) {
         Some(&["VM.Config.Network"])
-    } else if CLOUDINIT.contains(&k) || is_indexed(k, "ipconfig", 31) {
+    } else if CLOUDINIT_OPTIONS.contains(&k) || is_indexed(k, "ipconfig", 31) {
         Some(&["VM.Config.Cloudinit", "VM.Config.Network"])
     } else {
         None

@@ -13,7 +13,7 @@ use crate::access;
 use crate::faults::{injected_500, FaultKind, FaultOp};
 use crate::options::{
     assert_tag_permissions, check_bridge_access, check_option_perms, check_options, is_disk_key,
-    is_indexed, is_option_key, net_with_mac, volume_present, NOT_IN_SCHEMA,
+    is_indexed, is_option_key, net_with_mac, volume_present, CLOUDINIT_OPTIONS, NOT_IN_SCHEMA,
 };
 use crate::params::{self, Errors};
 use crate::routes::{check_node, check_vmid, err500, param_err, ApiError, ApiResult};
@@ -37,7 +37,8 @@ const VM_CONFIG_PRIVS: &[&str] = &[
 ];
 
 /// Options a running VM takes at once, without hotplug
-/// (`PVE/QemuServer.pm` `$fast_plug_option`, with the cloud-init options).
+/// (`PVE/QemuServer.pm` `$fast_plug_option`), and the cloud-init options
+/// ([`CLOUDINIT_OPTIONS`]).
 const FAST_PLUG: &[&str] = &[
     "description",
     "hookscript",
@@ -51,14 +52,6 @@ const FAST_PLUG: &[&str] = &[
     "startup",
     "tags",
     "vmstatestorage",
-    "cicustom",
-    "cipassword",
-    "citype",
-    "ciuser",
-    "ciupgrade",
-    "nameserver",
-    "searchdomain",
-    "sshkeys",
 ];
 
 /// `checksum mismatch`: the client read another config than there is now.
@@ -461,6 +454,7 @@ fn hotplug_pending(vm: &mut Vm) {
         .collect();
     for (opt, deleted) in opts {
         let now = if FAST_PLUG.contains(&opt.as_str())
+            || CLOUDINIT_OPTIONS.contains(&opt.as_str())
             || is_indexed(&opt, "ipconfig", 31)
             || is_indexed(&opt, "net", 31)
         {
